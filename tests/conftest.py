@@ -1,0 +1,35 @@
+"""Shared fixtures: the tiny offline checkpoint, built once and cached under the pytest cache dir."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(request):
+    """Path of the tiny checkpoint (published layout), rebuilt when the cache is missing."""
+    from unipixel.model.tiny import build_tiny_checkpoint
+
+    path = request.config.cache.mkdir("unipixel-tiny") / f"seed{TINY_SEED}"
+    if not (path / "config.json").exists():
+        build_tiny_checkpoint(path, seed=TINY_SEED)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """(model, processor) loaded through the public `load_model`."""
+    from unipixel import load_model
+
+    return load_model(str(tiny_checkpoint), device="cpu")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

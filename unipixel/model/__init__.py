@@ -1,0 +1,26 @@
+"""The UniPixel model, registered with transformers' Auto classes."""
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLProcessor
+
+from .configuration import PixelQwen2_5_VLConfig
+from .loading import default_device, default_dtype, load_model
+from .modeling import PixelGenerateOutput, PixelQwen2_5_VLForConditionalGeneration, VideoFeatures
+from .sam2_video import SAM2Video
+from .visual_prompts import RefPrompt, mem_slots
+
+AutoConfig.register(PixelQwen2_5_VLConfig.model_type, PixelQwen2_5_VLConfig, exist_ok=True)
+AutoModel.register(PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(PixelQwen2_5_VLConfig, Qwen2_5_VLProcessor, exist_ok=True)
+
+__all__ = [
+    "PixelGenerateOutput",
+    "PixelQwen2_5_VLConfig",
+    "PixelQwen2_5_VLForConditionalGeneration",
+    "RefPrompt",
+    "SAM2Video",
+    "VideoFeatures",
+    "default_device",
+    "default_dtype",
+    "load_model",
+    "mem_slots",
+]

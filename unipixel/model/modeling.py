@@ -1,0 +1,245 @@
+"""UniPixel: Qwen2.5-VL + SAM 2.1 joined by the `<|ref|>`, `<|mem|>` and `<|seg|>` token paths."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from sam2.modeling.sam.prompt_encoder import PromptEncoder
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+from transformers.utils import ModelOutput
+
+from ..errors import PromptError
+from .configuration import PixelQwen2_5_VLConfig
+from .sam2_video import SAM2Video, build_sam2, prepare_sam2_video
+from .visual_prompts import RefPrompt, TemporalPositionEncoding, mem_slot_cells
+
+
+@dataclass
+class VideoFeatures:
+    """One media's vision-tower output, kept so that later turns do not re-encode it."""
+
+    embeds: torch.Tensor  # [N, d] merged tokens, raster order (what the LLM sees)
+    merger_inputs: torch.Tensor  # [N, v] merger MLP input, window order (spec §4 `<|mem|>`)
+    grid_thw: torch.Tensor  # [1, 3]
+
+
+@dataclass
+class PixelCausalLMOutput(CausalLMOutputWithPast):
+    """Causal LM output plus the masks of the `<|seg|>` tokens found in the input."""
+
+    seg_hidden: torch.Tensor | None = None  # [n, d] pre-norm hidden states before each `<|seg|>`
+    masks: torch.Tensor | None = None  # [n, T, H, W] bool
+
+
+@dataclass
+class PixelGenerateOutput(ModelOutput):
+    sequences: torch.Tensor | None = None
+    masks: torch.Tensor | None = None  # [n, T, H, W] bool: input `<|seg|>` first, then generated
+
+
+class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    config_class = PixelQwen2_5_VLConfig
+    _prompt_kwargs = ("ref_prompts", "mem_masks", "video_features")
+
+    def __init__(self, config: PixelQwen2_5_VLConfig):
+        super().__init__(config)
+        d = config.text_config.hidden_size
+        v = config.vision_config.hidden_size * config.vision_config.spatial_merge_size**2
+        size = config.sam2_image_size
+        # Hiera's init calls .item(), so SAM 2 is always built on a real device (even under meta).
+        with torch.device("cpu"):
+            self.sam2 = build_sam2(config.sam2_config, size)
+        s = self.sam2.hidden_dim
+        self.seg_head = nn.Sequential(
+            Qwen2_5_VLRMSNorm(d, eps=1e-6), nn.Linear(d, d), nn.GELU(), nn.Linear(d, s * config.sam2_hidden_tokens)
+        )
+        self.ref_encoder = PromptEncoder(
+            embed_dim=s, image_embedding_size=(size // 16, size // 16), input_image_size=(size, size), mask_in_chans=16
+        )
+        self.ref_proj_single = nn.Linear(2 * s, 3 * s)
+        self.ref_proj_double = nn.Linear(3 * s, 3 * s)
+        self.ref_proj = nn.Sequential(nn.GELU(), nn.Linear(6 * s, d))
+        self.tem_pe = TemporalPositionEncoding(s)
+        self.tem_emb = nn.Embedding(1, s)
+        self.tem_proj = nn.Linear(s, 3 * s)
+        self.msk_proj = nn.Sequential(nn.Linear(v, v), nn.GELU(), nn.Linear(v, d))
+        self.post_init()
+
+    # ---- vision features -------------------------------------------------------------------
+    def encode_video(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> VideoFeatures:
+        """Run the vision tower once, keeping the window-ordered merger input for `<|mem|>`."""
+        captured = []
+        hook = self.model.visual.merger.mlp.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        try:
+            out = self.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+        finally:
+            hook.remove()
+        return VideoFeatures(torch.cat(out.pooler_output), captured[0], video_grid_thw)
+
+    def prepare_sam2_video(self, frames, cache: bool = True) -> SAM2Video:
+        return prepare_sam2_video(frames, self.config.sam2_image_size, self.sam2.device, cache=cache)
+
+    # ---- the three token paths ---------------------------------------------------------------
+    def encode_ref_prompts(self, prompts: list[RefPrompt], grid_t: int) -> torch.Tensor:
+        """Point/box prompts -> [K, d] embeddings for the `<|ref|>` tokens (spec §4)."""
+        out = []
+        num_slots = 2 * grid_t
+        for p in prompts:
+            if not 0 <= p.frame < num_slots:
+                raise PromptError(f"prompt frame {p.frame} is outside the {num_slots} (padded) frames")
+            coords = p.coords.to(self.device, torch.float32)[None]
+            sparse, _ = self.ref_encoder(points=(coords, p.labels.to(self.device)[None]), boxes=None, masks=None)
+            proj = {2: self.ref_proj_single, 3: self.ref_proj_double}.get(sparse.shape[1])
+            if proj is None:
+                raise PromptError("a <|ref|> prompt is one point or one box")
+            ref = proj(sparse.flatten(1).to(self.dtype))
+            x = torch.tensor([2 * p.frame / (num_slots - 1) - 1], device=self.device, dtype=torch.float32)
+            time = self.tem_proj((self.tem_pe(x) + self.tem_emb.weight[0].float()).to(self.dtype))
+            out.append(self.ref_proj(torch.cat([ref, time], dim=-1)))
+        return torch.cat(out)
+
+    def encode_mem_masks(self, masks: list[torch.Tensor], features: VideoFeatures) -> torch.Tensor:
+        """Object masks [T, H, W] -> [K, d] embeddings for the `<|mem|>` tokens (spec §4).
+
+        The reference indexes the window-ordered merger inputs with raster-order cell masks; the
+        weights were trained that way, so we do the same.
+        """
+        out = []
+        for mask in masks:
+            cells = mem_slot_cells(mask.to(self.device), features.grid_thw[0])
+            per_slot = cells[0].numel()
+            for t in range(cells.shape[0]):
+                if cells[t].any():
+                    rows = features.merger_inputs[t * per_slot : (t + 1) * per_slot]
+                    out.append(self.msk_proj(rows[cells[t].flatten()].mean(dim=0)))
+        return torch.stack(out)
+
+    def decode_seg_masks(self, seg_hidden: torch.Tensor, video: SAM2Video, progress=None) -> torch.Tensor:
+        """`<|seg|>` hidden states [n, d] -> masks [n, T, H, W] bool, sharing one propagation."""
+        tokens = self.seg_head(seg_hidden.to(self.dtype))
+        tokens = tokens.view(seg_hidden.shape[0], self.config.sam2_hidden_tokens, -1)
+        device_type = self.sam2.device.type
+        with torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.sam2.segment(video, tokens, progress=progress)
+
+    def _special_positions(self, input_ids: torch.Tensor, token_id: int | None, count: int, what: str):
+        pos = (input_ids[0] == token_id).nonzero()[:, 0] if token_id is not None else input_ids.new_zeros(0)
+        if len(pos) != count:
+            raise PromptError(f"the text has {len(pos)} {what} token(s) but {count} {what} input(s) were given")
+        return pos
+
+    def build_inputs_embeds(self, input_ids, features: VideoFeatures | None, ref_prompts, mem_masks):
+        """Token embeddings with the `<|ref|>` and `<|mem|>` tokens replaced (batch of one)."""
+        embeds = self.get_input_embeddings()(input_ids)
+        cfg = self.config
+        if ref_prompts is not None or (input_ids == cfg.ref_token_id).any():
+            prompts = ref_prompts or []
+            pos = self._special_positions(input_ids, cfg.ref_token_id, len(prompts), "<|ref|>")
+            if prompts:
+                embeds[0, pos] = self.encode_ref_prompts(prompts, int(features.grid_thw[0, 0])).to(embeds.dtype)
+        if mem_masks is not None or (input_ids == cfg.mem_token_id).any():
+            if features is None:
+                raise PromptError("<|mem|> tokens need the video features of the media")
+            mem = self.encode_mem_masks(mem_masks, features) if mem_masks else embeds.new_zeros(0, embeds.shape[-1])
+            pos = self._special_positions(input_ids, cfg.mem_token_id, len(mem), "<|mem|>")
+            embeds[0, pos] = mem.to(embeds.dtype)
+        return embeds
+
+    @contextlib.contextmanager
+    def _record_prenorm(self):
+        """Collect the hidden states entering the text model's final norm, one entry per forward."""
+        states: list[torch.Tensor] = []
+        hook = self.model.language_model.norm.register_forward_pre_hook(lambda m, args: states.append(args[0]))
+        try:
+            yield states
+        finally:
+            hook.remove()
+
+    # ---- transformers entry points -----------------------------------------------------------
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        mm_token_type_ids=None,
+        video_features: VideoFeatures | None = None,
+        ref_prompts: list[RefPrompt] | None = None,
+        mem_masks: list[torch.Tensor] | None = None,
+        sam2_video: SAM2Video | None = None,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ) -> PixelCausalLMOutput:
+        """Qwen2.5-VL forward plus the pixel paths (batch of one for `<|ref|>`/`<|mem|>`/`<|seg|>`).
+
+        `video_features` (from `encode_video`) replaces `pixel_values_videos` to reuse an encoding.
+        With `sam2_video`, every input position followed by `<|seg|>` is decoded into a mask.
+        """
+        if pixel_values_videos is not None and video_features is None:
+            video_features = self.encode_video(pixel_values_videos, video_grid_thw)
+        if video_features is not None:
+            # `generate` hands over an empty dict (and drops video_grid_thw) once it has encoded.
+            mm_encoder_outputs = {"video": BaseModelOutputWithPooling(pooler_output=(video_features.embeds,))}
+            video_grid_thw = video_features.grid_thw
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.build_inputs_embeds(input_ids, video_features, ref_prompts, mem_masks)
+        with self._record_prenorm() as states:
+            out = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+                mm_token_type_ids=mm_token_type_ids,
+                mm_encoder_outputs=mm_encoder_outputs,
+                **kwargs,
+            )
+        seg_hidden = masks = None
+        if input_ids is not None and (input_ids[0, 1:] == self.config.seg_token_id).any():
+            seg_hidden = states[0][0, :-1][input_ids[0, 1:] == self.config.seg_token_id]
+            if sam2_video is not None:
+                masks = self.decode_seg_masks(seg_hidden, sam2_video)
+        return PixelCausalLMOutput(**out, seg_hidden=seg_hidden, masks=masks)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration:
+            for key in self._prompt_kwargs:
+                inputs.pop(key, None)
+        return inputs
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, sam2_video: SAM2Video | None = None, progress=None, **kwargs):
+        """Greedy-by-default `generate` that also decodes every `<|seg|>` into a mask.
+
+        Returns a `PixelGenerateOutput`: `sequences`, and `masks` [n, T, H, W] for the `<|seg|>`
+        tokens of the input (teacher-forced) then of the answer, in order of appearance.
+        """
+        kwargs.setdefault("do_sample", False)
+        kwargs["return_dict_in_generate"] = True
+        if kwargs.get("pixel_values_videos") is not None and kwargs.get("video_features") is None:
+            # Encode here, not in `generate`, so the `<|mem|>` path gets the merger inputs too.
+            kwargs["video_features"] = self.encode_video(kwargs.pop("pixel_values_videos"), kwargs["video_grid_thw"])
+        with self._record_prenorm() as states:
+            out = super().generate(input_ids=input_ids, **kwargs)
+        seg = self.config.seg_token_id
+        hidden = [states[0][0, :-1][input_ids[0, 1:] == seg]]
+        # Forward call j produced generated token j, so its last position is the state before it.
+        new_tokens = out.sequences[0, input_ids.shape[1] :]
+        hidden += [states[j][0, -1:] for j in (new_tokens == seg).nonzero()[:, 0].tolist()]
+        hidden = torch.cat(hidden)
+        masks = None
+        if sam2_video is not None and len(hidden):
+            masks = self.decode_seg_masks(hidden, sam2_video, progress=progress)
+        return PixelGenerateOutput(sequences=out.sequences, masks=masks)

@@ -1,0 +1,86 @@
+"""Turning frames and text into model inputs the way the reference does (UniPixel spec §3-§5)."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+MIN_PIXELS = 128 * 28 * 28
+FPS = 2.0
+VIDEO_PAD = "<|video_pad|>"
+SEG = "<|seg|>"
+REF = "<|ref|>"
+MEM = "<|mem|>"
+PIXELQA_SUFFIX = " Please localize the relevant objects with IDs."
+
+
+def max_pixels(num_frames: int) -> int:
+    return 256 * 28 * 28 * int(16 / num_frames)
+
+
+def llm_frames(frames: np.ndarray) -> list[Image.Image]:
+    """Smart-resize every frame (sides multiples of 28) and pad the list to an even length."""
+    t, h, w = frames.shape[:3]
+    rh, rw = smart_resize(h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=max_pixels(t))
+    out = [Image.fromarray(f).resize((rw, rh), Image.BICUBIC) for f in frames]
+    if len(out) % 2:
+        out.append(out[-1])
+    return out
+
+
+def encode_frames(processor, frames: np.ndarray) -> dict:
+    """Vision inputs of one media: pixel_values_videos, video_grid_thw, second_per_grid_ts."""
+    # Frames are already resized (spec §3), so no per-frame pixel cap applies.
+    out = processor.video_processor(
+        videos=[llm_frames(frames)], do_resize=False, cap_pixels_per_frame=False, return_tensors="pt"
+    )
+    return {
+        "pixel_values_videos": out["pixel_values_videos"],
+        "video_grid_thw": out["video_grid_thw"],
+        "second_per_grid_ts": torch.tensor([processor.video_processor.temporal_patch_size / FPS]),
+    }
+
+
+def num_video_tokens(grid_thw: torch.Tensor, merge_size: int = 2) -> int:
+    return int(grid_thw[0].prod()) // merge_size**2
+
+
+def tokenize_chat(processor, messages: list[dict], grid_thw: torch.Tensor, add_generation_prompt: bool = True) -> dict:
+    """Chat template -> input_ids with the video placeholder expanded (batch of one)."""
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = text.replace(VIDEO_PAD, VIDEO_PAD * num_video_tokens(grid_thw), 1)
+    ids = processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    video_id = processor.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == video_id).long() * 2,  # 0 text, 1 image, 2 video
+    }
+
+
+def user_message(text: str, with_video: bool) -> dict:
+    content = [{"type": "video"}] if with_video else []
+    return {"role": "user", "content": content + [{"type": "text", "text": text}]}
+
+
+def mem_prefix(objects: list[tuple[int, list[int]]], num_frames: int) -> str:
+    """Text that introduces mask-prompted objects: (id, non-empty temporal slots) each (spec §4)."""
+    if num_frames == 1:
+        lines = "".join(f"[{i}]: <1> {MEM}\n" for i, _ in objects)
+        return "Here is an image with the following highlighted regions:\n" + lines
+    head = (
+        f"Here is a video with {num_frames} frames denoted as <1> to <{num_frames}>. "
+        "The highlighted regions are as follows:\n"
+    )
+    lines = "".join(
+        f"[{i}]: " + " ".join(f"<{2 * s + 1}>-<{2 * s + 2}> {MEM}" for s in slots) + "\n" for i, slots in objects
+    )
+    return head + lines
+
+
+def clean_answer(text: str) -> str:
+    """Remove the space before or after `<|seg|>` (spec §5)."""
+    return re.sub(r" ?<\|seg\|> ?", SEG, text)

@@ -1,0 +1,161 @@
+"""SAM 2.1 video predictor that takes `<|seg|>` prompt tokens, with per-media frame features.
+
+UniPixel spec §4 (`<|seg|>` path): the seg tokens are extra sparse prompt tokens for frame 0 of a
+fresh video state; SAM 2 then propagates forward with its memory. We extend the `sam2` package's
+predictor by subclassing, so the module names (and so the checkpoint keys) stay the package's.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sam2
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+from ..errors import CheckpointError
+
+# Checkpoint `sam2_config` names -> yaml files. The published name is the authors' copy of the
+# package's SAM 2.1 Hiera-B+ config (UniPixel spec §1); "unipixel/sam2_tiny" is our offline model's.
+_SAM2_CONFIGS = {
+    "configs/sam2.1_hiera_b+": Path(sam2.__file__).parent / "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "unipixel/sam2_tiny": Path(__file__).parent / "configs/sam2_tiny.yaml",
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_sam2(name: str, image_size: int) -> "PixelSAM2VideoPredictor":
+    """Build an untrained SAM 2 predictor of the named architecture at `image_size`."""
+    if name not in _SAM2_CONFIGS:
+        raise CheckpointError(f"unknown sam2_config {name!r}; known: {sorted(_SAM2_CONFIGS)}")
+    cfg = OmegaConf.load(_SAM2_CONFIGS[name]).model
+    cfg._target_ = f"{__name__}.PixelSAM2VideoPredictor"
+    cfg.image_size = image_size
+    # RoPE tables are sized for the stride-16 feature map; built once here, not per forward.
+    feat = [image_size // 16, image_size // 16]
+    cfg.memory_attention.layer.self_attention.feat_sizes = feat
+    cfg.memory_attention.layer.cross_attention.feat_sizes = feat
+    return instantiate(cfg, _recursive_=True)
+
+
+@dataclass
+class SAM2Video:
+    """One media as SAM 2 sees it (UniPixel spec §3), plus its frame-feature cache.
+
+    `features` maps a frame index to the image encoder output of that frame; it is filled on first
+    use and reused by every later `<|seg|>` of the same media. `None` turns caching off (the
+    reference behaviour: every frame re-encoded for every token).
+    """
+
+    images: torch.Tensor  # [T, 3, S, S], normalised
+    height: int
+    width: int
+    features: dict | None = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return self.images.shape[0]
+
+
+def prepare_sam2_video(frames: np.ndarray, image_size: int, device, cache: bool = True) -> SAM2Video:
+    """[T, H, W, 3] uint8 RGB frames -> SAM 2 input: [0, 1], antialiased bilinear resize, ImageNet norm."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return SAM2Video((x - mean) / std, frames.shape[1], frames.shape[2], {} if cache else None)
+
+
+class PixelSAM2VideoPredictor(SAM2VideoPredictor):
+    """SAM 2 video predictor with `<|seg|>` token prompts and a per-media feature cache."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._seg_tokens: torch.Tensor | None = None  # set only while a seg-prompted frame runs
+        self.sam_prompt_encoder.register_forward_hook(self._append_seg_tokens)
+
+    def _append_seg_tokens(self, module, args, output):
+        if self._seg_tokens is None:
+            return output
+        sparse, dense = output
+        return torch.cat([sparse, self._seg_tokens.to(sparse.dtype)], dim=1), dense
+
+    @contextlib.contextmanager
+    def _seg_prompt(self, tokens: torch.Tensor):
+        self._seg_tokens = tokens
+        try:
+            yield
+        finally:
+            self._seg_tokens = None
+
+    def init_video_state(self, video: SAM2Video) -> dict:
+        """The inference state of `init_state`, built from frames already in memory."""
+        device = self.device
+        return {
+            "images": video.images,
+            "num_frames": video.num_frames,
+            "offload_video_to_cpu": False,
+            "offload_state_to_cpu": False,
+            "video_height": video.height,
+            "video_width": video.width,
+            "device": device,
+            "storage_device": device,
+            "point_inputs_per_obj": {},
+            "mask_inputs_per_obj": {},
+            "cached_features": {},
+            "frame_features": video.features,
+            "constants": {},
+            "obj_id_to_idx": OrderedDict(),
+            "obj_idx_to_id": OrderedDict(),
+            "obj_ids": [],
+            "output_dict_per_obj": {},
+            "temp_output_dict_per_obj": {},
+            "frames_tracked_per_obj": {},
+        }
+
+    def _get_image_feature(self, inference_state, frame_idx, batch_size):
+        cache = inference_state.get("frame_features")
+        if cache is not None:
+            if frame_idx not in cache:
+                image = inference_state["images"][frame_idx].to(self.device).float().unsqueeze(0)
+                cache[frame_idx] = (image, self.forward_image(image))
+            # The parent reads its one-frame cache; pointing it at our entry skips re-encoding.
+            inference_state["cached_features"] = {frame_idx: cache[frame_idx]}
+        return super()._get_image_feature(inference_state, frame_idx, batch_size)
+
+    def add_new_seg_tokens(self, inference_state, obj_id: int, tokens: torch.Tensor, frame_idx: int = 0):
+        """Condition object `obj_id` on `tokens` [1, n, s] at `frame_idx` (no clicks, no mask)."""
+        obj_idx = self._obj_id_to_idx(inference_state, obj_id)
+        with self._seg_prompt(tokens):
+            out, _ = self._run_single_frame_inference(
+                inference_state=inference_state,
+                output_dict=inference_state["output_dict_per_obj"][obj_idx],
+                frame_idx=frame_idx,
+                batch_size=1,
+                is_init_cond_frame=True,
+                point_inputs=None,
+                mask_inputs=None,
+                reverse=False,
+                run_mem_encoder=False,
+            )
+        inference_state["temp_output_dict_per_obj"][obj_idx]["cond_frame_outputs"][frame_idx] = out
+
+    @torch.inference_mode()
+    def segment(self, video: SAM2Video, tokens: torch.Tensor, progress=None) -> torch.Tensor:
+        """Masks of each object: tokens [n, k, s] -> [n, T, H, W] bool, one shared propagation."""
+        state = self.init_video_state(video)
+        for i in range(tokens.shape[0]):
+            self.add_new_seg_tokens(state, obj_id=i, tokens=tokens[i : i + 1])
+        masks = torch.zeros(tokens.shape[0], video.num_frames, video.height, video.width, dtype=torch.bool)
+        for frame_idx, _, logits in self.propagate_in_video(state):
+            masks[:, frame_idx] = (logits[:, 0] > 0).cpu()
+            if progress is not None:
+                progress((frame_idx + 1) / video.num_frames, "propagating masks")
+        return masks

@@ -1,0 +1,76 @@
+"""Geometry of the `<|ref|>` and `<|mem|>` inputs (UniPixel spec §4), shared by model and prompts."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PromptError
+
+
+@dataclass
+class RefPrompt:
+    """A point (1 coordinate, label 1) or a box (2 coordinates, labels 2, 3) on a sampled frame.
+
+    Coordinates are pixels in the SAM input space (sam2_image_size square).
+    """
+
+    frame: int
+    coords: torch.Tensor  # [P, 2] (x, y)
+    labels: torch.Tensor  # [P]
+
+    @classmethod
+    def from_pixels(cls, frame: int, height: int, width: int, size: int, *, point=None, box=None) -> "RefPrompt":
+        """Build from original-pixel coordinates; anything outside the frame is a PromptError."""
+        if (point is None) == (box is None):
+            raise PromptError("a <|ref|> prompt is exactly one point or one box")
+        xy = [point] if point is not None else [box[:2], box[2:]]
+        for x, y in xy:
+            if not (0 <= x < width and 0 <= y < height):
+                raise PromptError(f"prompt coordinate ({x:g}, {y:g}) is outside the {width}x{height} frame")
+        if box is not None and not (box[0] < box[2] and box[1] < box[3]):
+            raise PromptError(f"box {tuple(box)} must have x1 < x2 and y1 < y2")
+        scale = torch.tensor([size / width, size / height])
+        coords = torch.tensor(xy, dtype=torch.float32) * scale
+        labels = torch.tensor([1] if point is not None else [2, 3], dtype=torch.int64)
+        return cls(frame, coords, labels)
+
+
+class TemporalPositionEncoding(nn.Module):
+    """1-D random Fourier encoding of a frame position in [-1, 1] -> [s] (`tem_pe`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(1, dim // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = 2 * math.pi * x[..., None] @ self.positional_encoding_gaussian_matrix
+        return torch.cat([torch.sin(y), torch.cos(y)], dim=-1)
+
+
+def mem_slot_cells(mask: torch.Tensor, grid_thw) -> torch.Tensor:
+    """Object mask [T, H, W] -> [grid_t, grid_h/2, grid_w/2] bool merged-token cells (spec §4 `<|mem|>`).
+
+    Frames are padded to even by repeating the last and paired by max; each pair is resized to the
+    LLM frame size and max-pooled by 28. An all-empty object covers the whole frame.
+    """
+    grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
+    m = mask.float()
+    if m.shape[0] % 2:
+        m = torch.cat([m, m[-1:]])
+    if not m.any():
+        m = torch.ones_like(m)
+    m = m.view(-1, 2, *m.shape[1:]).amax(dim=1)
+    if m.shape[0] != grid_t:
+        raise PromptError(f"mask has {mask.shape[0]} frames but the video has {grid_t * 2} (padded)")
+    m = F.interpolate(m[:, None], size=(grid_h * 14, grid_w * 14), mode="nearest")
+    return F.max_pool2d(m, kernel_size=28)[:, 0] > 0
+
+
+def mem_slots(mask: torch.Tensor, grid_thw) -> list[int]:
+    """Temporal slots where the object is present: one `<|mem|>` token each."""
+    cells = mem_slot_cells(mask, grid_thw)
+    return [t for t in range(cells.shape[0]) if cells[t].any()]
