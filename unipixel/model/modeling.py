@@ -119,13 +119,16 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
                     out.append(self.msk_proj(rows[cells[t].flatten()].mean(dim=0)))
         return torch.stack(out)
 
-    def decode_seg_masks(self, seg_hidden: torch.Tensor, video: SAM2Video, progress=None) -> torch.Tensor:
-        """`<|seg|>` hidden states [n, d] -> masks [n, T, H, W] bool, sharing one propagation."""
+    def decode_seg_masks(self, seg_hidden: torch.Tensor, video: SAM2Video, clicks=None, progress=None) -> torch.Tensor:
+        """`<|seg|>` hidden states [n, d] -> masks [n, T, H, W] bool, sharing one propagation.
+
+        `clicks`: optional SAM 2 point refinements per object (see `PixelSAM2VideoPredictor.segment`).
+        """
         tokens = self.seg_head(seg_hidden.to(self.dtype))
         tokens = tokens.view(seg_hidden.shape[0], self.config.sam2_hidden_tokens, -1)
         device_type = self.sam2.device.type
         with torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.sam2.segment(video, tokens, progress=progress)
+            return self.sam2.segment(video, tokens, clicks=clicks, progress=progress)
 
     def _special_positions(self, input_ids: torch.Tensor, token_id: int | None, count: int, what: str):
         pos = (input_ids[0] == token_id).nonzero()[:, 0] if token_id is not None else input_ids.new_zeros(0)
@@ -220,11 +223,19 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         return inputs
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, sam2_video: SAM2Video | None = None, progress=None, **kwargs):
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        sam2_video: SAM2Video | None = None,
+        decode_input_segs: bool = True,
+        progress=None,
+        **kwargs,
+    ):
         """Greedy-by-default `generate` that also decodes every `<|seg|>` into a mask.
 
         Returns a `PixelGenerateOutput`: `sequences`, and `masks` [n, T, H, W] for the `<|seg|>`
-        tokens of the input (teacher-forced) then of the answer, in order of appearance.
+        tokens of the input (teacher-forced; skipped with `decode_input_segs=False`, e.g. for a
+        conversation history already decoded) then of the answer, in order of appearance.
         """
         kwargs.setdefault("do_sample", False)
         kwargs["return_dict_in_generate"] = True
@@ -234,12 +245,11 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         with self._record_prenorm() as states:
             out = super().generate(input_ids=input_ids, **kwargs)
         seg = self.config.seg_token_id
-        hidden = [states[0][0, :-1][input_ids[0, 1:] == seg]]
+        hidden = [states[0][0, :-1][input_ids[0, 1:] == seg]] if decode_input_segs else []
         # Forward call j produced generated token j, so its last position is the state before it.
         new_tokens = out.sequences[0, input_ids.shape[1] :]
         hidden += [states[j][0, -1:] for j in (new_tokens == seg).nonzero()[:, 0].tolist()]
-        hidden = torch.cat(hidden)
         masks = None
-        if sam2_video is not None and len(hidden):
+        if sam2_video is not None and hidden and len(hidden := torch.cat(hidden)):
             masks = self.decode_seg_masks(hidden, sam2_video, progress=progress)
         return PixelGenerateOutput(sequences=out.sequences, masks=masks)

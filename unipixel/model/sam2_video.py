@@ -130,8 +130,12 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             inference_state["cached_features"] = {frame_idx: cache[frame_idx]}
         return super()._get_image_feature(inference_state, frame_idx, batch_size)
 
-    def add_new_seg_tokens(self, inference_state, obj_id: int, tokens: torch.Tensor, frame_idx: int = 0):
-        """Condition object `obj_id` on `tokens` [1, n, s] at `frame_idx` (no clicks, no mask)."""
+    def add_new_seg_tokens(self, inference_state, obj_id: int, tokens: torch.Tensor, frame_idx: int = 0, clicks=None):
+        """Condition object `obj_id` on `tokens` [1, n, s] at `frame_idx`, after optional clicks.
+
+        `clicks` are SAM point inputs ({"point_coords": [1, P, 2] SAM pixels, "point_labels": [1, P]});
+        the seg tokens follow their sparse embeddings (spec §4).
+        """
         obj_idx = self._obj_id_to_idx(inference_state, obj_id)
         with self._seg_prompt(tokens):
             out, _ = self._run_single_frame_inference(
@@ -140,7 +144,7 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
                 frame_idx=frame_idx,
                 batch_size=1,
                 is_init_cond_frame=True,
-                point_inputs=None,
+                point_inputs=clicks,
                 mask_inputs=None,
                 reverse=False,
                 run_mem_encoder=False,
@@ -148,11 +152,24 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
         inference_state["temp_output_dict_per_obj"][obj_idx]["cond_frame_outputs"][frame_idx] = out
 
     @torch.inference_mode()
-    def segment(self, video: SAM2Video, tokens: torch.Tensor, progress=None) -> torch.Tensor:
-        """Masks of each object: tokens [n, k, s] -> [n, T, H, W] bool, one shared propagation."""
+    def segment(self, video: SAM2Video, tokens: torch.Tensor, clicks=None, progress=None) -> torch.Tensor:
+        """Masks of each object: tokens [n, k, s] -> [n, T, H, W] bool, one shared propagation.
+
+        `clicks[i]`, if given, is (frame, coords [P, 2] in [0, 1], labels [P]) refining object i:
+        on frame 0 the clicks join the seg tokens' prompt, on a later frame they condition it.
+        """
         state = self.init_video_state(video)
+        clicks = clicks or [None] * tokens.shape[0]
         for i in range(tokens.shape[0]):
-            self.add_new_seg_tokens(state, obj_id=i, tokens=tokens[i : i + 1])
+            at_zero = clicks[i] is not None and clicks[i][0] == 0
+            points = None
+            if at_zero:
+                coords = (clicks[i][1] * self.image_size).to(self.device, torch.float32)[None]
+                points = {"point_coords": coords, "point_labels": clicks[i][2].to(self.device, torch.int32)[None]}
+            self.add_new_seg_tokens(state, obj_id=i, tokens=tokens[i : i + 1], clicks=points)
+            if clicks[i] is not None and not at_zero:
+                frame, coords, labels = clicks[i]
+                self.add_new_points_or_box(state, frame, i, points=coords, labels=labels, normalize_coords=False)
         masks = torch.zeros(tokens.shape[0], video.num_frames, video.height, video.width, dtype=torch.bool)
         for frame_idx, _, logits in self.propagate_in_video(state):
             masks[:, frame_idx] = (logits[:, 0] > 0).cpu()
