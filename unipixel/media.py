@@ -1,0 +1,303 @@
+"""Load images and videos into sampled RGB frames, with clear errors for files we cannot use."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import MediaError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mov", ".mkv", ".avi")
+
+DEFAULT_MAX_FILE_BYTES = 200 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_DURATION_S = 600.0
+
+# Browsers play GIF frame delays this short at 100 ms, so we time them the same way.
+_MIN_GIF_DELAY_MS, _BROWSER_GIF_DELAY_MS = 20, 100
+_WHITE = (255, 255, 255, 255)
+
+
+@dataclass
+class Media:
+    frames: np.ndarray  # [T,H,W,3] uint8 RGB, the sampled frames
+    kind: str  # 'image' | 'video'
+    frame_indices: list[int]  # index of each sampled frame in the source
+    timestamps: list[float]  # seconds of each sampled frame; [0.0] for an image
+    fps: float | None  # source fps, None for images
+    num_source_frames: int
+    path: str | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.frames.shape[2])
+
+    @property
+    def is_video(self) -> bool:
+        return self.kind == "video"
+
+
+def sample_indices(n: int, k: int) -> list[int]:
+    """Uniformly pick k of n frame indices, the way the UniPixel reference pipeline samples videos."""
+    if n < 1 or k < 1:
+        raise ValueError(f"need at least one frame to sample from and to keep, got n={n}, k={k}")
+    if n <= k:
+        return list(range(n))
+    if k == 1:
+        return [0]
+    return np.round(np.arange(0, n, (n - 1) / (k - 1))).astype(int)[:k].tolist()
+
+
+def load_media(
+    path: str | Path,
+    num_frames: int = 16,
+    *,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_duration_s: float = DEFAULT_MAX_DURATION_S,
+) -> Media:
+    """Load an image (one frame) or a video (``num_frames`` uniformly sampled frames) as RGB uint8.
+
+    Animated GIF/WebP files with more than one frame are videos. Transparent images are
+    composited on white, as a browser shows them on a white page.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    path = Path(path)
+    _check_file(path, max_file_bytes)
+    with path.open("rb") as f:
+        head = f.read(16)
+    family = _sniff(head) or _family_from_extension(path.suffix.lower())
+    if family is None:
+        supported = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+        raise _error(path, f"unsupported file type '{path.suffix or 'no extension'}' (supported: {supported})")
+    if family == "image":
+        return _load_pil(path, num_frames, max_pixels, max_duration_s)
+    return _load_video(path, num_frames, max_pixels, max_duration_s)
+
+
+def media_from_frames(frames: np.ndarray | list[np.ndarray], fps: float | None = None) -> Media:
+    """Wrap in-memory RGB uint8 frames: an [H,W,3] array is an image, [T,H,W,3] (or a list) a video."""
+    try:
+        array = np.stack(frames) if isinstance(frames, (list, tuple)) else np.asarray(frames)
+    except ValueError as err:  # frames of different sizes
+        raise MediaError(f"Cannot use the frames: {err}") from err
+    kind = "image" if array.ndim == 3 else "video"
+    if kind == "image":
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3 or 0 in array.shape:
+        raise MediaError(f"Cannot use the frames: expected [H,W,3] or [T,H,W,3] RGB, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        raise MediaError(f"Cannot use the frames: expected dtype uint8, got {array.dtype}")
+    indices = list(range(array.shape[0]))
+    return Media(
+        frames=np.ascontiguousarray(array),
+        kind=kind,
+        frame_indices=indices,
+        timestamps=_timestamps(indices, fps),
+        fps=fps if kind == "video" else None,
+        num_source_frames=len(indices),
+    )
+
+
+def _error(path: Path, reason: str) -> MediaError:
+    return MediaError(f"Cannot load '{path.name}': {reason}.")
+
+
+def _check_file(path: Path, max_file_bytes: int) -> None:
+    if not path.exists():
+        raise _error(path, "file not found")
+    if not path.is_file():
+        raise _error(path, "not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise _error(path, "the file is empty")
+    if size > max_file_bytes:
+        raise _error(path, f"the file is {size / 2**20:.1f} MB, over the {max_file_bytes / 2**20:.1f} MB limit")
+
+
+def _sniff(head: bytes) -> str | None:
+    """Tell images from videos by their magic bytes, so a misnamed file still loads."""
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")):
+        return "image"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image"
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free"):  # MP4 / QuickTime boxes
+        return "video"
+    if head.startswith(b"\x1a\x45\xdf\xa3") or (head[:4] == b"RIFF" and head[8:12] == b"AVI "):  # Matroska, AVI
+        return "video"
+    return None
+
+
+def _family_from_extension(ext: str) -> str | None:
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in VIDEO_EXTENSIONS:
+        return "video"
+    return None
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise _error(path, f"frames are {width}x{height} = {width * height} pixels, over the {max_pixels} pixel limit")
+
+
+def _check_duration(path: Path, seconds: float, max_duration_s: float) -> None:
+    if seconds > max_duration_s:
+        raise _error(path, f"it lasts {seconds:.1f} s, over the {max_duration_s:g} s limit")
+
+
+def _detail(path: Path, err: Exception) -> str:
+    """The decoder's last message line (e.g. ffmpeg's 'moov atom not found'), without the server path."""
+    lines = [line.strip() for line in str(err).replace(str(path), path.name).splitlines() if line.strip()]
+    return f" ({lines[-1][:200]})" if lines else ""
+
+
+def _timestamps(indices: list[int], fps: float | None) -> list[float]:
+    return [i / fps if fps else 0.0 for i in indices]
+
+
+# ---------------------------------------------------------------- images (and animated GIF/WebP)
+
+
+def _load_pil(path: Path, num_frames: int, max_pixels: int, max_duration_s: float) -> Media:
+    try:
+        with Image.open(path) as im:
+            _check_pixels(path, *im.size, max_pixels)
+            n = getattr(im, "n_frames", 1)
+            if n == 1:
+                return Media(np.array(_to_rgb(im))[None], "image", [0], [0.0], None, 1, str(path))
+            return _load_animation(path, im, n, num_frames, max_duration_s)
+    except Image.DecompressionBombError as err:  # raised by PIL itself, far above our own pixel limit
+        raise _error(path, f"the image has too many pixels ({err})") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        # PIL reports unknown, truncated and corrupt data with these types (UnidentifiedImageError is an OSError).
+        raise _error(path, f"the image data is corrupt or not a supported format{_detail(path, err)}") from err
+
+
+def _load_animation(path: Path, im: Image.Image, n: int, num_frames: int, max_duration_s: float) -> Media:
+    """Sample an animated image in one forward pass (GIF frames depend on the previous ones)."""
+    wanted = sample_indices(n, num_frames)
+    wanted_set = set(wanted)
+    starts_ms, frames, elapsed_ms = [], [], 0
+    for i in range(n):
+        im.seek(i)
+        if i in wanted_set:
+            starts_ms.append(elapsed_ms)
+            frames.append(np.array(_to_rgb(im)))
+        delay = im.info.get("duration") or 0
+        elapsed_ms += _BROWSER_GIF_DELAY_MS if delay < _MIN_GIF_DELAY_MS else delay
+        _check_duration(path, elapsed_ms / 1000, max_duration_s)
+    return Media(
+        frames=np.stack(frames),
+        kind="video",
+        frame_indices=wanted,
+        timestamps=[t / 1000 for t in starts_ms],
+        fps=n * 1000 / elapsed_ms,
+        num_source_frames=n,
+        path=str(path),
+    )
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to upright 8-bit RGB; alpha is composited on white."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I"):  # 16-bit (or 32-bit int) gray: PIL's convert would clip at 255, so rescale
+        values = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    if "A" in im.mode or "transparency" in im.info:
+        return Image.alpha_composite(Image.new("RGBA", im.size, _WHITE), im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
+
+
+# ---------------------------------------------------------------- videos
+
+
+def _load_video(path: Path, num_frames: int, max_pixels: int, max_duration_s: float) -> Media:
+    meta = _probe(path)
+    width, height = meta["size"]
+    _check_pixels(path, width, height, max_pixels)
+    _check_duration(path, meta["duration"], max_duration_s)
+    fps = meta["fps"] or None
+
+    n = _count_packets(path) or round(meta["duration"] * (fps or 0)) or _count_decoded(path)
+    wanted, frames = _decode_sample(path, n, num_frames)
+    if len(frames) != len(wanted):
+        # The container's frame count differs from what decodes: count decoded frames and sample again.
+        n = _count_decoded(path)
+        wanted, frames = _decode_sample(path, n, num_frames)
+        if len(frames) != len(wanted):
+            raise _error(path, f"decoding gave {len(frames)} of the {len(wanted)} sampled frames; the file is damaged")
+    if fps and not meta["duration"]:  # duration missing from the header: check it from the frame count
+        _check_duration(path, n / fps, max_duration_s)
+    return Media(np.stack(frames), "video", wanted, _timestamps(wanted, fps), fps, n, str(path))
+
+
+def _ffmpeg_failure(path: Path, err: Exception) -> MediaError:
+    return _error(path, f"the video data is corrupt or uses an unsupported codec{_detail(path, err)}")
+
+
+def _probe(path: Path) -> dict:
+    frames = imageio_ffmpeg.read_frames(str(path))
+    try:
+        return next(frames)
+    except Exception as err:  # imageio-ffmpeg fails on bad input with OSError, IndexError, AttributeError, ...
+        text = str(err)
+        if isinstance(err, IndexError) or ("Input #0" in text and " Video: " not in text):  # opened, no picture
+            raise _error(path, "it contains no video frames") from err
+        raise _ffmpeg_failure(path, err) from err
+    finally:
+        frames.close()
+
+
+def _count_packets(path: Path) -> int | None:
+    """Exact frame count for nearly every file, by demuxing without decoding (fast)."""
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)]
+    cmd += ["-map", "0:v:0", "-c", "copy", "-f", "null", "-"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return None
+    counts = re.findall(rb"frame=\s*(\d+)", result.stderr)
+    return int(counts[-1]) if result.returncode == 0 and counts else None
+
+
+def _count_decoded(path: Path) -> int:
+    try:
+        n, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    except RuntimeError as err:
+        raise _ffmpeg_failure(path, err) from err
+    if not n:
+        raise _error(path, "no frame could be decoded")
+    return n
+
+
+def _decode_sample(path: Path, n: int, k: int) -> tuple[list[int], list[np.ndarray]]:
+    """Sample k of n frames; ffmpeg drops the others, so only sampled frames reach Python."""
+    wanted = sample_indices(n, k)
+    params = ["-map", "0:v:0", "-fps_mode", "passthrough"]
+    if len(wanted) < n:
+        params += ["-vf", "select='" + "+".join(f"eq(n,{i})" for i in wanted) + "'"]
+    reader = imageio_ffmpeg.read_frames(str(path), output_params=params)
+    try:
+        width, height = next(reader)["size"]
+        return wanted, [np.frombuffer(raw, np.uint8).reshape(height, width, 3) for raw in reader]
+    except Exception as err:  # same as _probe, plus RuntimeError for a frame cut short
+        raise _ffmpeg_failure(path, err) from err
+    finally:
+        reader.close()
