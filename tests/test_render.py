@@ -218,7 +218,8 @@ def test_export_rle_json(tmp_path, bank):
     bank.rename(2, "ball")
     data = json.loads(export_rle_json(bank, tmp_path / "masks.json", frame_indices=[0, 15, 29]).read_text())
     assert (data["height"], data["width"], data["frames"]) == (H, W, [0, 15, 29])
-    assert [(o["id"], o["name"], o["source"]) for o in data["objects"]] == [(1, "object 1", "box"), (2, "ball", "point")]
+    summary = [(o["id"], o["name"], o["source"]) for o in data["objects"]]
+    assert summary == [(1, "object 1", "box"), (2, "ball", "point")]
     assert data["objects"][0]["color"] == list(bank.get(1).color)
     for item in data["objects"]:
         decoded = np.stack([rle_decode(rle) for rle in item["segmentations"]])

@@ -132,7 +132,9 @@ def export_rle_json(bank: ObjectMemoryBank, path: str | Path, frame_indices: Seq
     return path
 
 
-def export_overlay(frames: np.ndarray | Sequence[np.ndarray], bank: ObjectMemoryBank, out_dir: str | Path, fps: float) -> Path:
+def export_overlay(
+    frames: np.ndarray | Sequence[np.ndarray], bank: ObjectMemoryBank, out_dir: str | Path, fps: float
+) -> Path:
     """overlay.png for one frame, overlay.mp4 for a video."""
     overlays = overlay_video(_as_frames(frames), bank)
     out_dir = Path(out_dir)

@@ -47,10 +47,13 @@ def _draw_tag(image: np.ndarray, obj: MemoryObject, mask: np.ndarray) -> None:
     x = int(np.clip(xs.min(), 0, max(0, width - box_w)))
     y = int(np.clip(ys.min() - box_h, 0, max(0, height - box_h)))
     cv2.rectangle(image, (x, y), (x + box_w - 1, y + box_h - 1), obj.color, cv2.FILLED)
-    cv2.putText(image, obj.label, (x + pad, y + pad + text_h), _FONT, scale, _text_color(obj.color), thickness, cv2.LINE_AA)
+    origin = (x + pad, y + pad + text_h)
+    cv2.putText(image, obj.label, origin, _FONT, scale, _text_color(obj.color), thickness, cv2.LINE_AA)
 
 
-def overlay_frame(frame: np.ndarray, objects: Iterable[MemoryObject], frame_index: int, alpha: float = 0.45) -> np.ndarray:
+def overlay_frame(
+    frame: np.ndarray, objects: Iterable[MemoryObject], frame_index: int, alpha: float = 0.45
+) -> np.ndarray:
     """A copy of `frame` with every visible object's mask on `frame_index` filled, outlined and tagged."""
     out = np.array(frame, dtype=np.uint8, copy=True)
     shown = [(obj, obj.masks[frame_index]) for obj in objects if obj.visible and obj.masks[frame_index].any()]
@@ -88,7 +91,8 @@ def draw_prompt(
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != out.shape[:2]:
-            raise PromptError(f"The brush mask is {mask.shape[1]}x{mask.shape[0]}, the frame {out.shape[1]}x{out.shape[0]}.")
+            size = "x".join(str(n) for n in mask.shape[::-1])
+            raise PromptError(f"The brush mask is {size} pixels but the frame is {out.shape[1]}x{out.shape[0]}.")
         _blend(out, mask, color, alpha)
     if box is not None:
         x1, y1, x2, y2 = (round(v) for v in box)
@@ -105,7 +109,9 @@ def draw_prompt(
     return out
 
 
-def thumbnail(frame: np.ndarray, mask: np.ndarray, size: int = 96, color: Color = color_for(1), margin: float = 0.15) -> np.ndarray:
+def thumbnail(
+    frame: np.ndarray, mask: np.ndarray, size: int = 96, color: Color = color_for(1), margin: float = 0.15
+) -> np.ndarray:
     """[size,size,3] square crop around the object, overlaid; the whole frame when the mask is empty.
 
     Takes one frame and its [H,W] mask, or all frames [T,H,W,3] and masks [T,H,W]: then the first

@@ -1,0 +1,4 @@
+"""`python -m unipixel`: see unipixel/cli.py."""
+from .cli import main
+
+raise SystemExit(main())

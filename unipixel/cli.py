@@ -1,0 +1,295 @@
+"""`python -m unipixel`: build the tiny offline checkpoint, or run one question on one media file.
+
+    python -m unipixel tiny OUT_DIR [--seed N]
+    python -m unipixel infer MEDIA "PROMPT" [--point X,Y[@F]] [--box X1,Y1,X2,Y2[@F]] [--mask PNG[@F]] ...
+
+Coordinates are pixels of the original media; F is a sampled-frame index (default 0).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PromptError, UniPixelError
+
+EXIT_ERROR = 2  # a UniPixelError: bad media, prompt or checkpoint (argparse uses 2 for bad flags too)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+# ---- flag parsing ------------------------------------------------------------------------------
+def _split_frame(text: str) -> tuple[str, int]:
+    """'VALUE@F' -> (VALUE, F); no '@F' means frame 0."""
+    value, at, frame = text.rpartition("@")
+    if not at:
+        return text, 0
+    if not frame.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: the frame after '@' must be a non-negative integer")
+    return value, int(frame)
+
+
+def _numbers(text: str, count: int, form: str) -> tuple[tuple[float, ...], int]:
+    value, frame = _split_frame(text)
+    try:
+        numbers = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != count:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {form}")
+    return numbers, frame
+
+
+def parse_point(text: str) -> tuple[float, float, int]:
+    (x, y), frame = _numbers(text, 2, "X,Y[@F]")
+    return x, y, frame
+
+
+def parse_box(text: str) -> tuple[tuple[float, float, float, float], int]:
+    return _numbers(text, 4, "X1,Y1,X2,Y2[@F]")
+
+
+def parse_mask(text: str) -> tuple[Path, int]:
+    value, at, frame = text.rpartition("@")
+    if at and frame.isdigit():  # a file name may itself contain '@'
+        return Path(value), int(frame)
+    return Path(text), 0
+
+
+@dataclass
+class DrawnPrompt:
+    """One flag as typed: kind 'point' (positive or not), 'box' or 'mask'."""
+
+    kind: str
+    frame: int
+    value: object
+    positive: bool = True
+
+
+class _AppendPrompt(argparse.Action):
+    """Collect --point/--neg-point/--box/--mask in command-line order, so objects get ids in that order."""
+
+    def __init__(self, *args, kind: str, positive: bool = True, **kwargs):
+        self.kind, self.positive = kind, positive
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if self.kind == "point":
+            x, y, frame = value
+            value = (x, y)
+        else:
+            value, frame = value
+        prompts = list(getattr(namespace, self.dest) or [])
+        prompts.append(DrawnPrompt(self.kind, frame, value, self.positive))
+        setattr(namespace, self.dest, prompts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m unipixel", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tiny = commands.add_parser("tiny", help="write the tiny offline checkpoint (random weights, for tests)")
+    tiny.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    infer = commands.add_parser(
+        "infer",
+        help="ask one question about an image or a video",
+        description="Ask one question about an image or a video, with optional drawn objects. Coordinates "
+        "are pixels of the original media; @F picks a sampled frame (default 0). Positive and negative "
+        "points on the same frame form one object; each box and each mask is one object. Objects get ids "
+        "[1], [2], ... in command-line order, so the prompt can mention them.",
+    )
+    infer.add_argument("media", type=Path, metavar="MEDIA", help="image or video file")
+    infer.add_argument("prompt", metavar="PROMPT", help='the question, e.g. "Please segment the red circle."')
+    infer.add_argument("--model", default=None, help="hub id or checkpoint folder (default: the published UniPixel-3B)")
+    infer.add_argument("--frames", type=int, default=16, help="frames sampled from a video (default 16)")
+    add = functools.partial(infer.add_argument, dest="prompts", action=_AppendPrompt)
+    add("--point", type=parse_point, kind="point", metavar="X,Y[@F]", help="positive click (repeatable)")
+    add("--neg-point", type=parse_point, kind="point", positive=False, metavar="X,Y[@F]", help="negative click")
+    add("--box", type=parse_box, kind="box", metavar="X1,Y1,X2,Y2[@F]", help="box, top-left and bottom-right")
+    add("--mask", type=parse_mask, kind="mask", metavar="PNG[@F]", help="mask image, white (>= 128) is the object")
+    infer.add_argument("--out", type=Path, default=None, help="output folder (default: ./outputs/<media stem>)")
+    infer.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    infer.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bfloat16 on CUDA, float32 on CPU")
+    infer.add_argument("--max-new-tokens", type=int, default=512)
+    return parser
+
+
+# ---- infer -------------------------------------------------------------------------------------
+def group_prompts(prompts: list[DrawnPrompt], load_mask) -> list:
+    """Drawn flags -> VisualPrompts: all points of one frame are one object, placed at its first point."""
+    from .session import VisualPrompt
+
+    objects, points_by_frame = [], {}
+    for p in prompts:
+        if p.kind == "point":
+            if p.frame not in points_by_frame:
+                points_by_frame[p.frame] = VisualPrompt("point", frame=p.frame)
+                objects.append(points_by_frame[p.frame])
+            points_by_frame[p.frame].points.append((*p.value, p.positive))
+        elif p.kind == "box":
+            objects.append(VisualPrompt("box", frame=p.frame, box=p.value))
+        else:
+            objects.append(VisualPrompt("mask", frame=p.frame, mask=load_mask(p.value)))
+    return objects
+
+
+def read_mask_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L")) >= 128
+    except (OSError, ValueError, SyntaxError) as err:  # missing, unreadable or corrupt file
+        raise PromptError(f"cannot read the mask '{path}': {err}") from err
+
+
+class ProgressBar:
+    """One tqdm bar over all slow steps, fed by the session's (fraction, text) progress callback."""
+
+    def __init__(self, steps: int):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=steps, file=sys.stderr, bar_format="{desc:<26}{percentage:3.0f}%|{bar}| {elapsed}")
+        self._step = 0
+
+    def report(self, fraction: float, text: str) -> None:
+        self._bar.set_description_str(text, refresh=False)
+        self._bar.update(max(0.0, self._step + fraction - self._bar.n))
+
+    def next_step(self) -> None:
+        self._step += 1
+        self.report(0.0, "")
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+@contextlib.contextmanager
+def _quiet_sam2_bar():
+    """The sam2 package draws a bar per propagation; ours already covers that step, so hide it."""
+    import sam2.sam2_video_predictor as predictor
+
+    original = predictor.tqdm
+    predictor.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        predictor.tqdm = original
+
+
+def _use_color(stream) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def format_answer(result, bank, color: bool) -> str:
+    """The answer with each target's [id] in its object's color (ANSI 24-bit) when `color`."""
+    if not color:
+        return result.answer
+    out, last = [], 0
+    for target in result.targets:
+        r, g, b = bank.get(target.object_id).color
+        out += [result.answer[last : target.start], f"\033[1;38;2;{r};{g};{b}m", result.answer[target.start : target.end], "\033[0m"]
+        last = target.end
+    return "".join(out) + result.answer[last:]
+
+
+def playback_fps(media) -> float:
+    """Frames per second that play the sampled frames in real time, kept watchable."""
+    if not media.fps or media.num_frames < 2:
+        return 2.0
+    seconds = media.num_source_frames / media.fps
+    return float(min(30.0, max(1.0, media.num_frames / seconds)))
+
+
+def write_outputs(out_dir: Path, media, session, result, model_path: str, offline: bool) -> list[Path]:
+    from .export import export_masks_png, export_overlay, export_rle_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bank = session.bank
+    written = [export_overlay(media.frames, bank, out_dir, fps=playback_fps(media))]
+    written += export_masks_png(bank, out_dir / "masks")
+    written.append(export_rle_json(bank, out_dir / "masks.json", media.frame_indices))
+    written.append(bank.save(out_dir / "memory.json"))
+    answer = {
+        "question": result.question,
+        "answer": result.answer,
+        "raw_answer": result.raw_answer,
+        "targets": [{"id": t.object_id, "start": t.start, "end": t.end} for t in result.targets],
+        "objects": [{"id": o.id, "source": o.source_text, "frames": o.span, "area": o.area} for o in bank],
+        "model": model_path,
+        "offline_model": offline,
+        "seconds": round(result.seconds, 3),
+    }
+    written.append(out_dir / "answer.json")
+    written[-1].write_text(json.dumps(answer, indent=2))
+    return written
+
+
+def run_infer(args) -> int:
+    from .hub import resolve_model
+    from .media import load_media
+    from .model import load_model
+    from .session import Session
+
+    if args.frames < 1:
+        raise PromptError(f"--frames must be at least 1, got {args.frames}")
+    # Cheap checks first, so a bad file or mask fails before the slow model load.
+    media = load_media(args.media, num_frames=args.frames)
+    objects = group_prompts(args.prompts or [], read_mask_png)
+    if not args.prompt.strip():
+        raise PromptError("the prompt is empty: give a question or an instruction")
+
+    resolved = resolve_model(args.model)
+    if resolved.offline:
+        why = f"{resolved.reason}; " if resolved.reason else ""
+        print(f"warning: {why}using the offline tiny model (random weights: answers and masks are placeholders)", file=sys.stderr)
+    model, processor = load_model(resolved.path, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
+    session = Session(model, processor, media, max_new_tokens=args.max_new_tokens)
+
+    bar = ProgressBar(steps=len(objects) + 2)  # each object, the answer, the files
+    try:
+        with _quiet_sam2_bar():
+            for prompt in objects:
+                session.add_object(prompt, progress=bar.report)
+                bar.next_step()
+            result = session.ask(args.prompt, progress=bar.report)
+            bar.next_step()
+        bar.report(0.0, "writing files")
+        out_dir = args.out or Path("outputs") / args.media.stem
+        write_outputs(out_dir, media, session, result, resolved.path, resolved.offline)
+        bar.report(1.0, "done")
+    finally:
+        bar.close()
+
+    print(format_answer(result, session.bank, _use_color(sys.stdout)))
+    for obj in session.bank:
+        print(f"  {obj.label} {obj.source_text}, {obj.area} px over frames {obj.span}", file=sys.stderr)
+    print(f"outputs written to {out_dir}", file=sys.stderr)
+    return 0
+
+
+def run_tiny(args) -> int:
+    from .model.tiny import build_tiny_checkpoint
+
+    print(build_tiny_checkpoint(args.out_dir, seed=args.seed))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"tiny": run_tiny, "infer": run_infer}[args.command](args)
+    except UniPixelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
