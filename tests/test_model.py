@@ -303,3 +303,15 @@ def test_cached_and_uncached_sam2_paths_give_identical_masks(tiny_model, rng):
     assert shared.shape == (3, 6, 90, 120)
     assert torch.equal(shared, reference) and torch.equal(shared, again)
     assert shared.any() and not shared.all()
+
+
+def test_importing_unipixel_registers_the_auto_classes():
+    import subprocess
+    import sys
+
+    code = (
+        "import unipixel; from transformers import AutoConfig, CONFIG_MAPPING;"
+        "print(CONFIG_MAPPING['pixel_qwen2_5_vl'].__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PixelQwen2_5_VLConfig"

@@ -1,5 +1,9 @@
-"""UniPixel: pixel-level referring, segmentation and reasoning over images and videos."""
+"""UniPixel: pixel-level referring, segmentation and reasoning over images and videos.
+
+Importing the package registers the model with transformers' Auto classes (`pixel_qwen2_5_vl`).
+"""
 from .errors import CheckpointError, MediaError, ObjectNotFoundError, PromptError, TooManyObjectsError, UniPixelError
+from .model import load_model
 
 __all__ = [
     "CheckpointError",
@@ -10,12 +14,3 @@ __all__ = [
     "UniPixelError",
     "load_model",
 ]
-
-
-def __getattr__(name: str):
-    # The model pulls in transformers and sam2 (seconds); media, memory and render do not need them.
-    if name == "load_model":
-        from .model import load_model
-
-        return load_model
-    raise AttributeError(f"module 'unipixel' has no attribute {name!r}")
