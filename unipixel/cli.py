@@ -13,12 +13,12 @@ import functools
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import PromptError, UniPixelError
+from .errors import CheckpointError, PromptError, UniPixelError
 
 EXIT_ERROR = 2  # a UniPixelError: bad media, prompt or checkpoint (argparse uses 2 for bad flags too)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -141,6 +141,35 @@ def group_prompts(prompts: list[DrawnPrompt], load_mask) -> list:
     return objects
 
 
+def check_prompts(objects: list, media) -> None:
+    """Frame and coordinate checks that the session repeats, done here before the slow model load."""
+    h, w = media.height, media.width
+    for p in objects:
+        if not 0 <= p.frame < media.num_frames:
+            raise PromptError(f"frame {p.frame} is outside the {media.num_frames} sampled frames (use @0 to @{media.num_frames - 1})")
+        if p.kind == "point" and not any(positive for _, _, positive in p.points):
+            raise PromptError(f"the points on frame {p.frame} are all negative: add a --point on the object")
+        corners = [(x, y) for x, y, _ in p.points] + ([p.box[:2], p.box[2:]] if p.box is not None else [])
+        for x, y in corners:
+            if not (0 <= x < w and 0 <= y < h):
+                raise PromptError(f"prompt coordinate ({x:g}, {y:g}) is outside the {w}x{h} frame")
+        if p.mask is not None and p.mask.shape != (h, w):
+            raise PromptError(f"the mask is {p.mask.shape[1]}x{p.mask.shape[0]} pixels, the media {w}x{h}")
+
+
+def check_model_path(name: str | None) -> None:
+    """A name that is clearly a local path must exist; otherwise it would be tried as a hub id."""
+    if name and (Path(name).is_absolute() or name.startswith((".", "~"))) and not Path(name).expanduser().is_dir():
+        raise CheckpointError(f"no checkpoint folder at {name!r}")
+
+
+def check_device(device: str | None) -> None:
+    import torch
+
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise UniPixelError(f"--device {device}: no CUDA device is available here (try --device cpu)")
+
+
 def read_mask_png(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -161,12 +190,12 @@ class ProgressBar:
         self._step = 0
 
     def report(self, fraction: float, text: str) -> None:
-        self._bar.set_description_str(text, refresh=False)
+        self._bar.set_description_str(text)
         self._bar.update(max(0.0, self._step + fraction - self._bar.n))
 
     def next_step(self) -> None:
         self._step += 1
-        self.report(0.0, "")
+        self._bar.update(max(0.0, self._step - self._bar.n))
 
     def close(self) -> None:
         self._bar.close()
@@ -239,15 +268,18 @@ def run_infer(args) -> int:
     from .model import load_model
     from .session import Session
 
-    if args.frames < 1:
-        raise PromptError(f"--frames must be at least 1, got {args.frames}")
+    if args.frames < 1 or args.max_new_tokens < 1:
+        raise PromptError("--frames and --max-new-tokens must be at least 1")
     # Cheap checks first, so a bad file or mask fails before the slow model load.
     media = load_media(args.media, num_frames=args.frames)
     objects = group_prompts(args.prompts or [], read_mask_png)
+    check_prompts(objects, media)
     if not args.prompt.strip():
         raise PromptError("the prompt is empty: give a question or an instruction")
+    check_model_path(args.model)
 
-    resolved = resolve_model(args.model)
+    check_device(args.device)
+    resolved = resolve_model(os.path.expanduser(args.model) if args.model else None)
     if resolved.offline:
         why = f"{resolved.reason}; " if resolved.reason else ""
         print(f"warning: {why}using the offline tiny model (random weights: answers and masks are placeholders)", file=sys.stderr)
@@ -270,8 +302,11 @@ def run_infer(args) -> int:
         bar.close()
 
     print(format_answer(result, session.bank, _use_color(sys.stdout)))
+    if not result.answer:
+        print("(the model gave an empty answer)", file=sys.stderr)
     for obj in session.bank:
-        print(f"  {obj.label} {obj.source_text}, {obj.area} px over frames {obj.span}", file=sys.stderr)
+        where = f"frames {obj.span[0]}-{obj.span[1]}" if obj.span else "no frame (empty mask)"
+        print(f"  {obj.label} {obj.source_text}: {obj.area} px on {where}", file=sys.stderr)
     print(f"outputs written to {out_dir}", file=sys.stderr)
     return 0
 

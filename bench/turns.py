@@ -1,0 +1,304 @@
+"""What the per-media caches of a Session save, measured in one run (UniPixel spec §4, `<|seg|>` note 4).
+
+(a) Turn 1 and turn 2 of one Session (turn 2 mentions [1], a point object added after turn 1)
+    against a reference-style path that recomputes everything per turn: a fresh Session each turn
+    (processor encode + vision tower again) with uncached SAM 2 frame features.
+(b) Decoding a 3-object answer vs a 1-object answer in one teacher-forced prefill: the cached path
+    (one shared SAM 2 propagation over cached frame features) against the reference style (a fresh
+    uncached SAM 2 video per `<|seg|>`, every frame re-encoded per token).
+
+Answers are forced token by token with a logits processor, so every path does the same work
+(random weights would otherwise answer with whatever tokens they like); all compute is real.
+
+    PYTHONPATH=. python bench/turns.py [--frames 16] [--repeats 3] [--device cpu] [--models tiny 3b]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from unipixel import load_model  # noqa: E402
+from unipixel.media import media_from_frames  # noqa: E402
+from unipixel.model import PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration  # noqa: E402
+from unipixel.model import processing as P  # noqa: E402
+from unipixel.model.tiny import QWEN_SPECIAL_TOKENS, UNIPIXEL_TOKENS, build_processor, build_tiny_checkpoint, build_tokenizer  # noqa: E402
+from unipixel.session import Session, VisualPrompt  # noqa: E402
+
+TURN1 = ("Please describe the video.", "It is a video of two squares.")
+TURN2_TEXT = ("What is [1] doing?", "[1] is moving to the right.")
+TURN2_SEG = ("What is [1] doing? Please segment what it follows.", "[1] is following <|seg|>.")
+ONE_OBJECT = "[1] <|seg|>"
+THREE_OBJECTS = "[1] <|seg|> [2] <|seg|> [3] <|seg|>"
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+def synthetic_video(num_frames: int, height: int = 480, width: int = 640) -> np.ndarray:
+    """Two squares moving over a gradient, so frames differ (no cache can hide behind equal frames)."""
+    y, x = np.mgrid[0:height, 0:width]
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        frames[t] = np.stack([(x + 8 * t) % 256, (y + 4 * t) % 256, np.full_like(x, 96)], -1)
+        a, b = 40 + 20 * t, 300 - 10 * t
+        frames[t, 100:200, a : a + 100] = (230, 25, 75)
+        frames[t, 260:340, b : b + 80] = (0, 130, 200)
+    return frames
+
+
+def config_3b(tokenizer) -> PixelQwen2_5_VLConfig:
+    """UniPixel-3B sizes (UniPixel spec §1); token ids are those of the tokenizer we have offline."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + UNIPIXEL_TOKENS}
+    return PixelQwen2_5_VLConfig(
+        architectures=["PixelQwen2_5_VLForConditionalGeneration"],
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        rope_theta=1000000.0,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_config={
+            "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
+            "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112, "patch_size": 14, "spatial_merge_size": 2,
+            "temporal_patch_size": 2, "tokens_per_second": 2,
+        },  # fmt: skip
+        ref_token_id=ids["<|ref|>"],
+        seg_token_id=ids["<|seg|>"],
+        mem_token_id=ids["<|mem|>"],
+        sam2_config="configs/sam2.1_hiera_b+",
+        sam2_image_size=768,
+        sam2_hidden_tokens=2,
+    )
+
+
+def build_3b(device: str, dtype: torch.dtype = torch.bfloat16):
+    """The full UniPixel-3B architecture with random weights (no checkpoint is reachable offline)."""
+    tokenizer = build_tokenizer()
+    config = config_3b(tokenizer)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = PixelQwen2_5_VLForConditionalGeneration(config)
+    return model.to(device, dtype).eval(), build_processor(tokenizer)
+
+
+def build_tiny(device: str, workdir: Path):
+    path = build_tiny_checkpoint(workdir / "tiny", seed=0)
+    return load_model(str(path), device=device)
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+class ForceTokens(LogitsProcessor):
+    """Greedy decoding that emits exactly `ids` (then end-of-turn): same work on every path."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.start = ids, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        k = min(input_ids.shape[1] - self.start, len(self.ids) - 1)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.ids[k]] = 0
+        return forced
+
+
+@contextlib.contextmanager
+def forced_answer(model, processor, text: str):
+    """Every `model.generate` call inside answers `text`; Session.ask takes no logits processors."""
+    ids = processor.tokenizer(text + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    generate = model.generate
+
+    def steered(*args, **kwargs):
+        return generate(*args, logits_processor=LogitsProcessorList([ForceTokens(ids)]), **kwargs)
+
+    model.generate = steered
+    try:
+        yield
+    finally:
+        del model.generate  # back to the class method
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> tuple[float, object]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def encode_media(session: Session, cache_sam2: bool) -> None:
+    """What Session._encoded computes once per media; here recomputed on demand (reference style)."""
+    with torch.inference_mode():
+        vision = P.encode_frames(session.processor, session.media.frames)
+        features = session.model.encode_video(vision.pop("pixel_values_videos"), vision["video_grid_thw"])
+    session._vision = {**vision, "video_features": features}
+    session._sam2_video = session.model.prepare_sam2_video(session.media.frames, cache=cache_sam2)
+
+
+# ---- (a) turns ---------------------------------------------------------------------------------
+def session_turns(model, processor, media, device, point) -> dict:
+    """Turn 1, then a point object [1], then turn 2 (text answer) and turn 2' (answer with a mask)."""
+    session = Session(model, processor, media, max_new_tokens=64)
+    out = {}
+    with forced_answer(model, processor, TURN1[1]):
+        out["turn 1"], _ = timed(lambda: session.ask(TURN1[0]), device)
+    session.add_object(VisualPrompt("point", frame=0, points=[(*point, True)]))
+    history = (copy.deepcopy(session.bank), list(session._messages), list(session._mem_masks))
+    for name, (question, answer) in (("turn 2, text answer", TURN2_TEXT), ("turn 2, mask answer", TURN2_SEG)):
+        session.bank, session._messages, session._mem_masks = copy.deepcopy(history[0]), list(history[1]), list(history[2])
+        with forced_answer(model, processor, answer):
+            out[name], result = timed(lambda: session.ask(question), device)
+        assert result.raw_answer == P.clean_answer(answer), result.raw_answer
+    return out, history
+
+
+def reference_turns(model, processor, media, device, history) -> dict:
+    """The same turns, each in a fresh Session that re-encodes the media, SAM 2 features uncached."""
+
+    def turn(question, answer, state=None):
+        def run():
+            session = Session(model, processor, media, max_new_tokens=64)
+            if state is not None:
+                session.bank, session._messages, session._mem_masks = copy.deepcopy(state[0]), list(state[1]), list(state[2])
+            encode_media(session, cache_sam2=False)
+            return session.ask(question)
+
+        with forced_answer(model, processor, answer):
+            return timed(run, device)[0]
+
+    return {
+        "turn 1": turn(*TURN1),
+        "turn 2, text answer": turn(*TURN2_TEXT, history),
+        "turn 2, mask answer": turn(*TURN2_SEG, history),
+    }
+
+
+# ---- (b) 1 vs 3 objects ------------------------------------------------------------------------
+def decode_answer(model, processor, session: Session, answer: str, mode: str, device) -> float:
+    """Teacher-forced prefill of `answer` and its masks; mode: warm / cold cache, or reference."""
+    vision, warm_video = session._encoded(None)
+    messages = [
+        P.user_message("Please segment the squares.", with_video=True),
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+    inputs = P.tokenize_chat(processor, messages, vision["video_grid_thw"], add_generation_prompt=False)
+    n = answer.count(P.SEG)
+
+    def run():
+        with torch.inference_mode():
+            if mode == "reference":
+                out = model(**inputs, **vision, logits_to_keep=1)
+                masks = [
+                    model.decode_seg_masks(out.seg_hidden[i : i + 1], model.prepare_sam2_video(session.media.frames, cache=False))
+                    for i in range(n)
+                ]
+                return torch.cat(masks)
+            video = warm_video if mode == "warm" else model.prepare_sam2_video(session.media.frames)
+            return model(**inputs, **vision, sam2_video=video, logits_to_keep=1).masks
+
+    seconds, masks = timed(run, device)
+    assert masks.shape[0] == n, masks.shape
+    return seconds
+
+
+# ---- report ------------------------------------------------------------------------------------
+def median(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def bench_model(name: str, model, processor, frames: np.ndarray, device: str, repeats: int) -> dict:
+    media = media_from_frames(frames, fps=2.0)
+    point = (media.width * 0.15, media.height * 0.3)  # on the red square of frame 0
+    turns, refs, decode = [], [], []
+    for r in range(repeats + 1):  # the first round warms up (lazy init, kernels, allocator)
+        ours, history = session_turns(model, processor, media, device, point)
+        theirs = reference_turns(model, processor, media, device, history)
+        session = Session(model, processor, media)
+        with forced_answer(model, processor, ONE_OBJECT):  # warms the SAM 2 cache as a first turn would
+            session.ask("Please segment the squares.")
+        row = {}
+        for objects, answer in ((1, ONE_OBJECT), (3, THREE_OBJECTS)):
+            for mode in ("warm", "cold", "reference"):
+                row[(objects, mode)] = decode_answer(model, processor, session, answer, mode, device)
+        if r:
+            turns.append(ours), refs.append(theirs), decode.append(row)
+        print(f"  [{name}] round {r}{' (warm-up)' if not r else ''} done", file=sys.stderr)
+    return {"turns": median(turns), "reference": median(refs), "decode": median(decode), "media": media}
+
+
+def print_report(name: str, device: str, result: dict, repeats: int) -> None:
+    media, turns, refs, dec = result["media"], result["turns"], result["reference"], result["decode"]
+    print(f"\n== {name} on {device}: {media.num_frames} frames of {media.height}x{media.width}, median of {repeats} ==")
+    print("(a) turns                  session [s]  reference [s]  reference/session")
+    for key in turns:
+        print(f"    {key:<22} {turns[key]:>11.3f}  {refs[key]:>13.3f}  {refs[key] / turns[key]:>16.2f}x")
+    print("(b) teacher-forced answer  cached, warm [s]  cached, cold [s]  reference [s]")
+    for objects in (1, 3):
+        print(f"    {objects} object(s){'':<13}{dec[(objects, 'warm')]:>16.3f}  {dec[(objects, 'cold')]:>16.3f}  {dec[(objects, 'reference')]:>13.3f}")
+    ratio = {mode: dec[(3, mode)] / dec[(1, mode)] for mode in ("warm", "cold", "reference")}
+    print(f"    3 / 1 objects{'':<10}{ratio['warm']:>15.2f}x  {ratio['cold']:>15.2f}x  {ratio['reference']:>12.2f}x")
+    t2 = {k: refs[k] / turns[k] for k in ("turn 2, text answer", "turn 2, mask answer")}
+    print("ratios measured in this run:")
+    for key, value in t2.items():
+        print(f"    turn2_reference / turn2_session ({key[8:]}): {value:.2f}x  (target >= 3x: {'met' if value >= 3 else 'MISSED'})")
+    for mode in ("warm", "cold"):
+        value = ratio[mode]
+        print(f"    3-object / 1-object cost (cached, {mode}): {value:.2f}x  (target < 1.5x: {'met' if value < 1.5 else 'MISSED'})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None, help="default: cpu for the tiny model, cuda for the 3B")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 steadies timings on a shared machine)")
+    parser.add_argument("--models", nargs="+", choices=("tiny", "3b"), default=None, help="default: tiny, and 3b when CUDA is available")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = args.models or (["tiny", "3b"] if torch.cuda.is_available() else ["tiny"])
+    if "3b" not in models:
+        print("note: the UniPixel-3B architecture runs only with CUDA (bf16); this run measures the tiny model", file=sys.stderr)
+    frames = synthetic_video(args.frames, args.height, args.width)
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in models:
+            device = args.device or ("cpu" if name == "tiny" else "cuda")
+            torch.manual_seed(0)
+            model, processor = build_tiny(device, Path(workdir)) if name == "tiny" else build_3b(device)
+            result = bench_model(name, model, processor, frames, device, args.repeats)
+            print_report("tiny checkpoint" if name == "tiny" else "UniPixel-3B architecture, random weights, bf16", device, result, args.repeats)
+            del model
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
