@@ -22,10 +22,12 @@ from sam2.sam2_video_predictor import SAM2VideoPredictor
 from ..errors import CheckpointError
 
 # Checkpoint `sam2_config` names -> yaml files. The published name is the authors' copy of the
-# package's SAM 2.1 Hiera-B+ config (UniPixel spec §1); "unipixel/sam2_tiny" is our offline model's.
+# package's SAM 2.1 Hiera-B+ config (UniPixel spec §1); "unipixel/sam2_tiny" is the random test model's,
+# "unipixel/sam2_shapes" the trained offline model's (assets/unipixel-shapes).
 _SAM2_CONFIGS = {
     "configs/sam2.1_hiera_b+": Path(sam2.__file__).parent / "configs/sam2.1/sam2.1_hiera_b+.yaml",
     "unipixel/sam2_tiny": Path(__file__).parent / "configs/sam2_tiny.yaml",
+    "unipixel/sam2_shapes": Path(__file__).parent / "configs/sam2_shapes.yaml",
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -130,49 +132,78 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             inference_state["cached_features"] = {frame_idx: cache[frame_idx]}
         return super()._get_image_feature(inference_state, frame_idx, batch_size)
 
-    def add_new_seg_tokens(self, inference_state, obj_id: int, tokens: torch.Tensor, frame_idx: int = 0, clicks=None):
-        """Condition object `obj_id` on `tokens` [1, n, s] at `frame_idx`, after optional clicks.
+    def _condition(self, state: dict, output_dict: dict, frame: int, batch: int, points=None) -> dict:
+        """Prompted output of an initial conditioning frame, with its memory encoded.
 
-        `clicks` are SAM point inputs ({"point_coords": [1, P, 2] SAM pixels, "point_labels": [1, P]});
-        the seg tokens follow their sparse embeddings (spec §4).
+        Same steps as the package's `add_new_points_or_box` + `propagate_in_video_preflight`.
         """
-        obj_idx = self._obj_id_to_idx(inference_state, obj_id)
+        out, _ = self._run_single_frame_inference(
+            inference_state=state,
+            output_dict=output_dict,
+            frame_idx=frame,
+            batch_size=batch,
+            is_init_cond_frame=True,
+            point_inputs=points,
+            mask_inputs=None,
+            reverse=False,
+            run_mem_encoder=False,
+        )
+        high_res = F.interpolate(
+            out["pred_masks"].to(self.device), size=(self.image_size,) * 2, mode="bilinear", align_corners=False
+        )
+        out["maskmem_features"], out["maskmem_pos_enc"] = self._run_memory_encoder(
+            state, frame, batch, high_res, out["object_score_logits"], is_mask_from_pts=True
+        )
+        return out
+
+    def _track(self, video: SAM2Video, tokens: torch.Tensor, clicks=None, progress=None) -> torch.Tensor:
+        """Condition frame 0 on the seg tokens [n, k, s] (plus clicks), then track forward."""
+        n = tokens.shape[0]
+        state = self.init_video_state(video)
+        output_dict = state["output_dict_per_obj"][self._obj_id_to_idx(state, 0)]
+        cond = output_dict["cond_frame_outputs"]
+        points = None
+        if clicks is not None:
+            frame, coords, labels = clicks
+            points = {
+                "point_coords": (coords * self.image_size).to(self.device, torch.float32)[None],
+                "point_labels": labels.to(self.device, torch.int32)[None],
+            }
         with self._seg_prompt(tokens):
-            out, _ = self._run_single_frame_inference(
-                inference_state=inference_state,
-                output_dict=inference_state["output_dict_per_obj"][obj_idx],
-                frame_idx=frame_idx,
-                batch_size=1,
-                is_init_cond_frame=True,
-                point_inputs=clicks,
-                mask_inputs=None,
-                reverse=False,
-                run_mem_encoder=False,
-            )
-        inference_state["temp_output_dict_per_obj"][obj_idx]["cond_frame_outputs"][frame_idx] = out
+            cond[0] = self._condition(state, output_dict, 0, n, points if clicks and frame == 0 else None)
+        if clicks is not None and frame > 0:  # a later frame with clicks conditions the track too
+            cond[frame] = self._condition(state, output_dict, frame, n, points)
+        masks = torch.zeros(n, video.num_frames, video.height, video.width, dtype=torch.bool)
+        for f in range(video.num_frames):
+            if f in cond:
+                logits = cond[f]["pred_masks"]
+            else:
+                out, logits = self._run_single_frame_inference(
+                    state, output_dict, f, n, is_init_cond_frame=False, point_inputs=None,
+                    mask_inputs=None, reverse=False, run_mem_encoder=True,
+                )  # fmt: skip
+                output_dict["non_cond_frame_outputs"][f] = out
+            _, video_res = self._get_orig_video_res_output(state, logits.to(self.device))
+            masks[:, f] = (video_res[:, 0] > 0).cpu()
+            if progress is not None:
+                progress((f + 1) / video.num_frames, "propagating masks")
+        return masks
 
     @torch.inference_mode()
     def segment(self, video: SAM2Video, tokens: torch.Tensor, clicks=None, progress=None) -> torch.Tensor:
-        """Masks of each object: tokens [n, k, s] -> [n, T, H, W] bool, one shared propagation.
+        """Masks of each object: tokens [n, k, s] -> [n, T, H, W] bool.
 
-        `clicks[i]`, if given, is (frame, coords [P, 2] in [0, 1], labels [P]) refining object i:
-        on frame 0 the clicks join the seg tokens' prompt, on a later frame they condition it.
+        Objects prompted by seg tokens alone are tracked together as one batch (one propagation);
+        `clicks[i]`, if given, is (frame, coords [P, 2] in [0, 1], labels [P]) refining object i,
+        which is then tracked on its own: on frame 0 the clicks precede the seg tokens in the
+        prompt, on a later frame they condition the track like a SAM 2 click.
         """
-        state = self.init_video_state(video)
         clicks = clicks or [None] * tokens.shape[0]
-        for i in range(tokens.shape[0]):
-            at_zero = clicks[i] is not None and clicks[i][0] == 0
-            points = None
-            if at_zero:
-                coords = (clicks[i][1] * self.image_size).to(self.device, torch.float32)[None]
-                points = {"point_coords": coords, "point_labels": clicks[i][2].to(self.device, torch.int32)[None]}
-            self.add_new_seg_tokens(state, obj_id=i, tokens=tokens[i : i + 1], clicks=points)
-            if clicks[i] is not None and not at_zero:
-                frame, coords, labels = clicks[i]
-                self.add_new_points_or_box(state, frame, i, points=coords, labels=labels, normalize_coords=False)
+        plain = [i for i, c in enumerate(clicks) if c is None]
         masks = torch.zeros(tokens.shape[0], video.num_frames, video.height, video.width, dtype=torch.bool)
-        for frame_idx, _, logits in self.propagate_in_video(state):
-            masks[:, frame_idx] = (logits[:, 0] > 0).cpu()
-            if progress is not None:
-                progress((frame_idx + 1) / video.num_frames, "propagating masks")
+        if plain:
+            masks[plain] = self._track(video, tokens[plain], progress=progress)
+        for i, c in enumerate(clicks):
+            if c is not None:
+                masks[i] = self._track(video, tokens[i : i + 1], clicks=c, progress=progress)[0]
         return masks
