@@ -8,7 +8,6 @@ Coordinates are pixels of the original media; F is a sampled-frame index (defaul
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -157,12 +156,6 @@ def check_prompts(objects: list, media) -> None:
             raise PromptError(f"the mask is {p.mask.shape[1]}x{p.mask.shape[0]} pixels, the media {w}x{h}")
 
 
-def check_model_path(name: str | None) -> None:
-    """A name that is clearly a local path must exist; otherwise it would be tried as a hub id."""
-    if name and (Path(name).is_absolute() or name.startswith((".", "~"))) and not Path(name).expanduser().is_dir():
-        raise CheckpointError(f"no checkpoint folder at {name!r}")
-
-
 def check_device(device: str | None) -> None:
     import torch
 
@@ -199,19 +192,6 @@ class ProgressBar:
 
     def close(self) -> None:
         self._bar.close()
-
-
-@contextlib.contextmanager
-def _quiet_sam2_bar():
-    """The sam2 package draws a bar per propagation; ours already covers that step, so hide it."""
-    import sam2.sam2_video_predictor as predictor
-
-    original = predictor.tqdm
-    predictor.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        predictor.tqdm = original
 
 
 def _use_color(stream) -> bool:
@@ -276,7 +256,6 @@ def run_infer(args) -> int:
     check_prompts(objects, media)
     if not args.prompt.strip():
         raise PromptError("the prompt is empty: give a question or an instruction")
-    check_model_path(args.model)
 
     check_device(args.device)
     resolved = resolve_model(os.path.expanduser(args.model) if args.model else None)
@@ -288,12 +267,11 @@ def run_infer(args) -> int:
 
     bar = ProgressBar(steps=len(objects) + 2)  # each object, the answer, the files
     try:
-        with _quiet_sam2_bar():
-            for prompt in objects:
-                session.add_object(prompt, progress=bar.report)
-                bar.next_step()
-            result = session.ask(args.prompt, progress=bar.report)
+        for prompt in objects:
+            session.add_object(prompt, progress=bar.report)
             bar.next_step()
+        result = session.ask(args.prompt, progress=bar.report)
+        bar.next_step()
         bar.report(0.0, "writing files")
         out_dir = args.out or Path("outputs") / args.media.stem
         write_outputs(out_dir, media, session, result, resolved.path, resolved.offline)

@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CheckpointError
+
 DEFAULT_MODEL = "PolyU-ChenLab/UniPixel-3B"
 OFFLINE_MODEL = "offline-tiny"
 HUB_TIMEOUT_S = 5.0  # a user waits for this at most before the offline fallback
@@ -34,11 +36,13 @@ def offline_checkpoint() -> str:
 
 def resolve_model(name_or_path: str | None = None) -> ResolvedModel:
     """Local folder > hub cache > hub download (short timeouts) > offline tiny model."""
-    name = name_or_path or DEFAULT_MODEL
+    name = os.path.expanduser(name_or_path or DEFAULT_MODEL)
     if name == OFFLINE_MODEL:
         return ResolvedModel(offline_checkpoint(), offline=True)
     if Path(name).is_dir():
         return ResolvedModel(name, offline=False)
+    if Path(name).is_absolute() or name.startswith("."):  # clearly a path: never try it as a hub id
+        raise CheckpointError(f"no checkpoint folder at {name!r}")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(HUB_TIMEOUT_S)))
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(HUB_TIMEOUT_S)))
     from huggingface_hub import snapshot_download

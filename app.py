@@ -1,0 +1,69 @@
+"""UniPixel playground: the Hugging Face Spaces entry point (`python app.py --help`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+try:  # on ZeroGPU Spaces `spaces` must be imported before torch touches CUDA
+    import spaces  # noqa: F401
+except ImportError:
+    spaces = None
+
+from demo.layout import ASSETS
+
+MAX_FILE_SIZE = "200mb"  # the media loader's own limit (unipixel.media.DEFAULT_MAX_FILE_BYTES)
+log = logging.getLogger("unipixel.app")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from unipixel.hub import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(description="UniPixel playground (Gradio).")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"hub id or local folder (default {DEFAULT_MODEL}; 'offline-tiny' for the offline model)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--host", default=None, help="address to listen on, e.g. 0.0.0.0 (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    return parser.parse_args(argv)
+
+
+def create_demo(model_name: str | None = None, device: str | None = None, dtype: str | None = None):
+    """Resolve and load the model (the offline tiny model when the hub is out of reach), build the UI."""
+    import unipixel
+    from demo import build_demo
+    from unipixel.hub import resolve_model
+
+    resolved = resolve_model(model_name)
+    if resolved.offline:
+        log.warning("Using the offline tiny model: %s", resolved.reason or "requested")
+    model, processor = unipixel.load_model(resolved.path, device=device, dtype=dtype)
+    shown_name = "offline tiny model" if resolved.offline else (model_name or resolved.path)
+    return build_demo(model, processor, model_name=shown_name, offline=resolved.offline, device=model.device,
+                      dtype=model.dtype, offline_reason=resolved.reason)
+
+
+def launch(demo, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
+    """Queue (one model call at a time) and serve; returns what `Blocks.launch` returns."""
+    return demo.queue(default_concurrency_limit=1).launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=MAX_FILE_SIZE,
+        allowed_paths=[str(ASSETS)],  # the examples, wherever the app is started from
+        **kwargs,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    demo = create_demo(args.model, args.device, args.dtype)
+    launch(demo, host=args.host, port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

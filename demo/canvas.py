@@ -1,0 +1,157 @@
+"""The prompt being drawn on the canvas: points, a two-click box or a brush mask, with undo."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from unipixel.render import draw_prompt
+from unipixel.session import VisualPrompt
+
+POINT, BOX, BRUSH = "Point", "Box", "Brush"
+TOOLS = (POINT, BOX, BRUSH)
+POSITIVE, NEGATIVE = "Positive (+)", "Negative (−)"
+
+
+@dataclass
+class CanvasDraft:
+    """One prompt in progress. It holds a single kind at a time: a new kind starts a new prompt."""
+
+    frame: int = 0
+    points: list[tuple[float, float, bool]] = field(default_factory=list)
+    box: tuple[float, float, float, float] | None = None
+    corner: tuple[float, float] | None = None  # first click of a box, waiting for the second
+    mask: np.ndarray | None = None  # [H,W] bool
+    history: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def empty(self) -> bool:
+        return not self.points and self.box is None and self.corner is None and self.mask is None
+
+    @property
+    def kind(self) -> str | None:
+        if self.mask is not None:
+            return "mask"
+        if self.box is not None or self.corner is not None:
+            return "box"
+        return "point" if self.points else None
+
+    # ---- editing (each edit can be undone) ------------------------------------------------------
+    def _snapshot(self) -> None:
+        self.history.append({k: copy.copy(getattr(self, k)) for k in ("frame", "points", "box", "corner", "mask")})
+
+    def _start(self, frame: int, kind: str) -> None:
+        """Prompts live on one frame and have one kind: drawing elsewhere or otherwise starts afresh."""
+        if frame != self.frame or (self.kind not in (None, kind)):
+            self.points, self.box, self.corner, self.mask = [], None, None, None
+        self.frame = frame
+
+    def click(self, tool: str, frame: int, x: float, y: float, positive: bool = True) -> None:
+        """A click on the canvas: a point, or one corner of a box (the second click closes it)."""
+        self._snapshot()
+        if tool == BOX:
+            self._start(frame, "box")
+            if self.corner is None or self.box is not None:
+                self.box, self.corner = None, (x, y)
+            else:
+                (x0, y0), self.corner = self.corner, None
+                self.box = (min(x0, x), min(y0, y), max(x0, x), max(y0, y))
+        else:
+            self._start(frame, "point")
+            self.points = [*self.points, (float(x), float(y), bool(positive))]
+
+    def set_box(self, frame: int, box: tuple[float, float, float, float]) -> None:
+        self._snapshot()
+        self._start(frame, "box")
+        x1, y1, x2, y2 = box
+        self.box, self.corner = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), None
+
+    def set_mask(self, frame: int, mask: np.ndarray) -> None:
+        self._snapshot()
+        self._start(frame, "mask")
+        self.mask = np.asarray(mask, dtype=bool)
+
+    def undo(self) -> bool:
+        """Go back one edit; False when there is nothing to undo."""
+        if not self.history:
+            return False
+        for key, value in self.history.pop().items():
+            setattr(self, key, value)
+        return True
+
+    def clear(self) -> None:
+        if not self.empty:
+            self._snapshot()
+        self.points, self.box, self.corner, self.mask = [], None, None, None
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def to_prompt(self) -> VisualPrompt | None:
+        """The prompt to hand to `Session.add_object`, or None while nothing usable is drawn."""
+        if self.mask is not None:
+            return VisualPrompt("mask", frame=self.frame, mask=self.mask)
+        if self.box is not None:
+            return VisualPrompt("box", frame=self.frame, box=self.box)
+        if self.points:
+            return VisualPrompt("point", frame=self.frame, points=list(self.points))
+        return None
+
+    def render(self, frame_image: np.ndarray, frame: int, color: tuple[int, int, int]) -> np.ndarray:
+        """The frame with this prompt drawn on it (only on the frame the prompt belongs to)."""
+        if self.empty or frame != self.frame:
+            return frame_image
+        points = list(self.points)
+        if self.corner is not None:  # show the pending corner as a point until the box closes
+            points.append((*self.corner, True))
+        return draw_prompt(frame_image, points=points, box=self.box, mask=self.mask, color=color)
+
+    def describe(self) -> str:
+        """One line for the user: what is drawn and what to do next."""
+        if self.mask is not None:
+            return f"Brush mask on frame {self.frame} ({int(self.mask.sum())} px). Press **Add as object**."
+        if self.corner is not None:
+            return f"Box: first corner set on frame {self.frame}; click the opposite corner."
+        if self.box is not None:
+            x1, y1, x2, y2 = (round(v) for v in self.box)
+            return f"Box ({x1}, {y1}) – ({x2}, {y2}) on frame {self.frame}. Press **Add as object**."
+        if self.points:
+            pos = sum(p for _, _, p in self.points)
+            return (
+                f"{pos} positive, {len(self.points) - pos} negative point(s) on frame {self.frame}. "
+                "Press **Add as object**."
+            )
+        return "Click the frame to place a point, or two corners of a box; or paint with the brush."
+
+
+def mask_from_editor(value: dict | None, height: int, width: int) -> np.ndarray | None:
+    """The painted pixels of a gr.ImageEditor value (numpy RGBA layers), at media size; None if unpainted."""
+    if not value:
+        return None
+    layers = [np.asarray(layer) for layer in value.get("layers") or [] if layer is not None]
+    painted = None
+    for layer in layers:
+        if layer.ndim != 3 or layer.shape[-1] != 4:
+            continue
+        alpha = layer[..., 3] > 0
+        painted = alpha if painted is None else painted | alpha
+    if painted is None or not painted.any():
+        return None
+    if painted.shape != (height, width):  # the editor may scale its canvas; masks live at media size
+        painted = cv2.resize(painted.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    return painted
+
+
+def mask_from_image(image: np.ndarray | None, height: int, width: int) -> np.ndarray | None:
+    """A mask from an uploaded image: bright (or opaque) pixels are the object."""
+    if image is None:
+        return None
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 4 and (image[..., 3] < 255).any():
+        mask = image[..., 3] > 127
+    else:
+        gray = image if image.ndim == 2 else image[..., :3].mean(axis=-1)
+        mask = gray > 127
+    if mask.shape != (height, width):
+        mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    return mask

@@ -1,0 +1,434 @@
+"""Event handlers: each takes the per-session state and widget values, calls the library, and
+returns a dict from view names to new values (names the layout does not list stay unchanged).
+
+Library errors are the user's to fix (a bad prompt, an unknown id): they become a gr.Warning and
+the session stays as it was. A file that cannot be loaded raises gr.Error, so API clients see it too.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from unipixel import MediaError, UniPixelError
+from unipixel.export import export_masks_zip, export_overlay, export_rle_json
+from unipixel.media import Media, load_media
+from unipixel.memory import color_for
+from unipixel.render import overlay_frame
+from unipixel.session import Session
+
+from . import gpu
+from .canvas import BOX, BRUSH, NEGATIVE, POINT, CanvasDraft, mask_from_editor, mask_from_image
+from .chips import chips_html, colorize, object_choices, rgb
+
+DEFAULT_NUM_FRAMES = 16
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+class NoMediaError(UniPixelError):
+    """An action that needs media came before any media was loaded."""
+
+
+@dataclass
+class PlaygroundState:
+    """Everything one browser session owns. Lives in gr.State, so no two sessions share it."""
+
+    session: Session | None = None
+    media_key: str | None = None  # content hash + frame count, to keep a session when its media is picked again
+    frame: int = 0
+    draft: CanvasDraft = field(default_factory=CanvasDraft)
+    chat: list[dict] = field(default_factory=list)  # gr.Chatbot messages
+    colors: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # of every object shown in the chat
+    workdir: str | None = None  # per-session dir for the downloads
+    root: str | None = None  # the app's temp dir, where the session dir is made
+
+    @property
+    def media(self) -> Media | None:
+        return None if self.session is None else self.session.media
+
+    def directory(self) -> Path:
+        if self.workdir is None or not Path(self.workdir).is_dir():
+            self.workdir = tempfile.mkdtemp(prefix="session-", dir=self.root)
+        return Path(self.workdir)
+
+
+def delete_state(state: PlaygroundState | None) -> None:
+    """gr.State delete_callback: remove the session's files when the session ends."""
+    if isinstance(state, PlaygroundState) and state.workdir:
+        shutil.rmtree(state.workdir, ignore_errors=True)
+
+
+def user_errors(fn):
+    """Turn the library's errors into a warning toast; the state is returned unchanged (no update)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MediaError:
+            raise
+        except UniPixelError as err:
+            gr.Warning(str(err))
+            return {}
+
+    return wrapper
+
+
+def _progress(progress) -> Any:
+    """The library's progress callback (fraction, text) on top of gr.Progress."""
+    return None if progress is None else (lambda fraction, text: progress(fraction, desc=text))
+
+
+def _file_key(path: str, num_frames: int) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{digest.hexdigest()}:{num_frames}"
+
+
+def _object_id(value: Any) -> int:
+    """An id from the dropdown or an API caller: 3, "3", "[3]" or "[3] name"."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UniPixelError("Select an object first.")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    text = str(value).strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else text[1:]
+    try:
+        return int(float(text))
+    except ValueError:
+        raise UniPixelError(f"'{value}' is not an object id; use a number such as 1 or [1].") from None
+
+
+class Playground:
+    """The handlers of one app, sharing one model; per-user data lives in PlaygroundState only."""
+
+    def __init__(self, model, processor, *, max_objects: int = 32):
+        self.model = model
+        self.processor = processor
+        self.max_objects = max_objects
+        # Session dirs live here; removed at exit even when sessions never end cleanly (a killed server).
+        self.root = tempfile.mkdtemp(prefix="unipixel-playground-")
+        atexit.register(shutil.rmtree, self.root, True)
+
+    # ---- views ------------------------------------------------------------------------------------
+    def _state(self, state: PlaygroundState | None) -> PlaygroundState:
+        st = state if isinstance(state, PlaygroundState) else PlaygroundState()
+        st.root = st.root or self.root
+        return st
+
+    @staticmethod
+    def _need_session(st: PlaygroundState) -> Session:
+        if st.session is None:
+            raise NoMediaError("Load an image or a video first: upload one or pick an example.")
+        return st.session
+
+    def _canvas_views(self, st: PlaygroundState, *, editor: bool = True) -> dict:
+        """Canvas (frame + prompt), brush editor, prompt description and the mask viewer on this frame."""
+        session = self._need_session(st)
+        image = session.media.frames[st.frame]
+        views = {
+            "canvas": st.draft.render(image, st.frame, color_for(session.bank.next_id)),
+            "draft": st.draft.describe(),
+            "viewer": overlay_frame(image, session.bank, st.frame),
+        }
+        if editor:  # a fresh paint canvas on this frame, painting in the color the next object will get
+            views["editor"] = gr.ImageEditor(value={"background": image, "layers": [], "composite": image},
+                                             brush=brush(color_for(session.bank.next_id)))
+        return views
+
+    def _bank_views(self, st: PlaygroundState, *, selected: int | None = None) -> dict:
+        """Chips, the id dropdown, the mask viewer, the overlay video and the downloads."""
+        session = self._need_session(st)
+        bank, media = session.bank, session.media
+        st.colors.update({obj.id: obj.color for obj in bank})
+        ids = bank.ids
+        choice = selected if selected in ids else (ids[-1] if ids else None)
+        views = {
+            "chips": chips_html(bank, media.frames),
+            "objects": gr.update(choices=object_choices(bank), value=choice),
+            "viewer": overlay_frame(media.frames[st.frame], bank, st.frame),
+            **self._object_controls(st, choice),
+        }
+        files = self._export(st) if len(bank) else {}
+        views["video"] = files.get("overlay") if media.is_video else None
+        for key in ("overlay", "masks", "rle", "bank"):  # plain paths, so API clients download the files
+            views[f"dl_{key}"] = files.get(key)
+        return views
+
+    @staticmethod
+    def _object_controls(st: PlaygroundState, object_id: int | None) -> dict:
+        if st.session is None or object_id not in st.session.bank:
+            return {"name": "", "toggle": "Hide"}
+        obj = st.session.bank.get(object_id)
+        return {"name": obj.name, "toggle": "Hide" if obj.visible else "Show"}
+
+    def _export(self, st: PlaygroundState) -> dict[str, str]:
+        """Write the downloads into the session's own directory (Gradio copies them into its cache)."""
+        session, out = st.session, st.directory()
+        media, bank = session.media, session.bank
+        fps = max(1.0, (media.fps or 1.0) * media.num_frames / max(1, media.num_source_frames))
+        return {
+            "overlay": str(export_overlay(media.frames, bank, out, fps=fps)),
+            "masks": str(export_masks_zip(bank, out / "masks_png.zip")),
+            "rle": str(export_rle_json(bank, out / "masks_rle.json", frame_indices=media.frame_indices)),
+            "bank": str(bank.save(out / "memory_bank.json")),
+        }
+
+    def _all_views(self, st: PlaygroundState) -> dict:
+        return {**self._canvas_views(st), **self._bank_views(st), "state": st, "chat": list(st.chat)}
+
+    # ---- media ------------------------------------------------------------------------------------
+    def load_media(self, state, file, num_frames=DEFAULT_NUM_FRAMES, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+                   progress=gr.Progress()):
+        """Open a session on an uploaded image or video (sampled to `num_frames` frames)."""
+        st = self._state(state)
+        if not file:
+            return {}
+        path = file if isinstance(file, str) else getattr(file, "path", None) or file.get("path")
+        num_frames = int(num_frames or DEFAULT_NUM_FRAMES)
+        key = _file_key(path, num_frames)
+        if st.session is not None and key == st.media_key:
+            return {"state": st}  # the same media again (e.g. its example picked twice): keep the session
+        progress(0.1, desc="reading the media")
+        try:
+            media = load_media(path, num_frames=num_frames)
+        except MediaError as err:
+            raise gr.Error(str(err), title="Cannot load this file") from err
+        except ValueError as err:  # a bad setting, e.g. frames to sample < 1
+            raise gr.Error(str(err)) from err
+        max_new_tokens = int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+        st.session = Session(self.model, self.processor, media, max_new_tokens=max_new_tokens,
+                             max_objects=self.max_objects)
+        st.media_key, st.frame, st.draft, st.chat, st.colors = key, 0, CanvasDraft(), [], {}
+        if st.workdir:  # downloads of the previous media
+            shutil.rmtree(st.workdir, ignore_errors=True)
+            st.workdir = None
+        views = self._all_views(st)
+        views["frame"] = gr.update(value=0, maximum=max(media.num_frames - 1, 1), visible=media.is_video)
+        views["video"] = gr.update(value=None, visible=media.is_video)
+        views["media_info"] = _media_info(media)
+        return views
+
+    @user_errors
+    def load_example(self, state, file, question, point, num_frames=DEFAULT_NUM_FRAMES,
+                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress()):
+        """An example: its media (kept if already open), its question, and its point drawn on frame 0."""
+        views = self.load_media(state, file, num_frames, max_new_tokens, progress)
+        st = views.get("state", self._state(state))
+        views["question"] = question or ""
+        if point and st.session is not None:
+            x, y = (float(v) for v in str(point).split(","))
+            st.frame = 0
+            st.draft = CanvasDraft()
+            st.draft.click(POINT, 0, x, y, True)
+            views.update(self._canvas_views(st), state=st, tool=POINT)
+            views.setdefault("frame", gr.update(value=0))  # a new media's slider update already says frame 0
+        return views
+
+    # ---- canvas -----------------------------------------------------------------------------------
+    @user_errors
+    def set_frame(self, state, frame):
+        """Show another sampled frame on the canvas and in the mask viewer."""
+        st = self._state(state)
+        session = self._need_session(st)
+        st.frame = int(np.clip(int(frame or 0), 0, session.media.num_frames - 1))
+        return {**self._canvas_views(st), "state": st}
+
+    @staticmethod
+    def set_tool(tool):
+        """Point and box prompts are clicks on the canvas; the brush has its own paint canvas."""
+        return {
+            "canvas": gr.update(visible=tool != BRUSH),
+            "editor": gr.update(visible=tool == BRUSH),
+            "polarity": gr.update(visible=tool == POINT),
+        }
+
+    @user_errors
+    def click_canvas(self, state, tool, polarity, evt: gr.SelectData):
+        """A click on the canvas, at image pixel (x, y)."""
+        x, y = evt.index[:2]
+        return self.add_point(state, x, y, polarity != NEGATIVE) if tool != BOX else self.add_corner(state, x, y)
+
+    @user_errors
+    def add_point(self, state, x, y, positive=True):
+        """A positive or negative point on the current frame, in image pixels."""
+        st = self._state(state)
+        self._check_xy(st, x, y)
+        st.draft.click(POINT, st.frame, float(x), float(y), bool(positive))
+        return {**self._canvas_views(st, editor=False), "state": st}
+
+    @user_errors
+    def add_corner(self, state, x, y):
+        """One corner of a box; the second corner closes the box."""
+        st = self._state(state)
+        self._check_xy(st, x, y)
+        st.draft.click(BOX, st.frame, float(x), float(y))
+        return {**self._canvas_views(st, editor=False), "state": st}
+
+    @user_errors
+    def set_box(self, state, x1, y1, x2, y2):
+        """A whole box (x1, y1, x2, y2) on the current frame, in image pixels."""
+        st = self._state(state)
+        self._check_xy(st, x1, y1)
+        self._check_xy(st, x2, y2)
+        st.draft.set_box(st.frame, tuple(float(v) for v in (x1, y1, x2, y2)))
+        return {**self._canvas_views(st, editor=False), "state": st}
+
+    @user_errors
+    def set_mask(self, state, image):
+        """A mask from an image (white or opaque = object) as the prompt on the current frame."""
+        st = self._state(state)
+        media = self._need_session(st).media
+        mask = mask_from_image(image, media.height, media.width)
+        if mask is None or not mask.any():
+            raise UniPixelError("The mask image is empty: white (or opaque) pixels mark the object.")
+        st.draft.set_mask(st.frame, mask)
+        return {**self._canvas_views(st, editor=False), "state": st}
+
+    def _check_xy(self, st: PlaygroundState, x, y) -> None:
+        media = self._need_session(st).media
+        if x is None or y is None or not (0 <= float(x) < media.width and 0 <= float(y) < media.height):
+            raise UniPixelError(f"({x}, {y}) is outside the {media.width}x{media.height} frame.")
+
+    @user_errors
+    def undo(self, state):
+        """Undo the last click of the prompt being drawn."""
+        st = self._state(state)
+        self._need_session(st)
+        if not st.draft.undo():
+            gr.Info("Nothing to undo.")
+        return {**self._canvas_views(st, editor=False), "state": st}
+
+    @user_errors
+    def clear(self, state):
+        """Clear the prompt being drawn (and the brush strokes)."""
+        st = self._state(state)
+        self._need_session(st)
+        st.draft.clear()
+        return {**self._canvas_views(st), "state": st}
+
+    @user_errors
+    def add_object(self, state, tool, editor, name="", progress=gr.Progress()):
+        """Segment the drawn prompt (or the brush strokes) and store it as the next [id]."""
+        st = self._state(state)
+        session = self._need_session(st)
+        media = session.media
+        if tool == BRUSH:
+            painted = mask_from_editor(editor, media.height, media.width)
+            if painted is not None:
+                st.draft.set_mask(st.frame, painted)
+            elif st.draft.kind != "mask":
+                raise UniPixelError("Nothing is painted yet: paint over the object, then press Add as object.")
+        prompt = st.draft.to_prompt()
+        if prompt is None:
+            if st.draft.corner is not None:
+                raise UniPixelError("The box needs its second corner: click the opposite corner first.")
+            raise UniPixelError("Nothing is drawn yet: click the object (or two corners of a box), "
+                                "then press Add as object.")
+        obj = gpu.add_object(session, prompt, (name or "").strip() or None, _progress(progress))
+        st.draft = CanvasDraft(frame=st.frame)
+        gr.Info(f"Added {obj.label} ({obj.source}).", duration=3)
+        return {**self._canvas_views(st), **self._bank_views(st, selected=obj.id), "state": st, "new_name": ""}
+
+    # ---- chat -------------------------------------------------------------------------------------
+    @user_errors
+    def ask(self, state, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress()):
+        """Ask about the media; [id] mentions refer to objects, segmented targets become new objects."""
+        st = self._state(state)
+        session = self._need_session(st)
+        session.max_new_tokens = int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+        result = gpu.ask(session, question, _progress(progress))
+        st.colors.update({obj.id: obj.color for obj in session.bank})
+        answer = colorize(result.answer, session.bank, result.targets, st.colors)
+        if not result.answer.strip():
+            answer = "<em>(the model returned no text)</em>"
+        if result.new_objects:
+            labels = ", ".join(colorize(o.label, session.bank) for o in result.new_objects)
+            answer += f'<br><small>segmented: {labels}</small>'
+        st.chat = [
+            *st.chat,
+            {"role": "user", "content": colorize(result.question, session.bank, colors=st.colors)},
+            {"role": "assistant", "content": answer},
+        ]
+        return {**self._bank_views(st), "state": st, "chat": list(st.chat), "question": ""}
+
+    @user_errors
+    def reset(self, state):
+        """Forget the chat and every object; the media and its cached features stay."""
+        st = self._state(state)
+        self._need_session(st).reset()
+        st.chat, st.draft = [], CanvasDraft(frame=st.frame)
+        return {**self._all_views(st)}
+
+    # ---- memory bank ------------------------------------------------------------------------------
+    @user_errors
+    def select_object(self, state, object_id):
+        """Pick a chip to edit: fills its name and the show/hide label."""
+        st = self._state(state)
+        if object_id is None or object_id == "":
+            return self._object_controls(st, None)
+        object_id = _object_id(object_id)
+        self._need_session(st).bank.get(object_id)
+        return self._object_controls(st, object_id)
+
+    @user_errors
+    def rename_object(self, state, object_id, name):
+        st = self._state(state)
+        object_id = _object_id(object_id)
+        self._need_session(st).bank.rename(object_id, name or "")
+        return {**self._bank_views(st, selected=object_id), "state": st}
+
+    @user_errors
+    def toggle_object(self, state, object_id):
+        """Hide a shown object, show a hidden one."""
+        st = self._state(state)
+        object_id = _object_id(object_id)
+        bank = self._need_session(st).bank
+        bank.set_visible(object_id, not bank.get(object_id).visible)
+        return {**self._bank_views(st, selected=object_id), "state": st}
+
+    @user_errors
+    def solo_object(self, state, object_id):
+        """Show this object alone."""
+        st = self._state(state)
+        object_id = _object_id(object_id)
+        self._need_session(st).bank.solo(object_id)
+        return {**self._bank_views(st, selected=object_id), "state": st}
+
+    @user_errors
+    def show_all(self, state):
+        st = self._state(state)
+        bank = self._need_session(st).bank
+        for obj in bank:
+            bank.set_visible(obj.id, True)
+        return {**self._bank_views(st), "state": st}
+
+    @user_errors
+    def delete_object(self, state, object_id):
+        st = self._state(state)
+        object_id = _object_id(object_id)
+        self._need_session(st).bank.delete(object_id)
+        return {**self._canvas_views(st, editor=False), **self._bank_views(st), "state": st}
+
+
+def brush(color: tuple[int, int, int]) -> gr.Brush:
+    return gr.Brush(colors=[rgb(color)], default_color=rgb(color), color_mode="fixed", default_size=12)
+
+
+def _media_info(media: Media) -> str:
+    size = f"{media.width}×{media.height}"
+    if not media.is_video:
+        return f"Image · {size}"
+    fps = f" · {media.fps:.3g} fps" if media.fps else ""
+    return f"Video · {media.num_frames} of {media.num_source_frames} frames sampled · {size}{fps}"

@@ -1,0 +1,230 @@
+"""The playground page: components top to bottom in the order the user meets them, then the events."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import gradio as gr
+
+from unipixel.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from unipixel.memory import color_for
+
+from .canvas import NEGATIVE, POINT, POSITIVE, TOOLS
+from .chips import CHIPS_CSS, STATUS_CSS, chips_html, status_html
+from .handlers import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES, Playground, PlaygroundState, brush, delete_state
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TITLE = "UniPixel playground"
+INTRO = (
+    "Upload an image or a video (or pick an example), click objects to remember them as **[1]**, **[2]**, …, "
+    "and chat about them: ask the model to *segment* something, or ask about **[1]**."
+)
+
+# Each example shows a segmentation request, a region question about a drawn point, and a follow-up on [1].
+EXAMPLES = [
+    ["shapes.png", "Please segment the red circle.", ""],
+    ["shapes.png", "What is [1]? Describe its shape and color.", "210,90"],
+    ["shapes.png", "Where is [1] relative to the green triangle?", ""],
+    ["moving_shapes.mp4", "Please segment the blue square moving to the right.", ""],
+    ["moving_shapes.mp4", "What does [1] do during the video?", "90,200"],
+    ["moving_shapes.mp4", "When is [1] highest in the frame?", ""],
+]
+EXAMPLE_LABELS = [
+    "Image · segment the red circle",
+    "Image · ask about a clicked shape [1]",
+    "Image · follow-up about [1]",
+    "Video · segment the moving square",
+    "Video · ask about a clicked ball [1]",
+    "Video · follow-up about [1]",
+]
+
+
+def example_rows() -> list[list[str]]:
+    return [[str(ASSETS / media), question, point] for media, question, point in EXAMPLES]
+
+
+def build_demo(model, processor, *, model_name: str, offline: bool, device, dtype,
+               offline_reason: str | None = None, max_objects: int = 32,
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> gr.Blocks:
+    """The whole playground as one gr.Blocks (queue and launch it as app.py does)."""
+    app = Playground(model, processor, max_objects=max_objects)
+
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 6 * 3600)) as demo:  # Gradio's copies of our files too
+        state = gr.State(PlaygroundState(), delete_callback=delete_state, time_to_live=6 * 3600)
+
+        # ---- header and status
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        gr.HTML(status_html(model_name, str(device), str(dtype).replace("torch.", ""), offline, offline_reason),
+                css_template=STATUS_CSS, elem_id="status")
+
+        # ---- media
+        with gr.Row():
+            with gr.Column(scale=2):
+                media_file = gr.File(
+                    label="Image or video",
+                    file_types=list(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS),
+                    height=120,
+                    elem_id="media-file",
+                )
+                media_info = gr.Markdown("No media loaded yet.", label="Media", elem_id="media-info")
+                with gr.Accordion("Settings", open=False):
+                    num_frames = gr.Slider(1, 64, value=DEFAULT_NUM_FRAMES, step=1, label="Frames to sample",
+                                           info="For videos; applies to the next media you load.")
+                    max_new_tokens = gr.Slider(8, 2048, value=max_new_tokens, step=8,
+                                               label="Max new tokens", info="Longest answer the model may write.")
+            with gr.Column(scale=3):
+                question = gr.Textbox(render=False, label="Question", elem_id="question", lines=1, max_lines=6,
+                                      placeholder="e.g. Please segment the red circle. / What is [1] doing?")
+                example_point = gr.Textbox(visible=False, label="Example point (x,y)")
+                examples = gr.Examples(
+                    example_rows(),
+                    inputs=[media_file, question, example_point],
+                    example_labels=EXAMPLE_LABELS,
+                    label="Examples (one click loads the media and the prompt)",
+                    cache_examples=False,
+                    examples_per_page=6,
+                )
+
+        # ---- prompt canvas and chat
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                gr.Markdown("### Draw a prompt")
+                frame = gr.Slider(0, 1, value=0, step=1, label="Frame", visible=False, elem_id="frame-slider")
+                with gr.Row():
+                    tool = gr.Radio(list(TOOLS), value=POINT, label="Tool", elem_id="tool")
+                    polarity = gr.Radio([POSITIVE, NEGATIVE], value=POSITIVE, label="Point",
+                                        elem_id="polarity")
+                canvas = gr.Image(label="Canvas: click to prompt", interactive=False, type="numpy",
+                                  format="png", elem_id="canvas", buttons=[])
+                editor = gr.ImageEditor(
+                    label="Brush: paint over the object",
+                    visible=False,
+                    type="numpy",
+                    image_mode="RGBA",
+                    sources=(),
+                    transforms=(),
+                    layers=False,
+                    brush=brush(color_for(1)),
+                    elem_id="editor",
+                )
+                draft = gr.Markdown("Load media to start.", label="Prompt", elem_id="draft")
+                with gr.Row():
+                    undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
+                    clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
+                with gr.Row():
+                    new_name = gr.Textbox(label="Name (optional)", placeholder="e.g. red ball", scale=2)
+                    add_btn = gr.Button("Add as object", variant="primary", scale=1, elem_id="add-object")
+                with gr.Accordion("Exact coordinates or a mask file", open=False):
+                    with gr.Row():
+                        px = gr.Number(label="x", precision=1)
+                        py = gr.Number(label="y", precision=1)
+                        positive = gr.Checkbox(value=True, label="positive")
+                        point_btn = gr.Button("Add point", size="sm")
+                    with gr.Row():
+                        bx1, by1 = gr.Number(label="x1"), gr.Number(label="y1")
+                        bx2, by2 = gr.Number(label="x2"), gr.Number(label="y2")
+                        box_btn = gr.Button("Set box", size="sm")
+                    with gr.Row():
+                        mask_image = gr.Image(label="Mask image (white = object)", type="numpy",
+                                              image_mode="RGBA", sources=["upload"], height=160)
+                        mask_btn = gr.Button("Use as mask", size="sm")
+            with gr.Column(scale=1):
+                gr.Markdown("### Chat")
+                chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat", buttons=["copy_all"],
+                                     feedback_options=None, placeholder="Ask a question about the media.")
+                question.render()
+                with gr.Row():
+                    send_btn = gr.Button("Send", variant="primary", elem_id="send")
+                    reset_btn = gr.Button("Clear chat and objects", variant="stop", elem_id="reset")
+
+        # ---- memory bank
+        gr.Markdown("### Memory bank")
+        chips = gr.HTML(chips_html(None, None), label="Memory bank", css_template=CHIPS_CSS, elem_id="chips")
+        with gr.Row():
+            objects = gr.Dropdown([], label="Object", allow_custom_value=True, elem_id="object-select", scale=2)
+            name = gr.Textbox(label="Name", elem_id="object-name", scale=2)
+            rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
+            toggle_btn = gr.Button("Hide", size="sm", elem_id="toggle")
+            solo_btn = gr.Button("Solo", size="sm", elem_id="solo")
+            all_btn = gr.Button("Show all", size="sm", elem_id="show-all")
+            delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
+
+        # ---- masks
+        gr.Markdown("### Masks")
+        with gr.Row():
+            viewer = gr.Image(label="Masks on this frame", interactive=False, type="numpy", format="png",
+                              height=400, elem_id="viewer")
+            video = gr.Video(label="Overlay video", interactive=False, visible=False, height=400, loop=True,
+                             autoplay=True, elem_id="overlay-video")
+        with gr.Row():
+            dl_overlay = gr.DownloadButton("Overlay (PNG / MP4)", size="md", elem_id="dl-overlay")
+            dl_masks = gr.DownloadButton("Masks (PNG zip)", size="md", elem_id="dl-masks")
+            dl_rle = gr.DownloadButton("Masks (COCO RLE JSON)", size="md", elem_id="dl-rle")
+            dl_bank = gr.DownloadButton("Memory bank (JSON)", size="md", elem_id="dl-bank")
+
+        views = {
+            "state": state, "frame": frame, "canvas": canvas, "editor": editor, "draft": draft,
+            "viewer": viewer, "video": video, "chips": chips, "objects": objects, "name": name,
+            "toggle": toggle_btn, "chat": chatbot, "question": question, "media_info": media_info,
+            "tool": tool, "polarity": polarity, "new_name": new_name,
+            "dl_overlay": dl_overlay, "dl_masks": dl_masks, "dl_rle": dl_rle, "dl_bank": dl_bank,
+        }
+        canvas_views = ["state", "canvas", "draft", "viewer"]
+        bank_views = ["state", "chips", "objects", "name", "toggle", "viewer", "video",
+                      "dl_overlay", "dl_masks", "dl_rle", "dl_bank"]
+        all_views = [*dict.fromkeys(["frame", "editor", "chat", "media_info", *canvas_views, *bank_views])]
+        model_work = {"concurrency_id": "model", "concurrency_limit": 1}  # one model call at a time, app-wide
+
+        def adapt(fn: Callable, names: list[str]) -> Callable:
+            """`fn` returns a dict of view names; Gradio wants a tuple in output order (skip = unchanged)."""
+
+            @functools.wraps(fn)
+            def handler(*args, **kwargs):
+                result = fn(*args, **kwargs)
+                return tuple(result.get(n, gr.skip()) for n in names)
+
+            return handler
+
+        def on(triggers, fn: Callable, inputs: Sequence, names: Sequence[str], api_name: str, **kwargs):
+            """Wire `fn` to `triggers` as the named endpoint `api_name`."""
+            names = list(dict.fromkeys(names))
+            triggers = triggers if isinstance(triggers, list) else [triggers]
+            return gr.on(triggers, adapt(fn, names), inputs=list(inputs), outputs=[views[n] for n in names],
+                         api_name=api_name, **kwargs)
+
+        # ---- events, in the same order
+        on(media_file.upload, app.load_media, [state, media_file, num_frames, max_new_tokens],
+           all_views, "load_media", show_progress_on=[canvas, media_info])
+        example_views = [*all_views, "question", "tool"]
+        examples.load_input_event.then(  # the example's inputs are filled first, then its media is opened
+            adapt(app.load_example, example_views),
+            inputs=[state, media_file, question, example_point, num_frames, max_new_tokens],
+            outputs=[views[n] for n in example_views],
+            api_name="load_example_media",
+            show_progress_on=[canvas, media_info],
+        )
+        on(frame.change, app.set_frame, [state, frame], [*canvas_views, "editor"], "set_frame",
+           trigger_mode="always_last")
+        on(tool.change, app.set_tool, [tool], ["canvas", "editor", "polarity"], "set_tool")
+        on(canvas.select, app.click_canvas, [state, tool, polarity], canvas_views, "click_canvas",
+           trigger_mode="multiple", api_visibility="undocumented")  # clients use add_point / set_box
+        on(point_btn.click, app.add_point, [state, px, py, positive], canvas_views, "add_point")
+        on(box_btn.click, app.set_box, [state, bx1, by1, bx2, by2], canvas_views, "set_box")
+        on(mask_btn.click, app.set_mask, [state, mask_image], canvas_views, "set_mask")
+        on(undo_btn.click, app.undo, [state], canvas_views, "undo_prompt")
+        on(clear_btn.click, app.clear, [state], [*canvas_views, "editor"], "clear_prompt")
+        on(add_btn.click, app.add_object, [state, tool, editor, new_name],
+           [*canvas_views, "editor", *bank_views, "new_name"], "add_object",
+           show_progress_on=[canvas, editor, chips], **model_work)
+        on([send_btn.click, question.submit], app.ask, [state, question, max_new_tokens],
+           [*bank_views, "chat", "question"], "ask", show_progress_on=[chatbot], **model_work)
+        on(reset_btn.click, app.reset, [state], all_views, "reset")
+        on(objects.input, app.select_object, [state, objects], ["name", "toggle"], "select_object")
+        on([rename_btn.click, name.submit], app.rename_object, [state, objects, name], bank_views, "rename_object")
+        on(toggle_btn.click, app.toggle_object, [state, objects], bank_views, "toggle_object")
+        on(solo_btn.click, app.solo_object, [state, objects], bank_views, "solo_object")
+        on(all_btn.click, app.show_all, [state], bank_views, "show_all")
+        on(delete_btn.click, app.delete_object, [state, objects], [*canvas_views, *bank_views], "delete_object")
+
+    return demo

@@ -1,0 +1,135 @@
+"""The real app, launched in-process and driven through its named endpoints with gradio_client."""
+from __future__ import annotations
+
+import json
+import socket
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+import app as app_module
+from demo.layout import ASSETS
+
+IMAGE = str(ASSETS / "shapes.png")
+VIDEO = str(ASSETS / "moving_shapes.mp4")
+TOKENS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    demo = app_module.create_demo(str(tiny_checkpoint), device="cpu")
+    port = free_port()
+    app_module.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    yield demo, f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def call(client: Client, api_name: str, *args) -> dict:
+    """Call an endpoint and name its outputs by their labels, so the test does not depend on their order."""
+    result = client.predict(*args, api_name=api_name)
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]
+    labels = [r["label"] for r in info["returns"]]
+    result = result if isinstance(result, tuple) else (result,)
+    # An endpoint that only warned returns "no update" for every output: report it as nothing.
+    return {} if all(map(unchanged, result)) else dict(zip(labels, result))
+
+
+def unchanged(value) -> bool:
+    """gr.skip() as the client receives it."""
+    return value is None or (isinstance(value, dict) and value.get("__type__") == "update"
+                             and set(value) <= {"__type__", "props"})
+
+
+def test_parse_args_defaults_and_flags():
+    args = app_module.parse_args([])
+    assert (args.model, args.device, args.dtype, args.port, args.share) == (
+        "PolyU-ChenLab/UniPixel-3B", None, None, None, False)
+    args = app_module.parse_args(["--model", "offline-tiny", "--device", "cpu", "--dtype", "float32",
+                                  "--host", "0.0.0.0", "--port", "7000", "--share"])
+    assert (args.model, args.device, args.dtype, args.host, args.port, args.share) == (
+        "offline-tiny", "cpu", "float32", "0.0.0.0", 7000, True)
+
+
+def test_offline_fallback_shows_the_banner(tiny_checkpoint, monkeypatch):
+    import unipixel.hub
+    from unipixel.hub import ResolvedModel
+
+    fallback = ResolvedModel(str(tiny_checkpoint), offline=True, reason="the hub is out of reach")
+    monkeypatch.setattr(unipixel.hub, "resolve_model", lambda name: fallback)
+    demo = app_module.create_demo("PolyU-ChenLab/UniPixel-3B", device="cpu")
+    status = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "status").value
+    assert "Offline tiny model: answers are not meaningful" in status and "the hub is out of reach" in status
+    assert "offline tiny model" in status
+
+
+def test_every_action_is_a_named_endpoint(server):
+    client = Client(server[1], verbose=False)
+    endpoints = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    expected = {"/load_media", "/load_example_media", "/set_frame", "/set_tool", "/add_point", "/set_box",
+                "/set_mask", "/undo_prompt", "/clear_prompt", "/add_object", "/ask", "/reset", "/select_object",
+                "/rename_object", "/toggle_object", "/solo_object", "/show_all", "/delete_object"}
+    assert expected <= endpoints
+    status = next(b for b in server[0].blocks.values() if getattr(b, "elem_id", None) == "status").value
+    assert "device: <code>cpu</code>" in status and "dtype: <code>float32</code>" in status
+    assert "Offline tiny model" not in status, "a local checkpoint is not the offline fallback"
+
+
+def test_client_upload_point_object_ask_and_download(server):
+    client = Client(server[1], verbose=False)
+    out = call(client, "/load_media", handle_file(IMAGE), 16, TOKENS)
+    assert out["Media"] == "Image · 320×240" and "No objects yet" in out["Memory bank"]
+
+    call(client, "/add_point", 80, 90, True)
+    out = call(client, "/add_object", "Point", None, "ball")
+    assert "[1]</span> ball" in out["Memory bank"] and out["Object"]["choices"] == [["[1] ball", 1]]
+    assert np.asarray(Image.open(out["Masks on this frame"])).shape == (240, 320, 3)
+    assert Path(out["Overlay (PNG / MP4)"]).name == "overlay.png"
+    assert zipfile.ZipFile(out["Masks (PNG zip)"]).namelist() == ["obj001_frame000.png"]
+    assert json.loads(Path(out["Masks (COCO RLE JSON)"]).read_text())["objects"][0]["name"] == "ball"
+    assert json.loads(Path(out["Memory bank (JSON)"]).read_text())["objects"][0]["source"] == "point"
+
+    out = call(client, "/ask", "What is [1]?", TOKENS)
+    assert [m["role"] for m in out["Conversation"]] == ["user", "assistant"] and out["Question"] == ""
+    out = call(client, "/rename_object", 1, "red ball")
+    assert "red ball" in out["Memory bank"]
+
+    # A second client is another browser session: it sees none of the first one's objects or chat.
+    other = Client(server[1], verbose=False)
+    call(other, "/load_media", handle_file(IMAGE), 16, TOKENS)
+    assert call(other, "/delete_object", 1) == {}  # unknown there: a warning, nothing changes
+    out = call(other, "/show_all")
+    assert "No objects yet" in out["Memory bank"]
+    assert "[1]</span> red ball" in call(client, "/show_all")["Memory bank"]
+
+
+def test_client_video_overlay_mp4(server):
+    client = Client(server[1], verbose=False)
+    out = call(client, "/load_media", handle_file(VIDEO), 4, TOKENS)
+    assert out["Frame"]["maximum"] == 3
+    call(client, "/set_frame", 2)
+    call(client, "/set_box", 60, 40, 120, 100)
+    out = call(client, "/add_object", "Box", None, "")
+    assert Path(out["Overlay video"]).suffix == ".mp4" and Path(out["Overlay video"]).stat().st_size > 0
+    assert Path(out["Overlay (PNG / MP4)"]).name == "overlay.mp4"
+
+
+def test_bad_upload_is_an_error_and_the_session_survives(server, tmp_path):
+    client = Client(server[1], verbose=False)
+    call(client, "/load_media", handle_file(IMAGE), 16, TOKENS)
+    call(client, "/add_point", 80, 90, True)
+    call(client, "/add_object", "Point", None, "")
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    with pytest.raises(Exception, match="broken.mp4"):
+        client.predict(handle_file(str(bad)), 16, TOKENS, api_name="/load_media")
+    assert "[1]</span>" in call(client, "/solo_object", 1)["Memory bank"]  # object [1] is still there
