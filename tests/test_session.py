@@ -64,14 +64,13 @@ def forcing(processor, text: str) -> LogitsProcessorList:
 
 
 @contextlib.contextmanager
-def steered_answers(model, processor, text: str):
-    """`Session.ask` takes no logits processor, so add one to the real `generate` while it runs."""
-    generate = model.generate
-    model.generate = lambda *args, **kwargs: generate(*args, logits_processor=forcing(processor, text), **kwargs)
+def steered_answers(session, processor, text: str):
+    """Steer the real model's greedy answer through the session's generate arguments."""
+    session.generate_kwargs = {"logits_processor": forcing(processor, text)}
     try:
         yield
     finally:
-        del model.generate
+        session.generate_kwargs = {}
 
 
 @contextlib.contextmanager
@@ -180,12 +179,13 @@ def test_seg_tokens_in_a_generated_answer_become_objects(tiny_model, video):
     # Session level: each `<|seg|>` of the answer is a new object, tagged in the shown answer.
     session.max_new_tokens = 32
     session.add_object(brush(1))
-    with steered_answers(model, processor, "It is [1] <|seg|> next to <|seg|>."):
+    with steered_answers(session, processor, "It is [1] <|seg|> next to <|seg|>, not [7] <|seg|>."):
         result = session.ask("Where is [1]? Please segment it.")
-    assert result.raw_answer == "It is [1]<|seg|>next to<|seg|>."
-    assert [o.id for o in result.new_objects] == [2, 3] and session.bank.ids == [1, 2, 3]
-    assert result.answer == "It is [1][2]next to[3]."
-    assert [result.answer[t.start : t.end] for t in result.targets] == ["[2]", "[3]"]
+    assert result.raw_answer == "It is [1]<|seg|>next to<|seg|>, not [7]<|seg|>."
+    assert [o.id for o in result.new_objects] == [2, 3, 4] and session.bank.ids == [1, 2, 3, 4]
+    # [1] is remembered so it stays; [7] names no object, so its mask is shown as [4] alone.
+    assert result.answer == "It is [1] [2] next to [3], not [4]."
+    assert [result.answer[t.start : t.end] for t in result.targets] == ["[2]", "[3]", "[4]"]
     assert all(o.source == "answer" and o.turn == 1 and o.masks.shape == (T, H, W) for o in result.new_objects)
 
 
@@ -259,7 +259,7 @@ def test_media_features_are_computed_once_across_turns(tiny_model, video, monkey
     session.add_object(PROMPTS["point"](0))
     session.add_object(PROMPTS["points"](3))  # a click on frame 3 conditions SAM 2 there too
     session.ask("What is [1] doing?")
-    with steered_answers(model, processor, "[1] <|seg|> [2] <|seg|>"):
+    with steered_answers(session, processor, "[1] <|seg|> [2] <|seg|>"):
         session.ask("Please segment [1] and [2] again.")
     session.reset()
     session.ask("What is in the video?")
@@ -292,7 +292,7 @@ def test_bank_json_round_trip(tiny_model, video, tmp_path):
     session = session_for(tiny_model, video)
     session.add_object(PROMPTS["box"](0), name="red square")
     session.add_object(brush(5))
-    with steered_answers(model, processor, "<|seg|>"):
+    with steered_answers(session, processor, "<|seg|>"):
         session.ask("Please segment the square.")
     session.bank.set_visible(2, False)
 

@@ -23,6 +23,7 @@ from .model import processing as P
 
 Progress = Callable[[float, str], None]
 _MENTION = re.compile(r"\[(\d+)\]")
+_SEG_TARGET = re.compile(r"(\[(\d+)\]\s*)?<\|seg\|>")  # an optional "[k] " naming the mask's object
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -67,11 +68,21 @@ def _report(progress: Progress | None, fraction: float, text: str) -> None:
 class Session:
     """One user's conversation over one media and one model. Thread-safe: calls never interleave."""
 
-    def __init__(self, model, processor, media: Media, *, max_new_tokens: int = 512, max_objects: int = 32):
+    def __init__(
+        self,
+        model,
+        processor,
+        media: Media,
+        *,
+        max_new_tokens: int = 512,
+        max_objects: int = 32,
+        generate_kwargs: dict | None = None,
+    ):
         self.model = model
         self.processor = processor
         self.media = media
         self.max_new_tokens = max_new_tokens
+        self.generate_kwargs = dict(generate_kwargs or {})  # e.g. sampling or logits processors
         self.bank = ObjectMemoryBank(max_objects=max_objects)
         self.turns: list[TurnResult] = []
         self._lock = threading.RLock()
@@ -190,10 +201,11 @@ class Session:
                     decode_input_segs=False,
                     max_new_tokens=self.max_new_tokens,
                     progress=lambda f, t: _report(progress, 0.6 + 0.4 * f, t),
+                    **self.generate_kwargs,
                 )
-            raw = self._decode(out.sequences[0, inputs["input_ids"].shape[1] :])
-            result = self._record_turn(text, raw, out.masks, start)
-            self._messages += [user, {"role": "assistant", "content": [{"type": "text", "text": raw}]}]
+            answer = self._decode(out.sequences[0, inputs["input_ids"].shape[1] :])
+            result = self._record_turn(text, answer, out.masks, start)
+            self._messages += [user, {"role": "assistant", "content": [{"type": "text", "text": result.raw_answer}]}]
             self._mem_masks = mem_masks
             return result
 
@@ -207,17 +219,23 @@ class Session:
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=False)
         for end in _END_TOKENS:
             text = text.split(end)[0]
-        return P.clean_answer(text.strip())
+        return text.strip()
 
-    def _record_turn(self, question: str, raw: str, masks, start: float) -> TurnResult:
+    def _record_turn(self, question: str, text: str, masks, start: float) -> TurnResult:
+        """Each `<|seg|>` becomes a new object shown as its label; a "[k] " before it stays only
+        when k is a remembered object (else it would name an object that does not exist)."""
         turn = len(self.turns) + 1
-        pieces = raw.split(P.SEG)
-        answer, targets, new_objects = pieces[0], [], []
-        for k, piece in enumerate(pieces[1:]):
+        answer, targets, new_objects, last = "", [], [], 0
+        for k, match in enumerate(_SEG_TARGET.finditer(text)):
+            named = match.group(1) if match.group(2) and int(match.group(2)) in self.bank else ""
             obj = self.bank.add(masks[k].numpy(), "answer", turn=turn)
+            answer += text[last : match.start()] + named
             targets.append(Target(obj.id, len(answer), len(answer) + len(obj.label)))
             new_objects.append(obj)
-            answer += obj.label + piece
+            answer += obj.label
+            last = match.end()
+        answer += text[last:]
+        raw = P.clean_answer(text)
         result = TurnResult(question, answer, raw, targets, new_objects, time.perf_counter() - start)
         self.turns.append(result)
         return result
