@@ -15,7 +15,6 @@ Answers are forced token by token with a logits processor, so every path does th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import sys
@@ -124,20 +123,10 @@ class ForceTokens(LogitsProcessor):
         return forced
 
 
-@contextlib.contextmanager
-def forced_answer(model, processor, text: str):
-    """Every `model.generate` call inside answers `text`; Session.ask takes no logits processors."""
+def steering(processor, text: str) -> dict:
+    """Generate arguments that make the real model answer `text` (a fresh processor per answer)."""
     ids = processor.tokenizer(text + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    generate = model.generate
-
-    def steered(*args, **kwargs):
-        return generate(*args, logits_processor=LogitsProcessorList([ForceTokens(ids)]), **kwargs)
-
-    model.generate = steered
-    try:
-        yield
-    finally:
-        del model.generate  # back to the class method
+    return {"logits_processor": LogitsProcessorList([ForceTokens(ids)])}
 
 
 def sync(device) -> None:
@@ -167,14 +156,14 @@ def session_turns(model, processor, media, device, point) -> dict:
     """Turn 1, then a point object [1], then turn 2 (text answer) and turn 2' (answer with a mask)."""
     session = Session(model, processor, media, max_new_tokens=64)
     out = {}
-    with forced_answer(model, processor, TURN1[1]):
-        out["turn 1"], _ = timed(lambda: session.ask(TURN1[0]), device)
+    session.generate_kwargs = steering(processor, TURN1[1])
+    out["turn 1"], _ = timed(lambda: session.ask(TURN1[0]), device)
     session.add_object(VisualPrompt("point", frame=0, points=[(*point, True)]))
     history = (copy.deepcopy(session.bank), list(session._messages), list(session._mem_masks))
     for name, (question, answer) in (("turn 2, text answer", TURN2_TEXT), ("turn 2, mask answer", TURN2_SEG)):
         session.bank, session._messages, session._mem_masks = copy.deepcopy(history[0]), list(history[1]), list(history[2])
-        with forced_answer(model, processor, answer):
-            out[name], result = timed(lambda: session.ask(question), device)
+        session.generate_kwargs = steering(processor, answer)
+        out[name], result = timed(lambda: session.ask(question), device)
         assert result.raw_answer == P.clean_answer(answer), result.raw_answer
     return out, history
 
@@ -184,14 +173,13 @@ def reference_turns(model, processor, media, device, history) -> dict:
 
     def turn(question, answer, state=None):
         def run():
-            session = Session(model, processor, media, max_new_tokens=64)
+            session = Session(model, processor, media, max_new_tokens=64, generate_kwargs=steering(processor, answer))
             if state is not None:
                 session.bank, session._messages, session._mem_masks = copy.deepcopy(state[0]), list(state[1]), list(state[2])
             encode_media(session, cache_sam2=False)
             return session.ask(question)
 
-        with forced_answer(model, processor, answer):
-            return timed(run, device)[0]
+        return timed(run, device)[0]
 
     return {
         "turn 1": turn(*TURN1),
@@ -240,9 +228,8 @@ def bench_model(name: str, model, processor, frames: np.ndarray, device: str, re
     for r in range(repeats + 1):  # the first round warms up (lazy init, kernels, allocator)
         ours, history = session_turns(model, processor, media, device, point)
         theirs = reference_turns(model, processor, media, device, history)
-        session = Session(model, processor, media)
-        with forced_answer(model, processor, ONE_OBJECT):  # warms the SAM 2 cache as a first turn would
-            session.ask("Please segment the squares.")
+        session = Session(model, processor, media, generate_kwargs=steering(processor, ONE_OBJECT))
+        session.ask("Please segment the squares.")  # warms the SAM 2 cache as a first turn would
         row = {}
         for objects, answer in ((1, ONE_OBJECT), (3, THREE_OBJECTS)):
             for mode in ("warm", "cold", "reference"):
