@@ -32,7 +32,7 @@ from unipixel import load_model  # noqa: E402
 from unipixel.media import media_from_frames  # noqa: E402
 from unipixel.model import PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration  # noqa: E402
 from unipixel.model import processing as P  # noqa: E402
-from unipixel.model.tiny import QWEN_SPECIAL_TOKENS, UNIPIXEL_TOKENS, build_processor, build_tiny_checkpoint, build_tokenizer  # noqa: E402
+from unipixel.model.tiny import build_processor, build_tiny_checkpoint, build_tokenizer, pixel_config  # noqa: E402
 from unipixel.session import Session, VisualPrompt  # noqa: E402
 
 TURN1 = ("Please describe the video.", "It is a video of two squares.")
@@ -57,39 +57,20 @@ def synthetic_video(num_frames: int, height: int = 480, width: int = 640) -> np.
 
 def config_3b(tokenizer) -> PixelQwen2_5_VLConfig:
     """UniPixel-3B sizes (UniPixel spec §1); token ids are those of the tokenizer we have offline."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + UNIPIXEL_TOKENS}
-    return PixelQwen2_5_VLConfig(
-        architectures=["PixelQwen2_5_VLForConditionalGeneration"],
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        rope_theta=1000000.0,
-        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-        max_position_embeddings=128000,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_config={
+    return pixel_config(
+        tokenizer,
+        text={
+            "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+            "num_attention_heads": 16, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "max_position_embeddings": 128000,
+        },
+        vision={
             "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
-            "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112, "patch_size": 14, "spatial_merge_size": 2,
-            "temporal_patch_size": 2, "tokens_per_second": 2,
-        },  # fmt: skip
-        ref_token_id=ids["<|ref|>"],
-        seg_token_id=ids["<|seg|>"],
-        mem_token_id=ids["<|mem|>"],
+            "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112, "tokens_per_second": 2,
+        },
         sam2_config="configs/sam2.1_hiera_b+",
         sam2_image_size=768,
-        sam2_hidden_tokens=2,
-    )
+    )  # fmt: skip
 
 
 def build_3b(device: str, dtype: torch.dtype = torch.bfloat16):

@@ -46,15 +46,15 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on UniPixel's wording, with the Qwen special tokens."""
+def build_tokenizer(vocab_size: int = 384, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on UniPixel's wording (plus `corpus`), with the Qwen special tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.train_from_iterator(_CORPUS * 4 + list(corpus or []), trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=32768
     )
@@ -62,19 +62,11 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_config(tokenizer) -> PixelQwen2_5_VLConfig:
+def pixel_config(tokenizer, *, text: dict, vision: dict, sam2_config: str, sam2_image_size: int):
+    """A UniPixel config (flat text fields, like the published ones) with the tokenizer's token ids."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + UNIPIXEL_TOKENS}
     return PixelQwen2_5_VLConfig(
         architectures=["PixelQwen2_5_VLForConditionalGeneration"],
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=1000000.0,
-        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-        max_position_embeddings=32768,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         bos_token_id=ids["<|endoftext|>"],
@@ -84,17 +76,31 @@ def tiny_config(tokenizer) -> PixelQwen2_5_VLConfig:
         vision_end_token_id=ids["<|vision_end|>"],
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
-        vision_config={
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-            "fullatt_block_indexes": [1], "window_size": 112, "patch_size": 14, "spatial_merge_size": 2,
-            "temporal_patch_size": 2, "tokens_per_second": 2,
-        },  # fmt: skip
+        vision_config={"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, **vision},
         ref_token_id=ids["<|ref|>"],
         seg_token_id=ids["<|seg|>"],
         mem_token_id=ids["<|mem|>"],
+        sam2_config=sam2_config,
+        sam2_image_size=sam2_image_size,
+        **text,
+    )
+
+
+def tiny_config(tokenizer) -> PixelQwen2_5_VLConfig:
+    return pixel_config(
+        tokenizer,
+        text={
+            "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "max_position_embeddings": 32768,
+        },
+        vision={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "fullatt_block_indexes": [1], "window_size": 112, "tokens_per_second": 2,
+        },
         sam2_config="unipixel/sam2_tiny",
         sam2_image_size=128,
-    )
+    )  # fmt: skip
 
 
 def build_processor(tokenizer) -> Qwen2_5_VLProcessor:
