@@ -32,16 +32,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def create_demo(model_name: str | None = None, device: str | None = None, dtype: str | None = None):
-    """Resolve and load the model (the offline tiny model when the hub is out of reach), build the UI."""
+    """Resolve and load the model (the offline model when the hub is out of reach), build the UI."""
     import unipixel
     from demo import build_demo
     from unipixel.hub import resolve_model
 
     resolved = resolve_model(model_name)
     if resolved.offline:
-        log.warning("Using the offline tiny model: %s", resolved.reason or "requested")
+        log.warning("Using the offline model: %s", resolved.reason or "requested")
     model, processor = unipixel.load_model(resolved.path, device=device, dtype=dtype)
-    shown_name = "offline tiny model" if resolved.offline else (model_name or resolved.path)
+    shown_name = "offline model" if resolved.offline else (model_name or resolved.path)
     return build_demo(model, processor, model_name=shown_name, offline=resolved.offline, device=model.device,
                       dtype=model.dtype, offline_reason=resolved.reason)
 

@@ -119,7 +119,8 @@ def status_html(model_name: str, device: str, dtype: str, offline: bool, reason:
         return line
     why = f" ({html.escape(reason)})" if reason else ""
     banner = (
-        '<div class="up-banner" role="alert">⚠ Offline tiny model: answers are not meaningful. '
-        f"It runs every step of the pipeline with random weights{why}.</div>"
+        '<div class="up-banner" role="alert">⚠ Offline model: answers are not meaningful. '
+        "A small stand-in for UniPixel (trained briefly on synthetic shapes, or random weights) "
+        f"runs every step of the pipeline{why}.</div>"
     )
     return banner + line

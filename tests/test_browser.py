@@ -92,7 +92,7 @@ def viewer_src(page) -> str | None:
 def test_point_object_question_chip_and_overlay(browser, url, tmp_path):
     context, page = open_page(browser, url)
     try:
-        assert page.locator("#status .up-banner").inner_text().startswith("⚠ Offline tiny model")
+        assert page.locator("#status .up-banner").inner_text().startswith("⚠ Offline model")
         load_example(page, "Image · segment the red circle")
         assert page.locator("#question textarea").input_value() == "Please segment the red circle."
         page.wait_for_function("document.querySelector('#viewer img')")

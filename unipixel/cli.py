@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny", help="write the tiny offline checkpoint (random weights, for tests)")
     tiny.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     tiny.add_argument("--seed", type=int, default=0)
+    # Listed for --help; `main` hands its arguments to unipixel.train.eval before this parser runs.
+    commands.add_parser("eval-shapes", help="score a model on held-out synthetic shape scenes (--model PATH [--n N] [--seed S])")
 
     infer = commands.add_parser(
         "infer",
@@ -261,7 +263,7 @@ def run_infer(args) -> int:
     resolved = resolve_model(os.path.expanduser(args.model) if args.model else None)
     if resolved.offline:
         why = f"{resolved.reason}; " if resolved.reason else ""
-        print(f"warning: {why}using the offline tiny model (random weights: answers and masks are placeholders)", file=sys.stderr)
+        print(f"warning: {why}using the offline model (a small stand-in for UniPixel: answers are not meaningful)", file=sys.stderr)
     model, processor = load_model(resolved.path, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
     session = Session(model, processor, media, max_new_tokens=args.max_new_tokens)
 
@@ -297,8 +299,13 @@ def run_tiny(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv) if argv[:1] != ["eval-shapes"] else None
     try:
+        if args is None:
+            from .train.eval import main as eval_shapes
+
+            return eval_shapes(argv[1:])
         return {"tiny": run_tiny, "infer": run_infer}[args.command](args)
     except UniPixelError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,6 +10,8 @@ from .errors import CheckpointError
 DEFAULT_MODEL = "PolyU-ChenLab/UniPixel-3B"
 OFFLINE_MODEL = "offline-tiny"
 HUB_TIMEOUT_S = 5.0  # a user waits for this at most before the offline fallback
+# A small UniPixel trained on synthetic shape scenes (unipixel/train); the offline model when shipped.
+SHAPES_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "unipixel-shapes"
 
 
 @dataclass
@@ -25,7 +27,11 @@ def offline_checkpoint_dir() -> Path:
 
 
 def offline_checkpoint() -> str:
-    """Path of the offline tiny checkpoint, built on first use (a few seconds, no network)."""
+    """Path of the offline model: the trained shapes checkpoint shipped in `assets/unipixel-shapes`
+    when present (it knows colored shapes only), else the random tiny checkpoint, built on first
+    use (a few seconds, no network)."""
+    if (SHAPES_CHECKPOINT / "config.json").exists():
+        return str(SHAPES_CHECKPOINT)
     from .model.tiny import build_tiny_checkpoint
 
     path = offline_checkpoint_dir()

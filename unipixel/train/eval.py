@@ -1,0 +1,214 @@
+"""`python -m unipixel eval-shapes --model PATH [--n N] [--seed S]`: score a model on held-out scenes.
+
+Scenes come from the evaluation seed stream, which training never draws from; even-numbered scenes
+are images, odd-numbered ones videos of 8-16 frames. Everything goes through the real inference
+path: `Session` (PixelQA: a point or box -> `[1] <|seg|>` by memory pre-filling, follow-up
+questions with the memory injected; referring segmentation) and `model.generate` (region
+description from a `<|mem|>` mask prompt, which `Session` does not phrase the reference way).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..media import Media
+from ..model import processing as P
+from ..model.visual_prompts import mem_slots
+from .conversations import DESCRIBE, ref_spec
+from .scenes import COLORS, SHAPES, Scene, make_scene
+from .trainer import EVAL_STREAM, scene_rng
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """IoU of two masks; two empty masks agree perfectly (DAVIS convention)."""
+    union = np.logical_or(pred, gt).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
+
+
+def _boundary(mask: torch.Tensor) -> torch.Tensor:
+    """Pixels of the mask with a 4-neighbour outside it."""
+    m = mask.float()[None, None]
+    eroded = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1), value=0), 3, stride=1)
+    return (m - eroded)[0, 0] > 0
+
+
+def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij")
+    disk = ((yy**2 + xx**2) <= radius**2).float()[None, None]
+    return F.conv2d(mask.float()[None, None], disk, padding=radius)[0, 0] > 0
+
+
+def boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> float:
+    """DAVIS boundary F-measure: boundary precision/recall within a tolerance of 0.8% of the diagonal."""
+    radius = max(1, int(np.ceil(bound_th * np.hypot(*gt.shape))))
+    bp, bg = _boundary(torch.from_numpy(pred)), _boundary(torch.from_numpy(gt))
+    if not bp.any() and not bg.any():
+        return 1.0
+    if not bp.any() or not bg.any():
+        return 0.0
+    precision = float((bp & _dilate(bg, radius)).sum() / bp.sum())
+    recall = float((bg & _dilate(bp, radius)).sum() / bg.sum())
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def j_and_f(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """Mean region similarity J (IoU) and boundary F over the frames of a [T, H, W] track."""
+    return (float(np.mean([iou(p, g) for p, g in zip(pred, gt)])),
+            float(np.mean([boundary_f(p, g) for p, g in zip(pred, gt)])))  # fmt: skip
+
+
+def words(answer: str) -> list[str]:
+    return re.findall(r"[a-z]+", answer.lower())
+
+
+def first_of(answer: str, vocabulary) -> str | None:
+    return next((w for w in words(answer) if w in vocabulary), None)
+
+
+# ---- the evaluation ----------------------------------------------------------------------------------
+def eval_scene(index: int, seed: int) -> Scene:
+    rng = scene_rng(EVAL_STREAM, seed, index)
+    return make_scene(rng, 1 if index % 2 == 0 else int(rng.integers(8, 17)))
+
+
+def as_media(scene: Scene) -> Media:
+    t = scene.num_frames
+    kind = "video" if t > 1 else "image"
+    return Media(scene.frames, kind, list(range(t)), [i / 2.0 for i in range(t)], 2.0 if t > 1 else None, t)
+
+
+def _generate(model, processor, vision: dict, text: str, mem_masks, max_new_tokens: int) -> str:
+    inputs = P.tokenize_chat(processor, [P.user_message(text, with_video=True)], vision["video_grid_thw"])
+    with torch.inference_mode():
+        out = model.generate(**inputs, **vision, mem_masks=mem_masks, max_new_tokens=max_new_tokens)
+    text = processor.tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return text.strip()
+
+
+def evaluate(model, processor, n: int, seed: int, max_new_tokens: int = 32, log=None) -> dict:
+    from ..session import Session, VisualPrompt
+
+    r = {k: [] for k in ("ref_image_iou", "ref_video_j", "ref_video_f", "qa_iou_point", "qa_iou_box",
+                         "qa_color", "qa_shape", "region_color", "region_shape", "region_both")}  # fmt: skip
+    samples = []
+    for i in range(n):
+        scene = eval_scene(i, seed)
+        rng = scene_rng(EVAL_STREAM, seed, 10**6 + i)  # the questions' own randomness
+        session = Session(model, processor, as_media(scene), max_new_tokens=max_new_tokens)
+        objs = scene.objects
+
+        # PixelQA: [1] from a point or a box on frame 0, then two follow-ups about [1].
+        obj = objs[rng.integers(len(objs))]
+        kind = "point" if i % 4 < 2 else "box"
+        spec = ref_spec(obj, 0, kind, rng)
+        prompt = (VisualPrompt("point", frame=0, points=[(*spec.point, True)]) if kind == "point"
+                  else VisualPrompt("box", frame=0, box=spec.box))  # fmt: skip
+        added = session.add_object(prompt)
+        r[f"qa_iou_{kind}"].append(j_and_f(added.masks, obj.masks)[0])
+        color = session.ask(f"What color is [{added.id}]?").answer
+        shape = session.ask(f"What shape is [{added.id}]?").answer
+        r["qa_color"].append(first_of(color, COLORS) == obj.color)
+        r["qa_shape"].append(first_of(shape, SHAPES) == obj.shape)
+
+        # Referring segmentation, in a fresh conversation on the same media.
+        session.reset()
+        target = objs[rng.integers(len(objs))]
+        turn = session.ask(f"Please segment the {target.name}.")
+        pred = turn.new_objects[0].masks if turn.new_objects else np.zeros_like(target.masks)
+        if scene.is_video:
+            j, f = j_and_f(pred, target.masks)
+            r["ref_video_j"].append(j)
+            r["ref_video_f"].append(f)
+        else:
+            r["ref_image_iou"].append(iou(pred[0], target.masks[0]))
+
+        # Region description from the ground-truth mask through `<|mem|>` ([0], spec §4 wording).
+        region = objs[rng.integers(len(objs))]
+        vision = P.encode_frames(processor, scene.frames)
+        with torch.inference_mode():
+            features = model.encode_video(vision.pop("pixel_values_videos").to(model.device), vision["video_grid_thw"])
+        vision["video_features"] = features
+        slots = mem_slots(torch.from_numpy(region.masks), vision["video_grid_thw"][0])
+        text = P.mem_prefix([(0, slots)], scene.num_frames) + DESCRIBE
+        described = _generate(model, processor, vision, text, [torch.from_numpy(region.masks)], max_new_tokens)
+        ok_color, ok_shape = first_of(described, COLORS) == region.color, first_of(described, SHAPES) == region.shape
+        r["region_color"].append(ok_color)
+        r["region_shape"].append(ok_shape)
+        r["region_both"].append(ok_color and ok_shape)
+        samples.append({"scene": i, "frames": scene.num_frames, "qa": [obj.name, kind, color, shape],
+                        "referring": [target.name, turn.answer], "region": [region.name, described]})  # fmt: skip
+        if log is not None and (i + 1) % max(1, n // 10) == 0:
+            log(f"  {i + 1}/{n} scenes")
+    mean = lambda v: float(np.mean(v)) if len(v) else float("nan")  # noqa: E731
+    j, f = mean(r["ref_video_j"]), mean(r["ref_video_f"])
+    metrics = {
+        "scenes": n,
+        "images": len(r["ref_image_iou"]),
+        "videos": len(r["ref_video_j"]),
+        "referring_image_miou": mean(r["ref_image_iou"]),
+        "referring_video_j": j,
+        "referring_video_f": f,
+        "referring_video_jf": (j + f) / 2,
+        "pixelqa_iou_point": mean(r["qa_iou_point"]),
+        "pixelqa_iou_box": mean(r["qa_iou_box"]),
+        "pixelqa_iou": mean(r["qa_iou_point"] + r["qa_iou_box"]),
+        "followup_color_acc": mean(r["qa_color"]),
+        "followup_shape_acc": mean(r["qa_shape"]),
+        "followup_acc": mean(r["qa_color"] + r["qa_shape"]),
+        "region_color_acc": mean(r["region_color"]),
+        "region_shape_acc": mean(r["region_shape"]),
+        "region_acc": mean(r["region_both"]),
+    }
+    return {"metrics": metrics, "samples": samples}
+
+
+def format_table(m: dict, seed: int, seconds: float) -> str:
+    rows = [
+        ("referring segmentation", "image mIoU", m["referring_image_miou"], f"{m['images']} images"),
+        ("", "video J&F", m["referring_video_jf"],
+         f"J {m['referring_video_j']:.3f}, F {m['referring_video_f']:.3f}; {m['videos']} videos"),
+        ("PixelQA [1] mask", "IoU (point + box)", m["pixelqa_iou"],
+         f"point {m['pixelqa_iou_point']:.3f}, box {m['pixelqa_iou_box']:.3f}"),
+        ("PixelQA follow-up", "exact match", m["followup_acc"],
+         f"color {m['followup_color_acc']:.3f}, shape {m['followup_shape_acc']:.3f}"),
+        ("region description", "color+shape acc", m["region_acc"],
+         f"color {m['region_color_acc']:.3f}, shape {m['region_shape_acc']:.3f}"),
+    ]  # fmt: skip
+    lines = [f"eval-shapes: {m['scenes']} held-out scenes (seed {seed}), {seconds:.0f} s"]
+    lines += [f"  {a:<24}{b:<20}{v:6.3f}   ({c})" for a, b, v, c in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unipixel eval-shapes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder, e.g. assets/unipixel-shapes")
+    parser.add_argument("--n", type=int, default=500, help="number of held-out scenes (default 500)")
+    parser.add_argument("--seed", type=int, default=0, help="evaluation seed (its own stream, never trained on)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write metrics and per-scene answers here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..model import load_model
+
+    model, processor = load_model(args.model, device=args.device, dtype=torch.float32)
+    start = time.time()
+    result = evaluate(model, processor, args.n, args.seed, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_table(result["metrics"], args.seed, time.time() - start))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "seed": args.seed, **result}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""Train a small UniPixel end to end on synthetic shape scenes.
+
+    python -m unipixel.train.trainer OUT_DIR [--steps N] [--seed S] [--max-minutes M]
+    python -m unipixel.train.trainer OUT_DIR --export assets/unipixel-shapes
+
+One step = one scene with a 1-4 turn conversation: the LM loss on the assistant tokens plus the
+SAM 2 mask losses on every `<|seg|>`. The `<|seg|>` masks are decoded the way inference decodes
+them (spec §4): the seg tokens join the sparse prompt of frame 0 only (the predictor's own forward
+hook), then SAM 2 tracks frames 1..T-1 with its memory, here with gradients flowing through it.
+Checkpoints are Hugging Face folders (`checkpoint-STEP/`, plus `trainer_state.pt` to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sam2.modeling.sam.prompt_encoder import PromptEncoder
+
+from ..model import PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration, RefPrompt
+from ..model import processing as P
+from ..model.sam2_video import build_sam2
+from ..model.tiny import QWEN_SPECIAL_TOKENS, UNIPIXEL_TOKENS, build_processor, build_tokenizer
+from .conversations import Conversation, make_conversation
+from .losses import lm_loss, sam_losses, total_mask_loss
+from .scenes import make_scene
+
+TRAIN_STREAM = 0  # seed-sequence tags: training scenes and held-out evaluation scenes never overlap
+EVAL_STREAM = 1
+SAM_SIZE = 192
+
+
+def scene_rng(stream: int, seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([stream, seed, index])
+
+
+def sample_scene(rng: np.random.Generator, video_prob: float = 0.5, frames=(8, 8, 8, 8, 10, 12, 16)):
+    num_frames = int(rng.choice(frames)) if rng.random() < video_prob else 1
+    return make_scene(rng, num_frames)
+
+
+def sample(rng: np.random.Generator, video_prob: float = 0.5, frames=(8, 8, 8, 8, 10, 12, 16), qa_prob: float = 0.0):
+    """A scene and a conversation about it. With probability `qa_prob`, a cheap one: 2-4 questions
+    about mask-prompted objects (follow-ups and region descriptions), no `<|seg|>`, so no SAM 2 work."""
+    if rng.random() < qa_prob:
+        scene = sample_scene(rng, 0.3, frames)
+        tasks = [str(t) for t in rng.choice(["followup", "region"], size=int(rng.integers(2, 5)), p=[0.6, 0.4])]
+        return scene, make_conversation(scene, rng, tasks=tasks)
+    scene = sample_scene(rng, video_prob, frames)
+    return scene, make_conversation(scene, rng)
+
+
+# ---- model ---------------------------------------------------------------------------------------
+def shapes_tokenizer(vocab_size: int = 640):
+    """BPE on the training wording (conversations of seeded scenes) plus UniPixel's own phrases."""
+    rng = np.random.default_rng([TRAIN_STREAM, 999])
+    corpus = []
+    for i in range(600):
+        scene = sample_scene(rng, frames=(8, 16))
+        for m in make_conversation(scene, rng).messages:
+            corpus.append(m["content"][-1]["text"])
+    return build_tokenizer(vocab_size, corpus=corpus)
+
+
+def shapes_config(tokenizer, sam_size: int = SAM_SIZE) -> PixelQwen2_5_VLConfig:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + UNIPIXEL_TOKENS}
+    return PixelQwen2_5_VLConfig(
+        architectures=["PixelQwen2_5_VLForConditionalGeneration"],
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        # A window of 1792 px (64 merged tokens a side) holds a whole frame, so the vision tower's
+        # window order equals raster order for every frame the processor can produce.
+        vision_config={
+            "depth": 4, "hidden_size": 128, "intermediate_size": 256, "num_heads": 4, "out_hidden_size": 256,
+            "fullatt_block_indexes": [1, 3], "window_size": 1792, "patch_size": 14, "spatial_merge_size": 2,
+            "temporal_patch_size": 2, "tokens_per_second": 2,
+        },  # fmt: skip
+        ref_token_id=ids["<|ref|>"],
+        seg_token_id=ids["<|seg|>"],
+        mem_token_id=ids["<|mem|>"],
+        sam2_config="unipixel/sam2_shapes",
+        sam2_image_size=sam_size,
+    )
+
+
+def build_model(seed: int = 0):
+    """A freshly initialised model and its processor.
+
+    transformers' `post_init` gives every Linear/Conv/Embedding std 0.02 (right for the LLM); the
+    small SAM 2 learns from scratch far better with its own initialisation, and the seg tokens
+    should start at the scale of SAM's prompt embeddings (about 1), so those are re-initialised.
+    """
+    tokenizer = shapes_tokenizer()
+    config = shapes_config(tokenizer)
+    torch.manual_seed(seed)
+    model = PixelQwen2_5_VLForConditionalGeneration(config)
+    size, s = config.sam2_image_size, model.sam2.hidden_dim
+    model.sam2.load_state_dict(build_sam2(config.sam2_config, size).state_dict())
+    native = PromptEncoder(embed_dim=s, image_embedding_size=(size // 16,) * 2, input_image_size=(size,) * 2,
+                           mask_in_chans=16)  # fmt: skip
+    model.ref_encoder.load_state_dict(native.state_dict())
+    d = config.text_config.hidden_size
+    torch.nn.init.normal_(model.seg_head[1].weight, std=d**-0.5)
+    torch.nn.init.normal_(model.seg_head[3].weight, std=1.5 * d**-0.5)
+    model.config.use_cache = True
+    return model, build_processor(tokenizer)
+
+
+# ---- one sample ----------------------------------------------------------------------------------
+def tokenize_with_labels(processor, messages: list[dict], grid) -> dict:
+    """`tokenize_chat` of the whole conversation, plus a mask of the assistant tokens (with their
+    `<|im_end|>`). Special tokens split the text, so prefixes tokenize as prefixes."""
+    inputs = P.tokenize_chat(processor, messages, grid, add_generation_prompt=False)
+    labels = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    for k in range(1, len(messages), 2):
+        start = P.tokenize_chat(processor, messages[:k], grid, add_generation_prompt=True)["input_ids"].shape[1]
+        end = P.tokenize_chat(processor, messages[: k + 1], grid, add_generation_prompt=False)["input_ids"].shape[1]
+        labels[0, start : end - 1] = True  # up to <|im_end|>, not the newline after it
+    inputs["label_mask"] = labels
+    return inputs
+
+
+def track_with_grad(model, images: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, height: int, width: int):
+    """SAM 2 on all frames for B objects, differentiable, the way `PixelSAM2VideoPredictor.segment`
+    runs it: frame 0 is an initial conditioning frame prompted by the seg tokens, later frames track
+    with memory; memory features pass through bfloat16 as the predictor stores them.
+
+    images [T, 3, S, S] normalised, tokens [B, k, s], targets [B, T, H, W] -> summed loss parts.
+    """
+    sam = model.sam2
+    num_frames, batch = images.shape[0], tokens.shape[0]
+    backbone = sam.forward_image(images)
+    output_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    decoded = []
+    hook = sam.sam_mask_decoder.register_forward_hook(lambda m, a, out: decoded.append(out))
+    parts = defaultdict(float)
+    try:
+        for t in range(num_frames):
+            frame = {
+                key: [x[t : t + 1].expand(batch, -1, -1, -1) for x in backbone[key]]
+                for key in ("backbone_fpn", "vision_pos_enc")
+            }
+            _, feats, pos, sizes = sam._prepare_backbone_features(frame)
+            prompt = sam._seg_prompt(tokens) if t == 0 else contextlib.nullcontext()
+            with prompt:
+                out = sam.track_step(
+                    frame_idx=t, is_init_cond_frame=t == 0, current_vision_feats=feats,
+                    current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None, mask_inputs=None,
+                    output_dict=output_dict, num_frames=num_frames, run_mem_encoder=t < num_frames - 1,
+                )  # fmt: skip
+            if out["maskmem_features"] is not None:
+                out["maskmem_features"] = out["maskmem_features"].to(torch.bfloat16).float()
+            output_dict["cond_frame_outputs" if t == 0 else "non_cond_frame_outputs"][t] = out
+            masks, ious, _, score = decoded[-1]
+            # The predictor resizes the low-res logits straight to the video size.
+            logits = F.interpolate(masks.float(), size=(height, width), mode="bilinear", align_corners=False)
+            for k, v in sam_losses(logits, ious.float(), score, targets[:, t]).items():
+                parts[k] = parts[k] + v
+    finally:
+        hook.remove()
+    norm = batch * num_frames
+    return {k: v / norm for k, v in parts.items()}
+
+
+def sample_losses(model, processor, scene, conv: Conversation) -> dict:
+    """LM + mask losses of one conversation about one scene."""
+    device = model.device
+    vision = P.encode_frames(processor, scene.frames)
+    grid = vision["video_grid_thw"]
+    features = model.encode_video(vision.pop("pixel_values_videos").to(device), grid.to(device))
+    inputs = tokenize_with_labels(processor, conv.messages, grid)
+    label_mask = inputs.pop("label_mask").to(device)
+    h, w = scene.frames.shape[1:3]
+    size = model.config.sam2_image_size
+    refs = [RefPrompt.from_pixels(r.frame, h, w, size, point=r.point, box=r.box) for r in conv.refs]
+    mems = [torch.from_numpy(m) for m in conv.mem_masks]
+    out = model(
+        **{k: v.to(device) for k, v in inputs.items()},
+        video_features=features,
+        second_per_grid_ts=vision["second_per_grid_ts"],
+        ref_prompts=refs or None,
+        mem_masks=mems or None,
+    )
+    losses = {"lm": lm_loss(out.logits, inputs["input_ids"].to(device), label_mask)}
+    if conv.seg_targets:
+        tokens = model.seg_head(out.seg_hidden).view(len(conv.seg_targets), model.config.sam2_hidden_tokens, -1)
+        images = model.prepare_sam2_video(scene.frames, cache=False).images
+        targets = torch.from_numpy(np.stack(conv.seg_targets)).float().to(device)
+        parts = track_with_grad(model, images, tokens, targets, h, w)
+        losses.update(parts)
+        losses["mask"] = total_mask_loss(parts)
+    losses["total"] = losses["lm"] + losses.get("mask", 0.0)
+    return losses
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, keep: int = 3) -> Path:
+    path = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".tmp-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    processor.image_processor.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+               tmp / "trainer_state.pt")  # fmt: skip
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    for old in sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
+    return path
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def train(out_dir: str | Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: int = 200, accum: int = 1,
+          save_every: int = 250, resume: bool = True, log_every: int = 10, max_minutes: float | None = None,
+          video_prob: float = 0.5, frames=(8, 8, 8, 8, 10, 12, 16), qa_prob: float = 0.0) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    last = latest_checkpoint(out_dir) if resume else None
+    if last is not None:
+        from ..model import load_model
+
+        model, processor = load_model(str(last), device=device, dtype=torch.float32)
+        state = torch.load(last / "trainer_state.pt", weights_only=False)
+        start = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+    else:
+        model, processor = build_model(seed)
+        model.to(device)
+        start, state = 0, None
+    # Eval mode throughout: no dropout anywhere, and SAM 2 takes its inference code paths.
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    log = open(out_dir / "train_log.jsonl", "a")
+    print(f"training from step {start} to {steps} on {device}; "
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters", flush=True)  # fmt: skip
+    began, meter, counts = time.time(), defaultdict(float), defaultdict(int)
+    step = start
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            rng = scene_rng(TRAIN_STREAM, seed, step * accum + micro)
+            scene, conv = sample(rng, video_prob, frames, qa_prob)
+            losses = sample_losses(model, processor, scene, conv)
+            (losses["total"] / accum).backward()
+            for k, v in losses.items():
+                meter[k] += float(v)
+                counts[k] += 1
+            meter["n_" + ("video" if scene.is_video else "image")] += 1
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        meter["steps"] += 1
+        if step % log_every == 0 or step == steps:
+            meter.pop("steps")
+            row = {"step": step, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - began, 1)}
+            row.update({k: round(v / counts[k], 4) if not k.startswith("n_") else v for k, v in meter.items()})
+            print(json.dumps(row), flush=True)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            meter.clear()
+            counts.clear()
+        out_of_time = max_minutes is not None and time.time() - began > 60 * max_minutes
+        if step % save_every == 0 or step == steps or out_of_time:
+            save_checkpoint(model, processor, optimizer, step, out_dir)
+        if out_of_time:
+            print(f"stopping at step {step}: {max_minutes} minutes are up", flush=True)
+            break
+    log.close()
+    return latest_checkpoint(out_dir)
+
+
+def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Ship a training checkpoint: parameters stored in float16 (buffers stay float32), no optimizer.
+
+    `load_model` reads it back in the dtype it is asked for (float32 on CPU)."""
+    from ..model import load_model
+
+    model, processor = load_model(str(checkpoint), device="cpu", dtype=torch.float32)
+    for param in model.parameters():
+        param.data = param.data.half()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    processor.image_processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unipixel.train.trainer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qa-prob", type=float, default=0.0, help="share of cheap mask-prompt-only conversations")
+    parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--export", type=Path, default=None, metavar="DIR",
+                        help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.export is not None:
+        print(export(latest_checkpoint(args.out_dir), args.export))
+        return 0
+    train(args.out_dir, args.steps, seed=args.seed, lr=args.lr, warmup=args.warmup, accum=args.accum,
+          save_every=args.save_every, resume=not args.no_resume, max_minutes=args.max_minutes,
+          qa_prob=args.qa_prob)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
