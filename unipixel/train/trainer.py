@@ -29,7 +29,7 @@ from sam2.modeling.sam.prompt_encoder import PromptEncoder
 from ..model import PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration, RefPrompt
 from ..model import processing as P
 from ..model.sam2_video import build_sam2
-from ..model.tiny import QWEN_SPECIAL_TOKENS, UNIPIXEL_TOKENS, build_processor, build_tokenizer
+from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import Conversation, make_conversation
 from .losses import lm_loss, sam_losses, total_mask_loss
 from .scenes import make_scene
@@ -72,40 +72,22 @@ def shapes_tokenizer(vocab_size: int = 640):
 
 
 def shapes_config(tokenizer, sam_size: int = SAM_SIZE) -> PixelQwen2_5_VLConfig:
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + UNIPIXEL_TOKENS}
-    return PixelQwen2_5_VLConfig(
-        architectures=["PixelQwen2_5_VLForConditionalGeneration"],
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=10000.0,
-        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        # A window of 1792 px (64 merged tokens a side) holds a whole frame, so the vision tower's
-        # window order equals raster order for every frame the processor can produce.
-        vision_config={
+    # A window of 1792 px (64 merged tokens a side) holds a whole frame, so the vision tower's
+    # window order equals raster order for every frame the processor can produce.
+    return pixel_config(
+        tokenizer,
+        text={
+            "vocab_size": len(tokenizer), "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
+            "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}, "max_position_embeddings": 8192,
+        },
+        vision={
             "depth": 4, "hidden_size": 128, "intermediate_size": 256, "num_heads": 4, "out_hidden_size": 256,
-            "fullatt_block_indexes": [1, 3], "window_size": 1792, "patch_size": 14, "spatial_merge_size": 2,
-            "temporal_patch_size": 2, "tokens_per_second": 2,
-        },  # fmt: skip
-        ref_token_id=ids["<|ref|>"],
-        seg_token_id=ids["<|seg|>"],
-        mem_token_id=ids["<|mem|>"],
+            "fullatt_block_indexes": [1, 3], "window_size": 1792, "tokens_per_second": 2,
+        },
         sam2_config="unipixel/sam2_shapes",
         sam2_image_size=sam_size,
-    )
+    )  # fmt: skip
 
 
 def build_model(seed: int = 0):
