@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import zipfile
 from pathlib import Path
 
@@ -19,14 +18,8 @@ VIDEO = str(ASSETS / "moving_shapes.mp4")
 TOKENS = 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
+def server(tiny_checkpoint, free_port):
     demo = app_module.create_demo(str(tiny_checkpoint), device="cpu")
     port = free_port()
     app_module.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)

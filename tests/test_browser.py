@@ -1,7 +1,6 @@
 """The playground in a real browser (Debian chromium through Playwright), on the tiny offline model."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,8 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def url(tiny_model):
+def url(tiny_model, free_port):
     import app as app_module
     from demo import build_demo
 
