@@ -114,3 +114,28 @@ def test_shipped_model_beats_an_untrained_one(held_out):
     assert m["referring_video_jf"] >= 0.1
     assert m["pixelqa_iou"] >= 0.1
     assert m["region_color_acc"] >= 0.3
+
+
+def test_two_workers_train_like_one_process_with_accumulation(tiny_checkpoint, tmp_path):
+    """Data-parallel training (gradients all-reduced across processes) takes the same step as one
+    process accumulating the same two conversations, and its checkpoint resumes."""
+    from safetensors.torch import load_file
+
+    from unipixel.train.trainer import train
+
+    options = dict(init_from=tiny_checkpoint, lr=1e-3, warmup=1, video_prob=0.0, turns=(1, 2), save_every=1)
+    parallel = train(tmp_path / "parallel", 1, workers=2, **options)
+    single = train(tmp_path / "single", 1, accum=2, **options)
+    assert parallel.name == single.name == "checkpoint-1"
+    a, b = load_file(parallel / "model.safetensors"), load_file(single / "model.safetensors")
+    before = load_file(next(tiny_checkpoint.glob("*.safetensors")))
+    assert a.keys() == b.keys()
+    moved = 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4)
+        moved += int(key in before and not torch.equal(a[key], before[key].to(a[key].dtype)))
+    assert moved > 10  # the step changed the weights
+    rows = [json.loads(line) for line in (tmp_path / "parallel" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["total"])
+    resumed = train(tmp_path / "parallel", 2, **options)  # picks up checkpoint-1, trains step 2
+    assert resumed.name == "checkpoint-2"

@@ -96,6 +96,14 @@ class ConversationBuilder:
         self.conv = Conversation()
         self.known: dict[int, SceneObject] = {}  # ids introduced so far ([1], [2], ...)
         self.asked: set[tuple[int, str]] = set()  # follow-up (id, kind) pairs asked so far
+        self.referred: set[int] = set()  # indices of the objects already asked for by name
+
+    def _pick_unreferred(self) -> SceneObject:
+        """Several referring turns about one image teach SAM 2 to tell its objects apart."""
+        left = [i for i in range(len(self.scene.objects)) if i not in self.referred] or range(len(self.scene.objects))
+        i = int(self.rng.choice(list(left)))
+        self.referred.add(i)
+        return self.scene.objects[i]
 
     # ---- helpers ---------------------------------------------------------------------------
     def _pick(self, objects=None) -> SceneObject:
@@ -151,10 +159,10 @@ class ConversationBuilder:
             a, b = (objs[i] for i in self.rng.choice(len(objs), 2, replace=False))
             pa, pb = self._phrase(a), self._phrase(b)
             self._add_turn("referring", f"Please segment the {pa} and the {pb}.",
-                           f"The {pa} is <|seg|> and the {pb} is <|seg|>.")
+                           f"The {a.name} <|seg|> and the {b.name} <|seg|>.")
             self.conv.seg_targets += [a.masks, b.masks]
             return
-        obj = self._pick()
+        obj = self._pick_unreferred()
         phrase = self._phrase(obj)
         r = self.rng.random()
         if r < 0.7:
@@ -163,7 +171,8 @@ class ConversationBuilder:
             question = f"Can you segment the {phrase}?"
         else:
             question = f"Where is the {phrase}?{MASK_SUFFIX}"
-        answer = "It is <|seg|>." if self.rng.random() < 0.8 else "Sure, it is <|seg|>."
+        # Naming the object right before `<|seg|>` puts it in the state the seg head reads.
+        answer = f"{'The' if self.rng.random() < 0.8 else 'Sure, the'} {obj.name} <|seg|>."
         self._add_turn("referring", question, answer)
         self.conv.seg_targets.append(obj.masks)
 
@@ -199,7 +208,7 @@ class ConversationBuilder:
         self._add_turn("region", prefix + DESCRIBE, describe(obj, self.video))
 
     def pixelqa(self) -> None:
-        k = min(len(self.scene.objects), 1 if self.rng.random() < 0.6 else int(self.rng.integers(2, 4)))
+        k = min(len(self.scene.objects), 1 if self.rng.random() < 0.8 else int(self.rng.integers(2, 4)))
         chosen = [self.scene.objects[i] for i in self.rng.choice(len(self.scene.objects), k, replace=False)]
         ids = []
         for obj in chosen:
@@ -241,12 +250,13 @@ class ConversationBuilder:
         self._add_turn("followup", prefix + question, answer)
 
 
-TASKS = {"referring": 0.26, "reasoning": 0.06, "region": 0.22, "pixelqa": 0.2, "followup": 0.26}
+TASKS = {"referring": 0.32, "reasoning": 0.04, "region": 0.2, "pixelqa": 0.2, "followup": 0.24}
 TURNS = (0.2, 0.3, 0.3, 0.2)  # P(1, 2, 3, 4 turns): extra mask-prompt turns are cheap (no SAM work)
 
 
-def make_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 4, tasks=None) -> Conversation:
-    """1-`max_turns` turns of tasks drawn with the TASKS weights (or the given task list)."""
+def make_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 4, tasks=None,
+                      num_turns: int | None = None) -> Conversation:
+    """`num_turns` (else 1-`max_turns`) turns of tasks drawn with the TASKS weights, or the given task list."""
     b = ConversationBuilder(scene, rng)
     if tasks is not None:
         for task in tasks:
@@ -254,7 +264,7 @@ def make_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 4
         return b.conv
     p = np.array(TURNS[:max_turns])
     names, weights = list(TASKS), np.array(list(TASKS.values()))
-    for _ in range(1 + int(rng.choice(max_turns, p=p / p.sum()))):
+    for _ in range(num_turns or 1 + int(rng.choice(max_turns, p=p / p.sum()))):
         w = weights.copy()
         if b.known:  # ask about the objects just localized
             w[names.index("followup")] *= 3

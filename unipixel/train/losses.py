@@ -53,6 +53,7 @@ def sam_losses(multimasks: torch.Tensor, iou_pred: torch.Tensor, score: torch.Te
     iou_l1 = (iou_pred - actual_iou).abs().mean(1)  # SAM 2.1: supervise all IoU predictions
     score_loss = F.binary_cross_entropy_with_logits(score[:, 0].float(), present, reduction="none")
     return {
+        "jaccard": (actual_iou[rows, best] * present).sum(),  # logged, not a loss
         "focal": (focal[rows, best] * present).sum(),
         "dice": (dsc[rows, best] * present).sum(),
         "iou": (iou_l1 * present).sum(),
@@ -61,7 +62,7 @@ def sam_losses(multimasks: torch.Tensor, iou_pred: torch.Tensor, score: torch.Te
 
 
 def total_mask_loss(parts: dict) -> torch.Tensor:
-    return sum(WEIGHTS[k] * v for k, v in parts.items())
+    return sum(WEIGHTS[k] * parts[k] for k in WEIGHTS)
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
