@@ -66,7 +66,6 @@ def total_mask_loss(parts: dict) -> torch.Tensor:
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on the positions whose *next* token is an assistant token."""
-    target = input_ids[0, 1:]
-    keep = label_mask[0, 1:]
-    return F.cross_entropy(logits[0, :-1][keep].float(), target[keep])
+    """Next-token cross-entropy on the positions whose *next* token is an assistant token ([B, L] inputs)."""
+    keep = label_mask[:, 1:]
+    return F.cross_entropy(logits[:, :-1][keep].float(), input_ids[:, 1:][keep])

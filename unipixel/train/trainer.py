@@ -26,6 +26,9 @@ import torch.nn.functional as F
 
 from sam2.modeling.sam.prompt_encoder import PromptEncoder
 
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
 from ..model import PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration, RefPrompt
 from ..model import processing as P
 from ..model.sam2_video import build_sam2
@@ -43,23 +46,27 @@ def scene_rng(stream: int, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([stream, seed, index])
 
 
-def sample_scene(rng: np.random.Generator, video_prob: float = 0.5, frames=(8, 8, 8, 8, 10, 12, 16)):
-    num_frames = int(rng.choice(frames)) if rng.random() < video_prob else 1
-    return make_scene(rng, num_frames)
-
-
-def sample(rng: np.random.Generator, video_prob: float = 0.5, frames=(8, 8, 8, 8, 10, 12, 16), qa_prob: float = 0.0,
-           turns: tuple[int, int] | None = None):
-    """A scene and a conversation about it: `turns` (lo, hi) turns, else 1-4. With probability
-    `qa_prob`, a cheap one: 2-4 questions about mask-prompted objects (follow-ups and region
-    descriptions), no `<|seg|>`, so no SAM 2 work."""
+def sample(rng: np.random.Generator, num_frames: int = 1, qa_prob: float = 0.0, turns: tuple[int, int] | None = None):
+    """A scene of `num_frames` frames and a conversation about it: `turns` (lo, hi) turns, else 1-4.
+    With probability `qa_prob`, a cheap one: 2-4 questions about mask-prompted objects (follow-ups
+    and region descriptions), no `<|seg|>`, so no SAM 2 work."""
+    scene = make_scene(rng, num_frames)
     if rng.random() < qa_prob:
-        scene = sample_scene(rng, 0.3, frames)
         tasks = [str(t) for t in rng.choice(["followup", "region"], size=int(rng.integers(2, 5)), p=[0.6, 0.4])]
         return scene, make_conversation(scene, rng, tasks=tasks)
-    scene = sample_scene(rng, video_prob, frames)
     num_turns = int(rng.integers(turns[0], turns[1] + 1)) if turns else None
     return scene, make_conversation(scene, rng, num_turns=num_turns)
+
+
+def sample_batch(rng: np.random.Generator, size: int, video_prob: float = 0.5, frames=(8, 8, 8, 8, 10, 12, 16),
+                 qa_prob: float = 0.0, turns: tuple[int, int] | None = None) -> list[tuple]:
+    """`size` conversations about images, or (with probability `video_prob`) size/4 about videos of
+    one frame count: one length class per batch keeps padding small."""
+    if rng.random() < video_prob:
+        num_frames, size = int(rng.choice(frames)), max(1, size // 4)
+    else:
+        num_frames = 1
+    return [sample(rng, num_frames, qa_prob, turns) for _ in range(size)]
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -68,7 +75,7 @@ def shapes_tokenizer(vocab_size: int = 640):
     rng = np.random.default_rng([TRAIN_STREAM, 999])
     corpus = []
     for i in range(600):
-        scene = sample_scene(rng, frames=(8, 16))
+        scene = make_scene(rng, int(rng.choice((8, 16))) if rng.random() < 0.5 else 1)
         for m in make_conversation(scene, rng).messages:
             corpus.append(m["content"][-1]["text"])
     return build_tokenizer(vocab_size, corpus=corpus)
@@ -109,11 +116,31 @@ def build_model(seed: int = 0):
     native = PromptEncoder(embed_dim=s, image_embedding_size=(size // 16,) * 2, input_image_size=(size,) * 2,
                            mask_in_chans=16)  # fmt: skip
     model.ref_encoder.load_state_dict(native.state_dict())
-    d = config.text_config.hidden_size
-    torch.nn.init.normal_(model.seg_head[1].weight, std=d**-0.5)
-    torch.nn.init.normal_(model.seg_head[3].weight, std=1.5 * d**-0.5)
+    _init_seg_head(model)
     model.config.use_cache = True
     return model, build_processor(tokenizer)
+
+
+def _init_seg_head(model) -> None:
+    d = model.config.text_config.hidden_size
+    torch.nn.init.normal_(model.seg_head[1].weight, std=d**-0.5)
+    torch.nn.init.normal_(model.seg_head[3].weight, std=1.5 * d**-0.5)
+
+
+# The language side: what `reset_language_side` starts afresh.
+LANGUAGE_SIDE = ("model.language_model", "seg_head", "ref_proj_single", "ref_proj_double", "ref_proj", "tem_emb",
+                 "tem_proj", "msk_proj")  # fmt: skip
+
+
+def reset_language_side(model, seed: int = 0) -> None:
+    """Re-initialise the language model and the heads that feed or read it, keeping the vision tower,
+    SAM 2 and `ref_encoder`: a language model whose attention has collapsed onto fixed positions
+    (attention sinks) does not recover, while the visual parts remain worth keeping."""
+    torch.manual_seed(seed)
+    fresh = PixelQwen2_5_VLForConditionalGeneration(model.config)
+    _init_seg_head(fresh)
+    for name in LANGUAGE_SIDE:
+        model.get_submodule(name).load_state_dict(fresh.get_submodule(name).state_dict())
 
 
 # ---- one sample ----------------------------------------------------------------------------------
@@ -174,38 +201,76 @@ def track_with_grad(model, images: torch.Tensor, tokens: torch.Tensor, targets: 
 
 def sample_losses(model, processor, scene, conv: Conversation) -> dict:
     """LM + mask losses of one conversation about one scene."""
+    return batch_losses(model, processor, [(scene, conv)])
+
+
+def _pad(rows: list[torch.Tensor], value) -> torch.Tensor:
+    """[1, L_i, ...] tensors -> [B, max L, ...], right-padded."""
+    out = rows[0].new_full((len(rows), max(r.shape[1] for r in rows), *rows[0].shape[2:]), value)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[1]] = r[0]
+    return out
+
+
+def batch_losses(model, processor, batch: list[tuple]) -> dict:
+    """LM + mask losses of a batch of (scene, conversation) pairs.
+
+    Each conversation's vision features and `<|ref|>`/`<|mem|>` embeddings are built on its own; the
+    language model then runs once over the right-padded batch (small batches of one conversation
+    are too noisy for its attention to learn to look anything up). The LM loss averages over all
+    assistant tokens of the batch, the mask losses over the conversations that have `<|seg|>` targets.
+    """
     device = model.device
-    vision = P.encode_frames(processor, scene.frames)
-    grid = vision["video_grid_thw"]
-    features = model.encode_video(vision.pop("pixel_values_videos").to(device), grid.to(device))
-    inputs = tokenize_with_labels(processor, conv.messages, grid)
-    label_mask = inputs.pop("label_mask").to(device)
-    h, w = scene.frames.shape[1:3]
-    size = model.config.sam2_image_size
-    refs = [RefPrompt.from_pixels(r.frame, h, w, size, point=r.point, box=r.box) for r in conv.refs]
-    mems = [torch.from_numpy(m) for m in conv.mem_masks]
-    out = model(
-        **{k: v.to(device) for k, v in inputs.items()},
-        video_features=features,
-        second_per_grid_ts=vision["second_per_grid_ts"],
-        ref_prompts=refs or None,
-        mem_masks=mems or None,
-    )
-    losses = {"lm": lm_loss(out.logits, inputs["input_ids"].to(device), label_mask)}
+    rows, grids, mm_embeds, seconds = [], [], [], []
+    for scene, conv in batch:
+        vision = P.encode_frames(processor, scene.frames)
+        grid = vision["video_grid_thw"]
+        features = model.encode_video(vision.pop("pixel_values_videos").to(device), grid.to(device))
+        inputs = {k: v.to(device) for k, v in tokenize_with_labels(processor, conv.messages, grid).items()}
+        h, w = scene.frames.shape[1:3]
+        size = model.config.sam2_image_size
+        refs = [RefPrompt.from_pixels(r.frame, h, w, size, point=r.point, box=r.box) for r in conv.refs]
+        mems = [torch.from_numpy(m) for m in conv.mem_masks]
+        inputs["inputs_embeds"] = model.build_inputs_embeds(inputs["input_ids"], features, refs or None, mems or None)
+        rows.append(inputs)
+        grids.append(features.grid_thw)
+        mm_embeds.append(features.embeds)
+        seconds.append(vision["second_per_grid_ts"])
+    pad_id = processor.tokenizer.pad_token_id
+    ids = _pad([r["input_ids"] for r in rows], pad_id)
+    label_mask = _pad([r["label_mask"] for r in rows], False)
+    with model._record_prenorm() as states:
+        out = Qwen2_5_VLForConditionalGeneration.forward(
+            model,
+            input_ids=ids,
+            attention_mask=_pad([r["attention_mask"] for r in rows], 0),
+            mm_token_type_ids=_pad([r["mm_token_type_ids"] for r in rows], 0),
+            inputs_embeds=_pad([r["inputs_embeds"] for r in rows], 0.0),
+            video_grid_thw=torch.cat(grids),
+            second_per_grid_ts=torch.cat(seconds),
+            mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=(torch.cat(mm_embeds),))},
+        )
+    losses = {"lm": lm_loss(out.logits, ids, label_mask)}
     with torch.no_grad():  # teacher-forced accuracy of the assistant tokens, for the log
-        keep = label_mask[0, 1:]
-        hits = out.logits[0, :-1].argmax(-1)[keep] == inputs["input_ids"][0, 1:].to(device)[keep]
-        losses["acc"] = hits.float().mean()
-    if conv.seg_targets:
-        tokens = model.seg_head(out.seg_hidden).view(len(conv.seg_targets), model.config.sam2_hidden_tokens, -1)
+        keep = label_mask[:, 1:]
+        losses["acc"] = (out.logits[:, :-1].argmax(-1)[keep] == ids[:, 1:][keep]).float().mean()
+    mask_parts, seg_id = defaultdict(float), model.config.seg_token_id
+    segmented = 0
+    for b, (scene, conv) in enumerate(batch):
+        if not conv.seg_targets:
+            continue
+        hidden = states[0][b, :-1][ids[b, 1:] == seg_id]
+        tokens = model.seg_head(hidden).view(len(conv.seg_targets), model.config.sam2_hidden_tokens, -1)
         images = model.prepare_sam2_video(scene.frames, cache=False).images
         targets = torch.from_numpy(np.stack(conv.seg_targets)).float().to(device)
-        parts = track_with_grad(model, images, tokens, targets, h, w)
-        losses.update(parts)
-        losses["mask"] = total_mask_loss(parts)
-    losses["total"] = losses["lm"] + losses.get("mask", 0.0)
-    if "jaccard" in losses:
+        for k, v in track_with_grad(model, images, tokens, targets, *scene.frames.shape[1:3]).items():
+            mask_parts[k] = mask_parts[k] + v
+        segmented += 1
+    if segmented:
+        losses.update({k: v / segmented for k, v in mask_parts.items()})
+        losses["mask"] = total_mask_loss(losses)
         losses["jaccard"] = losses["jaccard"].detach()
+    losses["total"] = losses["lm"] + losses.get("mask", 0.0)
     return losses
 
 
@@ -283,8 +348,8 @@ def _average_gradients(params: list[torch.nn.Parameter], workers: int) -> None:
 def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: int = 200, accum: int = 1,
            save_every: int = 250, resume: bool = True, log_every: int = 10, max_minutes: float | None = None,
            video_prob: float = 0.5, frames=(8, 8, 8, 8, 10, 12, 16), qa_prob: float = 0.0,
-           turns: tuple[int, int] | None = None, init_from: str | Path | None = None,
-           rank: int = 0, workers: int = 1) -> None:
+           turns: tuple[int, int] | None = None, init_from: str | Path | None = None, batch_size: int = 1,
+           reset_llm: bool = False, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     device = "cuda" if torch.cuda.is_available() else "cpu"
     last = latest_checkpoint(out_dir) if resume else None
@@ -297,6 +362,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
             state = torch.load(last / "trainer_state.pt", weights_only=False)
             start = state["step"]
             torch.set_rng_state(state["torch_rng"])
+        elif reset_llm:
+            reset_language_side(model, seed)
     else:
         model, processor = build_model(seed)
         model.to(device)
@@ -319,13 +386,13 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accum):
             rng = scene_rng(TRAIN_STREAM, seed, (step * workers + rank) * accum + micro)
-            scene, conv = sample(rng, video_prob, frames, qa_prob, turns)
-            losses = sample_losses(model, processor, scene, conv)
+            batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns)
+            losses = batch_losses(model, processor, batch)
             (losses["total"] / accum).backward()
             for k, v in losses.items():
                 meter[k] += float(v.detach())
                 counts[k] += 1
-            meter["n_" + ("video" if scene.is_video else "image")] += 1
+            meter["n_" + ("video" if batch[0][0].is_video else "image")] += len(batch)
         if workers > 1:
             _average_gradients(params, workers)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -393,6 +460,9 @@ def main(argv=None) -> int:
                         help="turns per conversation (default: 1-4)")
     parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
                         help="start a new stage from these weights (fresh optimizer and schedule)")
+    parser.add_argument("--batch-size", type=int, default=16, help="conversations per forward (videos: a quarter)")
+    parser.add_argument("--reset-llm", action="store_true",
+                        help="with --init-from: keep its vision tower and SAM 2, start the language side afresh")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
@@ -404,7 +474,8 @@ def main(argv=None) -> int:
     train(args.out_dir, args.steps, workers=args.workers, seed=args.seed, lr=args.lr, warmup=args.warmup,
           accum=args.accum, save_every=args.save_every, resume=not args.no_resume, max_minutes=args.max_minutes,
           qa_prob=args.qa_prob, video_prob=args.video_prob, frames=tuple(args.frames),
-          turns=tuple(args.turns) if args.turns else None, init_from=args.init_from)  # fmt: skip
+          turns=tuple(args.turns) if args.turns else None, init_from=args.init_from, batch_size=args.batch_size,
+          reset_llm=args.reset_llm)  # fmt: skip
     return 0
 
 
