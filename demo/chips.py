@@ -119,8 +119,8 @@ def status_html(model_name: str, device: str, dtype: str, offline: bool, reason:
         return line
     why = f" ({html.escape(reason)})" if reason else ""
     banner = (
-        '<div class="up-banner" role="alert">⚠ Offline model: answers are not meaningful. '
-        "A small stand-in for UniPixel (trained briefly on synthetic shapes, or random weights) "
-        f"runs every step of the pipeline{why}.</div>"
+        '<div class="up-banner" role="alert">⚠ Offline model: a small stand-in for UniPixel that knows only '
+        "synthetic colored shapes (try the examples: circles, squares, triangles, stars and crosses in 8 colors); "
+        f"about other images its answers are not meaningful{why}.</div>"
     )
     return banner + line

@@ -61,7 +61,7 @@ def test_offline_fallback_shows_the_banner(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(unipixel.hub, "resolve_model", lambda name: fallback)
     demo = app_module.create_demo("PolyU-ChenLab/UniPixel-3B", device="cpu")
     status = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "status").value
-    assert "Offline model: answers are not meaningful" in status and "the hub is out of reach" in status
+    assert "Offline model: a small stand-in for UniPixel" in status and "the hub is out of reach" in status
     assert "offline model" in status
 
 

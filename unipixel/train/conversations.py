@@ -250,7 +250,7 @@ class ConversationBuilder:
         self._add_turn("followup", prefix + question, answer)
 
 
-TASKS = {"referring": 0.32, "reasoning": 0.04, "region": 0.2, "pixelqa": 0.2, "followup": 0.24}
+TASKS = {"referring": 0.25, "reasoning": 0.03, "region": 0.25, "pixelqa": 0.17, "followup": 0.3}
 TURNS = (0.2, 0.3, 0.3, 0.2)  # P(1, 2, 3, 4 turns): extra mask-prompt turns are cheap (no SAM work)
 
 

@@ -1,10 +1,11 @@
 """Train a small UniPixel end to end on synthetic shape scenes.
 
-    python -m unipixel.train.trainer OUT_DIR [--steps N] [--seed S] [--max-minutes M]
+    python -m unipixel.train.trainer OUT_DIR [--steps N] [--batch-size B] [--workers W] [--max-minutes M]
     python -m unipixel.train.trainer OUT_DIR --export assets/unipixel-shapes
 
-One step = one scene with a 1-4 turn conversation: the LM loss on the assistant tokens plus the
-SAM 2 mask losses on every `<|seg|>`. The `<|seg|>` masks are decoded the way inference decodes
+One step = a batch of conversations (each about its own scene, 1-4 turns unless `--turns` says
+otherwise) in every worker: the LM loss on the assistant tokens plus the SAM 2 mask losses on
+every `<|seg|>`. The `<|seg|>` masks are decoded the way inference decodes
 them (spec §4): the seg tokens join the sparse prompt of frame 0 only (the predictor's own forward
 hook), then SAM 2 tracks frames 1..T-1 with its memory, here with gradients flowing through it.
 Checkpoints are Hugging Face folders (`checkpoint-STEP/`, plus `trainer_state.pt` to resume).
