@@ -165,3 +165,26 @@ def test_a_padded_batch_scores_each_conversation_as_alone(tiny_model):
     segmented = [a for a in alone if "mask" in a]
     assert len(segmented) == 2  # the region conversation has no <|seg|>
     torch.testing.assert_close(together["mask"], sum(a["mask"] for a in segmented) / 2, atol=1e-4, rtol=1e-4)
+
+
+def test_untied_embeddings_keep_apart_and_survive_a_reload(tiny_checkpoint, tmp_path):
+    from unipixel import load_model
+    from unipixel.train.trainer import untie_word_embeddings
+
+    model, processor = load_model(str(tiny_checkpoint), device="cpu")
+    before = model.get_input_embeddings().weight.detach().clone()
+    words = {processor.tokenizer.decode([i]).strip().lower() for i in (300, 301)}  # two ordinary tokens
+    ids = untie_word_embeddings(model, processor.tokenizer, words=words)
+    after = model.get_input_embeddings().weight
+    assert set(ids) >= {300, 301}
+    assert model.lm_head.weight.data_ptr() != after.data_ptr()
+    torch.testing.assert_close(model.lm_head.weight, before)  # the output side starts where it was
+    assert not torch.equal(after[ids], before[ids])
+    assert torch.equal(after[[i for i in range(len(after)) if i not in ids]], before[[i for i in range(len(after)) if i not in ids]])
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    again, _ = load_model(str(tmp_path), device="cpu")
+    assert not again.config.tie_word_embeddings
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(again.get_input_embeddings().weight, after)

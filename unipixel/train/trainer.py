@@ -36,7 +36,7 @@ from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import Conversation, make_conversation
 from .losses import lm_loss, sam_losses, total_mask_loss
-from .scenes import make_scene
+from .scenes import SHAPES, make_scene
 
 TRAIN_STREAM = 0  # seed-sequence tags: training scenes and held-out evaluation scenes never overlap
 EVAL_STREAM = 1
@@ -120,6 +120,25 @@ def build_model(seed: int = 0):
     _init_seg_head(model)
     model.config.use_cache = True
     return model, build_processor(tokenizer)
+
+
+def untie_word_embeddings(model, tokenizer, words=SHAPES, seed: int = 0) -> list[int]:
+    """Give the LM head weights of its own (a copy of the tied ones) and re-draw the input embeddings
+    of every token that spells one of `words`.
+
+    With tied embeddings, words the model cannot yet predict (the shapes, before the vision tower
+    sees shape) are pulled together by the output gradient until their input embeddings are nearly
+    the same vector (cosine 0.9 and more): the model can then neither copy a shape from the question
+    nor learn it from the image. Untied, the input side keeps them apart. Returns the re-drawn ids.
+    """
+    emb = model.get_input_embeddings()
+    model.lm_head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    ids = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip().lower() in words]
+    generator = torch.Generator().manual_seed(seed)
+    fresh = torch.randn(len(ids), emb.weight.shape[1], generator=generator) * emb.weight.std()
+    emb.weight.data[ids] = fresh.to(emb.weight)
+    return ids
 
 
 def _init_seg_head(model) -> None:
@@ -350,7 +369,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            save_every: int = 250, resume: bool = True, log_every: int = 10, max_minutes: float | None = None,
            video_prob: float = 0.5, frames=(8, 8, 8, 8, 10, 12, 16), qa_prob: float = 0.0,
            turns: tuple[int, int] | None = None, init_from: str | Path | None = None, batch_size: int = 1,
-           reset_llm: bool = False, rank: int = 0, workers: int = 1) -> None:
+           reset_llm: bool = False, untie: bool = False, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     device = "cuda" if torch.cuda.is_available() else "cpu"
     last = latest_checkpoint(out_dir) if resume else None
@@ -365,6 +384,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
             torch.set_rng_state(state["torch_rng"])
         elif reset_llm:
             reset_language_side(model, seed)
+        if last is None and untie:
+            untie_word_embeddings(model, processor.tokenizer, seed=seed)
     else:
         model, processor = build_model(seed)
         model.to(device)
@@ -464,6 +485,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="conversations per forward (videos: a quarter)")
     parser.add_argument("--reset-llm", action="store_true",
                         help="with --init-from: keep its vision tower and SAM 2, start the language side afresh")
+    parser.add_argument("--untie-embeddings", action="store_true",
+                        help="with --init-from: give the LM head its own weights, re-draw the shape words' embeddings")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
@@ -476,7 +499,7 @@ def main(argv=None) -> int:
           accum=args.accum, save_every=args.save_every, resume=not args.no_resume, max_minutes=args.max_minutes,
           qa_prob=args.qa_prob, video_prob=args.video_prob, frames=tuple(args.frames),
           turns=tuple(args.turns) if args.turns else None, init_from=args.init_from, batch_size=args.batch_size,
-          reset_llm=args.reset_llm)  # fmt: skip
+          reset_llm=args.reset_llm, untie=args.untie_embeddings)  # fmt: skip
     return 0
 
 
