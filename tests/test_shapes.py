@@ -106,15 +106,18 @@ def held_out(tmp_path_factory):
 
 @needs_shipped
 def test_shipped_model_beats_an_untrained_one(held_out):
-    """Floors the shipped model clears with margin; an untrained model scores about 0 on the masks
-    and chance (1/8) on colors. See assets/unipixel-shapes/README.md for the 500-scene numbers."""
+    """Floors the shipped model clears with margin on these 30 scenes (it scores image mIoU 0.64,
+    video J&F 0.68, PixelQA IoU 0.62, region color 0.97, follow-up color 0.77); an untrained model
+    scores about 0 on the masks and chance (1/8) on colors. Shapes are still at chance (1/5), so the
+    issue's QA floor (70%) is not reached yet. See assets/unipixel-shapes/README.md for 500 scenes."""
     m = held_out
     assert m["scenes"] == 30 and m["images"] == m["videos"] == 15
     assert all(0.0 <= v <= 1.0 for k, v in m.items() if k not in ("scenes", "images", "videos"))
-    assert m["referring_image_miou"] >= 0.1
-    assert m["referring_video_jf"] >= 0.1
-    assert m["pixelqa_iou"] >= 0.1
-    assert m["region_color_acc"] >= 0.3
+    assert m["referring_image_miou"] >= 0.5
+    assert m["referring_video_jf"] >= 0.5
+    assert m["pixelqa_iou"] >= 0.5
+    assert m["region_color_acc"] >= 0.85
+    assert m["followup_color_acc"] >= 0.6
 
 
 def test_two_workers_train_like_one_process_with_accumulation(tiny_checkpoint, tmp_path):
