@@ -11,7 +11,7 @@ import torch
 from unipixel.model import processing as P
 from unipixel.train.conversations import make_conversation
 from unipixel.train.scenes import COLORS, SHAPES, make_scene
-from unipixel.train.trainer import sample_losses, scene_rng, tokenize_with_labels, track_with_grad
+from unipixel.train.trainer import batch_losses, scene_rng, tokenize_with_labels, track_with_grad
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "unipixel-shapes"
 
@@ -80,7 +80,7 @@ def test_one_training_sample_backpropagates(tiny_model):
     scene = make_scene(rng, 4, num_objects=2)
     conv = make_conversation(scene, rng, tasks=["referring", "pixelqa", "followup"])
     try:
-        losses = sample_losses(model, processor, scene, conv)
+        losses = batch_losses(model, processor, [(scene, conv)])
         losses["total"].backward()
         assert all(torch.isfinite(v).all() for v in losses.values())
         assert {"lm", "focal", "dice", "iou", "score"} <= set(losses)
@@ -148,8 +148,6 @@ def test_two_workers_train_like_one_process_with_accumulation(tiny_checkpoint, t
 def test_a_padded_batch_scores_each_conversation_as_alone(tiny_model):
     """The batched training forward (right padding, per-row 3D positions) gives the LM loss of each
     conversation run alone, averaged over all assistant tokens, and the mean of their mask losses."""
-    from unipixel.train.trainer import batch_losses
-
     model, processor = tiny_model
     batch = []
     for i, (frames, tasks) in enumerate([(1, ["referring", "followup"]), (4, ["pixelqa"]), (1, ["region"])]):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, PromptError, UniPixelError
+from .errors import PromptError, UniPixelError
 
 EXIT_ERROR = 2  # a UniPixelError: bad media, prompt or checkpoint (argparse uses 2 for bad flags too)
 DTYPES = ("auto", "float32", "bfloat16", "float16")

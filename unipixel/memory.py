@@ -133,10 +133,6 @@ class ObjectMemoryBank:
         """The id the next added object gets (ids are never reused)."""
         return self._next_id
 
-    @property
-    def next_id(self) -> int:
-        """The id the next added object will get."""
-        return self._next_id
 
     @property
     def shape(self) -> tuple[int, int, int] | None:

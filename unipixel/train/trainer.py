@@ -34,13 +34,14 @@ from ..model import PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGenerati
 from ..model import processing as P
 from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
-from .conversations import Conversation, make_conversation
+from .conversations import make_conversation
 from .losses import lm_loss, sam_losses, total_mask_loss
 from .scenes import SHAPES, make_scene
 
 TRAIN_STREAM = 0  # seed-sequence tags: training scenes and held-out evaluation scenes never overlap
 EVAL_STREAM = 1
 SAM_SIZE = 192
+FRAMES = (8, 8, 8, 8, 10, 12, 16)  # frame counts training videos are drawn from (mostly 8)
 
 
 def scene_rng(stream: int, seed: int, index: int) -> np.random.Generator:
@@ -59,7 +60,7 @@ def sample(rng: np.random.Generator, num_frames: int = 1, qa_prob: float = 0.0, 
     return scene, make_conversation(scene, rng, num_turns=num_turns)
 
 
-def sample_batch(rng: np.random.Generator, size: int, video_prob: float = 0.5, frames=(8, 8, 8, 8, 10, 12, 16),
+def sample_batch(rng: np.random.Generator, size: int, video_prob: float = 0.5, frames=FRAMES,
                  qa_prob: float = 0.0, turns: tuple[int, int] | None = None) -> list[tuple]:
     """`size` conversations about images, or (with probability `video_prob`) size/4 about videos of
     one frame count: one length class per batch keeps padding small."""
@@ -219,11 +220,6 @@ def track_with_grad(model, images: torch.Tensor, tokens: torch.Tensor, targets: 
     return {k: v / norm for k, v in parts.items()}
 
 
-def sample_losses(model, processor, scene, conv: Conversation) -> dict:
-    """LM + mask losses of one conversation about one scene."""
-    return batch_losses(model, processor, [(scene, conv)])
-
-
 def _pad(rows: list[torch.Tensor], value) -> torch.Tensor:
     """[1, L_i, ...] tensors -> [B, max L, ...], right-padded."""
     out = rows[0].new_full((len(rows), max(r.shape[1] for r in rows), *rows[0].shape[2:]), value)
@@ -367,7 +363,7 @@ def _average_gradients(params: list[torch.nn.Parameter], workers: int) -> None:
 
 def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: int = 200, accum: int = 1,
            save_every: int = 250, resume: bool = True, log_every: int = 10, max_minutes: float | None = None,
-           video_prob: float = 0.5, frames=(8, 8, 8, 8, 10, 12, 16), qa_prob: float = 0.0,
+           video_prob: float = 0.5, frames=FRAMES, qa_prob: float = 0.0,
            turns: tuple[int, int] | None = None, init_from: str | Path | None = None, batch_size: int = 1,
            reset_llm: bool = False, untie: bool = False, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
@@ -382,10 +378,11 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
             state = torch.load(last / "trainer_state.pt", weights_only=False)
             start = state["step"]
             torch.set_rng_state(state["torch_rng"])
-        elif reset_llm:
-            reset_language_side(model, seed)
-        if last is None and untie:
-            untie_word_embeddings(model, processor.tokenizer, seed=seed)
+        else:
+            if reset_llm:
+                reset_language_side(model, seed)
+            if untie:
+                untie_word_embeddings(model, processor.tokenizer, seed=seed)
     else:
         model, processor = build_model(seed)
         model.to(device)
@@ -474,7 +471,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--threads", type=int, default=2, help="threads of a single process")
     parser.add_argument("--workers", type=int, default=1, help="data-parallel processes of one thread each")
-    parser.add_argument("--frames", type=int, nargs="+", default=[8, 8, 8, 8, 10, 12, 16],
+    parser.add_argument("--frames", type=int, nargs="+", default=list(FRAMES),
                         help="frame counts that training videos are drawn from")
     parser.add_argument("--qa-prob", type=float, default=0.0, help="share of cheap mask-prompt-only conversations")
     parser.add_argument("--video-prob", type=float, default=0.5)
