@@ -189,3 +189,43 @@ def test_untied_embeddings_keep_apart_and_survive_a_reload(tiny_checkpoint, tmp_
     assert not again.config.tie_word_embeddings
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
     assert torch.equal(again.get_input_embeddings().weight, after)
+
+
+def test_the_prompted_sam_stage_moves_only_sam2(tiny_checkpoint, tmp_path):
+    """One step of the prompted SAM 2 stage (color, point and box prompts through the seg-token
+    path) trains SAM 2 and nothing else, logs finite losses and saves a checkpoint to start from."""
+    from unipixel import load_model
+    from unipixel.train.sam_stage import object_tokens, run
+
+    model, _ = load_model(str(tiny_checkpoint), device="cpu")
+    sam, scene = model.sam2, make_scene(np.random.default_rng(4), 1, num_objects=2)
+    table = torch.randn(len(COLORS), 2, sam.hidden_dim)
+    h, w = scene.frames.shape[1:3]
+    tokens = {k: object_tokens(sam, scene.objects[0], k, table, np.random.default_rng(0), h, w) for k in ("color", "point", "box")}
+    assert all(t.shape == (2, sam.hidden_dim) for t in tokens.values())
+    assert torch.equal(tokens["color"], table[list(COLORS).index(scene.objects[0].color)])
+    elsewhere = object_tokens(sam, scene.objects[1], "point", table, np.random.default_rng(0), h, w)
+    assert not torch.allclose(elsewhere, tokens["point"])  # a point prompt says where
+
+    out = run(tiny_checkpoint, tmp_path, steps=1, batch_size=2, warmup=1)
+    assert out.name == "checkpoint-1"
+    before = model.state_dict()
+    after = load_model(str(out), device="cpu")[0].state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert {k.split(".")[1] for k in moved} >= {"image_encoder", "sam_mask_decoder", "sam_prompt_encoder"}
+    assert all(k.startswith("sam2.") for k in moved)
+    row = json.loads((tmp_path / "sam_stage_log.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 1 and np.isfinite(row["loss"]) and 0 <= row["jaccard"] <= 1
+
+
+def test_freeze_sam_holds_sam2_while_the_rest_trains(tiny_checkpoint, tmp_path):
+    from unipixel import load_model
+    from unipixel.train.trainer import train
+
+    out = train(tmp_path, 1, init_from=tiny_checkpoint, lr=1e-3, warmup=1, video_prob=0.0, turns=(2, 3),
+                batch_size=2, freeze_sam=1)  # fmt: skip
+    before = load_model(str(tiny_checkpoint), device="cpu")[0].state_dict()
+    after = load_model(str(out), device="cpu")[0].state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and not any(k.startswith("sam2.") for k in moved)
+    assert any(k.startswith("seg_head.") for k in moved)

@@ -1,0 +1,131 @@
+"""A prompted stage for SAM 2 alone: learn to pick one shape out of several.
+
+    python -m unipixel.train.sam_stage INIT_CHECKPOINT OUT_DIR [--steps N] [--batch-size B]
+
+Trained only through `<|seg|>` tokens (uninformative while the language model was still learning),
+the small SAM 2 of the shapes model settled on segmenting every shape of the frame at once: the
+first self-attention of its mask decoder, which has no residual path in SAM's two-way transformer,
+came to attend to one fixed output token whatever the prompt, so no prompt reached the mask and no
+gradient reached the prompt (two different point prompts gave the same mask to 8 digits).
+`--fresh-decoder` re-initialises the mask decoder (keeping the image encoder and the memory parts),
+and every object of an image is then prompted directly, through the same frame-0 path the seg
+tokens take (`track_with_grad`), by one of:
+- SAM 2's own point or box embedding (two tokens, like the seg tokens): picking by place;
+- a learned token pair for the object's color, thrown away after this stage: picking by color, the
+  way a referring seg token must.
+Same mask losses as the full trainer. The output is a whole-model checkpoint to `--init-from`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model import RefPrompt, load_model
+from ..model.sam2_video import build_sam2
+from .conversations import ref_spec
+from .losses import total_mask_loss
+from .scenes import COLORS, make_scene
+from .trainer import TRAIN_STREAM, lr_at, save_checkpoint, scene_rng, track_with_grad
+
+SAM_STAGE_SEED = 7  # its own seed within the training stream: scenes differ from the trainer's
+KINDS = ("color", "point", "box")
+
+
+def object_tokens(sam, obj, kind: str, color_tokens: torch.Tensor, rng, height: int, width: int) -> torch.Tensor:
+    """The [2, s] prompt tokens for one object on frame 0."""
+    if kind == "color":
+        return color_tokens[list(COLORS).index(obj.color)]
+    spec = ref_spec(obj, 0, kind, rng, jitter=0.1 if kind == "box" else 0.0)
+    p = RefPrompt.from_pixels(0, height, width, sam.image_size, point=spec.point, box=spec.box)
+    if kind == "point":  # the prompt encoder pads a lone point to two tokens
+        sparse, _ = sam.sam_prompt_encoder(points=(p.coords[None], p.labels[None]), boxes=None, masks=None)
+    else:
+        sparse, _ = sam.sam_prompt_encoder(points=None, boxes=p.coords.reshape(1, 4), masks=None)
+    return sparse[0]
+
+
+def scene_losses(model, scene, kind: str, color_tokens: torch.Tensor, rng) -> dict:
+    """Mask losses of every object of an image scene, each under its own prompt of `kind`."""
+    sam = model.sam2
+    height, width = scene.frames.shape[1:3]
+    tokens = torch.stack([object_tokens(sam, o, kind, color_tokens, rng, height, width) for o in scene.objects])
+    images = model.prepare_sam2_video(scene.frames, cache=False).images
+    targets = torch.from_numpy(np.stack([o.masks for o in scene.objects])).float()
+    return track_with_grad(model, images, tokens, targets, height, width)
+
+
+def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
+        warmup: int = 20, fresh_decoder: bool = False, max_minutes: float | None = None, log_every: int = 10) -> Path:  # fmt: skip
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = load_model(str(init), device="cpu", dtype=torch.float32)
+    if fresh_decoder:
+        torch.manual_seed(SAM_STAGE_SEED)
+        fresh = build_sam2(model.config.sam2_config, model.config.sam2_image_size)
+        model.sam2.sam_mask_decoder.load_state_dict(fresh.sam_mask_decoder.state_dict())
+    model.eval()  # SAM 2's inference code paths, as in the trainer
+    generator = torch.Generator().manual_seed(SAM_STAGE_SEED)
+    color_tokens = torch.nn.Parameter(torch.randn(len(COLORS), 2, model.sam2.hidden_dim, generator=generator))
+    params = list(model.sam2.parameters()) + [color_tokens]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    began, step, meter = time.time(), 0, defaultdict(float)
+    log = open(out_dir / "sam_stage_log.jsonl", "a")
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        rng = scene_rng(TRAIN_STREAM, SAM_STAGE_SEED, step)
+        kinds = [str(k) for k in rng.choice(KINDS, size=batch_size, p=[0.5, 0.25, 0.25])]
+        parts = [scene_losses(model, make_scene(rng, 1), k, color_tokens, rng) for k in kinds]
+        losses = {k: sum(p[k] for p in parts) / batch_size for k in parts[0]}
+        loss = total_mask_loss(losses)
+        for kind in KINDS:  # which way of picking an object has been learned, for the log
+            scores = [float(p["jaccard"]) for p, k in zip(parts, kinds) if k == kind]
+            meter[kind] += sum(scores)
+            meter["n_" + kind] += len(scores)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        if step % log_every == 0 or step == steps:
+            row = {"step": step, "elapsed_s": round(time.time() - began, 1), "loss": round(loss.item(), 4)}
+            row.update({k: round(float(v.detach()), 4) for k, v in losses.items()})
+            row.update({f"jaccard_{k}": round(meter[k] / max(1, meter["n_" + k]), 4) for k in KINDS})
+            meter.clear()
+            print(json.dumps(row), flush=True)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if max_minutes is not None and time.time() - began > 60 * max_minutes:
+            print(f"stopping at step {step}: {max_minutes} minutes are up", flush=True)
+            break
+    log.close()
+    return save_checkpoint(model, processor, optimizer, step, out_dir)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unipixel.train.sam_stage", description=__doc__.split("\n\n")[0])
+    parser.add_argument("init", type=Path, help="the checkpoint whose SAM 2 to train (the rest is kept as is)")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step (every object is prompted)")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--fresh-decoder", action="store_true", help="re-initialise SAM 2's mask decoder first")
+    parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    path = run(args.init, args.out_dir, args.steps, args.batch_size, args.lr, args.warmup, args.fresh_decoder,
+               args.max_minutes)
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
