@@ -207,7 +207,7 @@ def test_the_prompted_sam_stage_moves_only_sam2(tiny_checkpoint, tmp_path):
     elsewhere = object_tokens(sam, scene.objects[1], "point", table, np.random.default_rng(0), h, w)
     assert not torch.allclose(elsewhere, tokens["point"])  # a point prompt says where
 
-    out = run(tiny_checkpoint, tmp_path, steps=1, batch_size=2, warmup=1)
+    out = run(tiny_checkpoint, tmp_path, steps=1, batch_size=2, warmup=1, fresh_decoder=True)
     assert out.name == "checkpoint-1"
     before = model.state_dict()
     after = load_model(str(out), device="cpu")[0].state_dict()
@@ -229,3 +229,20 @@ def test_freeze_sam_holds_sam2_while_the_rest_trains(tiny_checkpoint, tmp_path):
     moved = {k for k in after if not torch.equal(after[k], before[k])}
     assert moved and not any(k.startswith("sam2.") for k in moved)
     assert any(k.startswith("seg_head.") for k in moved)
+
+
+def test_refit_seg_head_reads_what_varies_in_the_seg_states(tiny_checkpoint):
+    """After the refit, the head's first layer ignores the states' common direction (its output
+    averages to zero over the states) and gives the varying part unit size."""
+    from unipixel import load_model
+    from unipixel.train.trainer import refit_seg_head, seg_states
+
+    model, processor = load_model(str(tiny_checkpoint), device="cpu")
+    states = seg_states(model, processor, num=6)
+    assert states.ndim == 2 and states.shape[0] >= 6 and states.shape[1] == model.config.text_config.hidden_size
+    share = refit_seg_head(model, states)
+    assert 0.0 < share < 1.0
+    with torch.no_grad():
+        first = model.seg_head[1](model.seg_head[0](states))
+    assert first.mean(0).abs().max() < 1e-3 * first.abs().max()
+    assert 0.3 < float(first.std()) < 3.0

@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 from ..model import RefPrompt, load_model
-from ..model.sam2_video import build_sam2
 from .conversations import ref_spec
 from .losses import total_mask_loss
 from .scenes import COLORS, make_scene
-from .trainer import TRAIN_STREAM, lr_at, save_checkpoint, scene_rng, track_with_grad
+from .trainer import TRAIN_STREAM, fresh_mask_decoder, lr_at, save_checkpoint, scene_rng, track_with_grad
 
 SAM_STAGE_SEED = 7  # its own seed within the training stream: scenes differ from the trainer's
 KINDS = ("color", "point", "box")
@@ -66,9 +65,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_model(str(init), device="cpu", dtype=torch.float32)
     if fresh_decoder:
-        torch.manual_seed(SAM_STAGE_SEED)
-        fresh = build_sam2(model.config.sam2_config, model.config.sam2_image_size)
-        model.sam2.sam_mask_decoder.load_state_dict(fresh.sam_mask_decoder.state_dict())
+        fresh_mask_decoder(model, SAM_STAGE_SEED)
     model.eval()  # SAM 2's inference code paths, as in the trainer
     generator = torch.Generator().manual_seed(SAM_STAGE_SEED)
     color_tokens = torch.nn.Parameter(torch.randn(len(COLORS), 2, model.sam2.hidden_dim, generator=generator))

@@ -148,6 +148,15 @@ def _init_seg_head(model) -> None:
     torch.nn.init.normal_(model.seg_head[3].weight, std=1.5 * d**-0.5)
 
 
+def fresh_mask_decoder(model, seed: int = 0) -> None:
+    """Re-initialise SAM 2's mask decoder, keeping its image encoder and memory parts: a decoder
+    whose first (residual-free) self-attention has collapsed onto a fixed token ignores every prompt,
+    and nothing that flows back through it can teach the prompt to matter."""
+    torch.manual_seed(seed)
+    fresh = build_sam2(model.config.sam2_config, model.config.sam2_image_size)
+    model.sam2.sam_mask_decoder.load_state_dict(fresh.sam_mask_decoder.state_dict())
+
+
 # The language side: what `reset_language_side` starts afresh.
 LANGUAGE_SIDE = ("model.language_model", "seg_head", "ref_proj_single", "ref_proj_double", "ref_proj", "tem_emb",
                  "tem_proj", "msk_proj")  # fmt: skip
@@ -290,6 +299,46 @@ def batch_losses(model, processor, batch: list[tuple]) -> dict:
     return losses
 
 
+def seg_states(model, processor, seed: int = 0, num: int = 48) -> torch.Tensor:
+    """The language model's last states at the seg positions of `num` referring conversations."""
+    states = []
+    hook = model.seg_head.register_forward_pre_hook(lambda m, args: states.append(args[0].detach()))
+    rng = scene_rng(TRAIN_STREAM, seed, 10**9)  # an index no training step reaches
+    batch = []
+    for _ in range(num):
+        scene = make_scene(rng, 1)
+        batch.append((scene, make_conversation(scene, rng, tasks=["referring"])))
+    try:
+        with torch.no_grad():
+            batch_losses(model, processor, batch)
+    finally:
+        hook.remove()
+    return torch.cat(states).float()
+
+
+def refit_seg_head(model, states: torch.Tensor) -> float:
+    """Re-initialise `seg_head` to read the part of the seg states that varies; returns that part's share.
+
+    The language model's last state at a seg position is nearly the same vector in every
+    conversation (a few dimensions of magnitude ~70 dominate; what names the object is ~3% of the
+    norm), so after the head's RMSNorm every seg prompt was about the same, SAM 2 learned to
+    segment the whole foreground, and the gradient into the language model was ~30x too small to
+    change that. The first linear layer now drops the states' mean direction and scales the rest to
+    unit size, as a freshly initialised layer expects.
+    """
+    _init_seg_head(model)
+    with torch.no_grad():
+        x = model.seg_head[0](states)
+        mean = x.mean(0)
+        varying = x - mean
+        u = mean / mean.norm()
+        project = torch.eye(len(u)) - torch.outer(u, u)
+        linear = model.seg_head[1]
+        linear.weight.copy_(linear.weight @ project / varying.pow(2).mean().sqrt())
+        linear.bias.zero_()
+    return float(varying.norm(dim=1).mean() / x.norm(dim=1).mean())
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
@@ -366,7 +415,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            video_prob: float = 0.5, frames=FRAMES, qa_prob: float = 0.0,
            turns: tuple[int, int] | None = None, init_from: str | Path | None = None, batch_size: int = 1,
            reset_llm: bool = False, untie: bool = False, freeze_sam: int = 0,
-           rank: int = 0, workers: int = 1) -> None:
+           refit_seg: bool = False, fresh_decoder: bool = False, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     device = "cuda" if torch.cuda.is_available() else "cpu"
     last = latest_checkpoint(out_dir) if resume else None
@@ -384,6 +433,12 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
                 reset_language_side(model, seed)
             if untie:
                 untie_word_embeddings(model, processor.tokenizer, seed=seed)
+            if fresh_decoder:
+                fresh_mask_decoder(model, seed)
+            if refit_seg:
+                share = refit_seg_head(model, seg_states(model, processor, seed))
+                if lead:
+                    print(f"seg head refitted: the varying part is {share:.1%} of the seg state", flush=True)
     else:
         model, processor = build_model(seed)
         model.to(device)
@@ -490,6 +545,10 @@ def main(argv=None) -> int:
                         help="with --init-from: give the LM head its own weights, re-draw the shape words' embeddings")
     parser.add_argument("--freeze-sam", type=int, default=0, metavar="STEPS",
                         help="hold SAM 2 for the first STEPS steps, while the seg tokens learn to prompt it")
+    parser.add_argument("--refit-seg-head", action="store_true",
+                        help="with --init-from: re-initialise seg_head to read what varies in the seg state")
+    parser.add_argument("--fresh-decoder", action="store_true",
+                        help="with --init-from: re-initialise SAM 2's mask decoder (image encoder and memory kept)")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
@@ -502,7 +561,8 @@ def main(argv=None) -> int:
           accum=args.accum, save_every=args.save_every, resume=not args.no_resume, max_minutes=args.max_minutes,
           qa_prob=args.qa_prob, video_prob=args.video_prob, frames=tuple(args.frames),
           turns=tuple(args.turns) if args.turns else None, init_from=args.init_from, batch_size=args.batch_size,
-          reset_llm=args.reset_llm, untie=args.untie_embeddings, freeze_sam=args.freeze_sam)  # fmt: skip
+          reset_llm=args.reset_llm, untie=args.untie_embeddings, freeze_sam=args.freeze_sam,
+          refit_seg=args.refit_seg_head, fresh_decoder=args.fresh_decoder)  # fmt: skip
     return 0
 
 
