@@ -216,19 +216,21 @@ def test_the_prompted_sam_stage_moves_only_sam2(tiny_checkpoint, tmp_path):
     assert all(k.startswith("sam2.") for k in moved)
     row = json.loads((tmp_path / "sam_stage_log.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 1 and np.isfinite(row["loss"]) and 0 <= row["jaccard"] <= 1
+    saved = torch.load(tmp_path / "color_tokens.pt")
+    assert saved["colors"] == list(COLORS) and saved["tokens"].shape == (len(COLORS), 2, sam.hidden_dim)
 
 
-def test_freeze_sam_holds_sam2_while_the_rest_trains(tiny_checkpoint, tmp_path):
+def test_hold_keeps_modules_while_the_rest_trains(tiny_checkpoint, tmp_path):
     from unipixel import load_model
     from unipixel.train.trainer import train
 
     out = train(tmp_path, 1, init_from=tiny_checkpoint, lr=1e-3, warmup=1, video_prob=0.0, turns=(2, 3),
-                batch_size=2, freeze_sam=1)  # fmt: skip
+                batch_size=2, hold={"sam2": 1, "seg_head": 1})  # fmt: skip
     before = load_model(str(tiny_checkpoint), device="cpu")[0].state_dict()
     after = load_model(str(out), device="cpu")[0].state_dict()
     moved = {k for k in after if not torch.equal(after[k], before[k])}
-    assert moved and not any(k.startswith("sam2.") for k in moved)
-    assert any(k.startswith("seg_head.") for k in moved)
+    assert moved and not any(k.startswith(("sam2.", "seg_head.")) for k in moved)
+    assert any(k.startswith("model.language_model.") for k in moved)
 
 
 def test_refit_seg_head_reads_what_varies_in_the_seg_states(tiny_checkpoint):

@@ -11,9 +11,11 @@ gradient reached the prompt (two different point prompts gave the same mask to 8
 and every object of an image is then prompted directly, through the same frame-0 path the seg
 tokens take (`track_with_grad`), by one of:
 - SAM 2's own point or box embedding (two tokens, like the seg tokens): picking by place;
-- a learned token pair for the object's color, thrown away after this stage: picking by color, the
-  way a referring seg token must.
+- a learned token pair for the object's color (not part of the model; saved as `color_tokens.pt`):
+  picking by color, the way a referring seg token must.
 Same mask losses as the full trainer. The output is a whole-model checkpoint to `--init-from`.
+On the shapes model, 1,268 steps of 16 images (20 min, 2 CPU threads) brought color prompts to a
+Jaccard of 0.89; point and box prompts stayed at 0.5 (the foreground) in that time.
 """
 from __future__ import annotations
 
@@ -102,6 +104,8 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
             print(f"stopping at step {step}: {max_minutes} minutes are up", flush=True)
             break
     log.close()
+    # Kept beside the checkpoint: prompts this SAM 2 answers to, for later stages that want them.
+    torch.save({"colors": list(COLORS), "tokens": color_tokens.detach()}, out_dir / "color_tokens.pt")
     return save_checkpoint(model, processor, optimizer, step, out_dir)
 
 

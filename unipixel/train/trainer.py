@@ -414,9 +414,10 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            save_every: int = 250, resume: bool = True, log_every: int = 10, max_minutes: float | None = None,
            video_prob: float = 0.5, frames=FRAMES, qa_prob: float = 0.0,
            turns: tuple[int, int] | None = None, init_from: str | Path | None = None, batch_size: int = 1,
-           reset_llm: bool = False, untie: bool = False, freeze_sam: int = 0,
+           reset_llm: bool = False, untie: bool = False, hold: dict[str, int] | None = None,
            refit_seg: bool = False, fresh_decoder: bool = False, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
+    hold = hold or {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     last = latest_checkpoint(out_dir) if resume else None
     if last is not None or init_from is not None:
@@ -470,9 +471,10 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
             meter["n_" + ("video" if batch[0][0].is_video else "image")] += len(batch)
         if workers > 1:
             _average_gradients(params, workers)
-        if step < freeze_sam:  # AdamW leaves parameters without a gradient as they are
-            for p in model.sam2.parameters():
-                p.grad = None
+        for name, until in hold.items():  # AdamW leaves parameters without a gradient as they are
+            if step < until:
+                for p in model.get_submodule(name).parameters():
+                    p.grad = None
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
@@ -543,8 +545,8 @@ def main(argv=None) -> int:
                         help="with --init-from: keep its vision tower and SAM 2, start the language side afresh")
     parser.add_argument("--untie-embeddings", action="store_true",
                         help="with --init-from: give the LM head its own weights, re-draw the shape words' embeddings")
-    parser.add_argument("--freeze-sam", type=int, default=0, metavar="STEPS",
-                        help="hold SAM 2 for the first STEPS steps, while the seg tokens learn to prompt it")
+    parser.add_argument("--hold", nargs="+", default=[], metavar="MODULE=STEPS",
+                        help="keep a module as it is for the first STEPS steps, e.g. sam2=100 seg_head=1000")
     parser.add_argument("--refit-seg-head", action="store_true",
                         help="with --init-from: re-initialise seg_head to read what varies in the seg state")
     parser.add_argument("--fresh-decoder", action="store_true",
@@ -561,7 +563,7 @@ def main(argv=None) -> int:
           accum=args.accum, save_every=args.save_every, resume=not args.no_resume, max_minutes=args.max_minutes,
           qa_prob=args.qa_prob, video_prob=args.video_prob, frames=tuple(args.frames),
           turns=tuple(args.turns) if args.turns else None, init_from=args.init_from, batch_size=args.batch_size,
-          reset_llm=args.reset_llm, untie=args.untie_embeddings, freeze_sam=args.freeze_sam,
+          reset_llm=args.reset_llm, untie=args.untie_embeddings, hold={k: int(v) for k, v in (h.split("=") for h in args.hold)},
           refit_seg=args.refit_seg_head, fresh_decoder=args.fresh_decoder)  # fmt: skip
     return 0
 
