@@ -248,3 +248,18 @@ def test_refit_seg_head_reads_what_varies_in_the_seg_states(tiny_checkpoint):
         first = model.seg_head[1](model.seg_head[0](states))
     assert first.mean(0).abs().max() < 1e-3 * first.abs().max()
     assert 0.3 < float(first.std()) < 3.0
+
+
+def test_color_prompted_images_join_each_training_step(tiny_checkpoint, tmp_path):
+    """With the SAM stage's color prompts, every step also segments images by those prompts and
+    logs that loss next to the others."""
+    from unipixel.train.sam_stage import run
+    from unipixel.train.trainer import train
+
+    run(tiny_checkpoint, tmp_path / "sam", steps=1, batch_size=1, warmup=1)
+    prompts = tmp_path / "sam" / "color_tokens.pt"
+    train(tmp_path / "joint", 1, init_from=tiny_checkpoint, lr=1e-3, warmup=1, video_prob=0.0, turns=(1, 2),
+          color_prompts=prompts, prompted=2)  # fmt: skip
+    row = json.loads((tmp_path / "joint" / "train_log.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(row["prompted"]) and row["prompted"] > 0
+    assert np.isfinite(row["lm"]) and row["total"] > row["prompted"]

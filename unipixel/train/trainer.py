@@ -415,9 +415,14 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            video_prob: float = 0.5, frames=FRAMES, qa_prob: float = 0.0,
            turns: tuple[int, int] | None = None, init_from: str | Path | None = None, batch_size: int = 1,
            reset_llm: bool = False, untie: bool = False, hold: dict[str, int] | None = None,
-           refit_seg: bool = False, fresh_decoder: bool = False, rank: int = 0, workers: int = 1) -> None:
+           refit_seg: bool = False, fresh_decoder: bool = False, color_prompts: str | Path | None = None,
+           prompted: int = 4, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
+    if color_prompts is not None:  # fixed prompts SAM 2 must keep answering to (see sam_stage)
+        from .sam_stage import scene_losses  # sam_stage builds on this module
+
+        color_prompts = torch.load(color_prompts)["tokens"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     last = latest_checkpoint(out_dir) if resume else None
     if last is not None or init_from is not None:
@@ -464,6 +469,10 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
             rng = scene_rng(TRAIN_STREAM, seed, (step * workers + rank) * accum + micro)
             batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns)
             losses = batch_losses(model, processor, batch)
+            if color_prompts is not None:
+                parts = [scene_losses(model, make_scene(rng, 1), "color", color_prompts, rng) for _ in range(prompted)]
+                losses["prompted"] = total_mask_loss({k: sum(q[k] for q in parts) / prompted for k in parts[0]})
+                losses["total"] = losses["total"] + losses["prompted"]
             (losses["total"] / accum).backward()
             for k, v in losses.items():
                 meter[k] += float(v.detach())
@@ -551,6 +560,9 @@ def main(argv=None) -> int:
                         help="with --init-from: re-initialise seg_head to read what varies in the seg state")
     parser.add_argument("--fresh-decoder", action="store_true",
                         help="with --init-from: re-initialise SAM 2's mask decoder (image encoder and memory kept)")
+    parser.add_argument("--color-prompts", type=Path, default=None, metavar="PT",
+                        help="color_tokens.pt of the SAM stage: each step also segments --prompted images by them")
+    parser.add_argument("--prompted", type=int, default=4, help="color-prompted images per step and process")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
@@ -564,7 +576,8 @@ def main(argv=None) -> int:
           qa_prob=args.qa_prob, video_prob=args.video_prob, frames=tuple(args.frames),
           turns=tuple(args.turns) if args.turns else None, init_from=args.init_from, batch_size=args.batch_size,
           reset_llm=args.reset_llm, untie=args.untie_embeddings, hold={k: int(v) for k, v in (h.split("=") for h in args.hold)},
-          refit_seg=args.refit_seg_head, fresh_decoder=args.fresh_decoder)  # fmt: skip
+          refit_seg=args.refit_seg_head, fresh_decoder=args.fresh_decoder,
+          color_prompts=args.color_prompts, prompted=args.prompted)  # fmt: skip
     return 0
 
 
