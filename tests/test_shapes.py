@@ -195,7 +195,8 @@ def test_the_prompted_sam_stage_moves_only_sam2(tiny_checkpoint, tmp_path):
     """One step of the prompted SAM 2 stage (color, point and box prompts through the seg-token
     path) trains SAM 2 and nothing else, logs finite losses and saves a checkpoint to start from."""
     from unipixel import load_model
-    from unipixel.train.sam_stage import object_tokens, run
+    from unipixel.train.sam_prompts import object_tokens
+    from unipixel.train.sam_stage import run
 
     model, _ = load_model(str(tiny_checkpoint), device="cpu")
     sam, scene = model.sam2, make_scene(np.random.default_rng(4), 1, num_objects=2)

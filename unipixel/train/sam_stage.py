@@ -25,40 +25,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..model import RefPrompt, load_model
-from .conversations import ref_spec
+from ..model import load_model
 from .losses import total_mask_loss
+from .sam_prompts import KINDS, scene_losses
 from .scenes import COLORS, make_scene
-from .trainer import TRAIN_STREAM, fresh_mask_decoder, lr_at, save_checkpoint, scene_rng, track_with_grad
+from .trainer import TRAIN_STREAM, fresh_mask_decoder, lr_at, save_checkpoint, scene_rng
 
 SAM_STAGE_SEED = 7  # its own seed within the training stream: scenes differ from the trainer's
-KINDS = ("color", "point", "box")
-
-
-def object_tokens(sam, obj, kind: str, color_tokens: torch.Tensor, rng, height: int, width: int) -> torch.Tensor:
-    """The [2, s] prompt tokens for one object on frame 0."""
-    if kind == "color":
-        return color_tokens[list(COLORS).index(obj.color)]
-    spec = ref_spec(obj, 0, kind, rng, jitter=0.1 if kind == "box" else 0.0)
-    p = RefPrompt.from_pixels(0, height, width, sam.image_size, point=spec.point, box=spec.box)
-    if kind == "point":  # the prompt encoder pads a lone point to two tokens
-        sparse, _ = sam.sam_prompt_encoder(points=(p.coords[None], p.labels[None]), boxes=None, masks=None)
-    else:
-        sparse, _ = sam.sam_prompt_encoder(points=None, boxes=p.coords.reshape(1, 4), masks=None)
-    return sparse[0]
-
-
-def scene_losses(model, scene, kind: str, color_tokens: torch.Tensor, rng) -> dict:
-    """Mask losses of every object of an image scene, each under its own prompt of `kind`."""
-    sam = model.sam2
-    height, width = scene.frames.shape[1:3]
-    tokens = torch.stack([object_tokens(sam, o, kind, color_tokens, rng, height, width) for o in scene.objects])
-    images = model.prepare_sam2_video(scene.frames, cache=False).images
-    targets = torch.from_numpy(np.stack([o.masks for o in scene.objects])).float()
-    return track_with_grad(model, images, tokens, targets, height, width)
 
 
 def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,

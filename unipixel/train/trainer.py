@@ -13,7 +13,6 @@ Checkpoints are Hugging Face folders (`checkpoint-STEP/`, plus `trainer_state.pt
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import shutil
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sam2.modeling.sam.prompt_encoder import PromptEncoder
 
@@ -35,7 +33,8 @@ from ..model import processing as P
 from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import make_conversation
-from .losses import lm_loss, sam_losses, total_mask_loss
+from .losses import lm_loss, total_mask_loss
+from .sam_prompts import scene_losses, track_with_grad
 from .scenes import SHAPES, make_scene
 
 TRAIN_STREAM = 0  # seed-sequence tags: training scenes and held-out evaluation scenes never overlap
@@ -187,48 +186,6 @@ def tokenize_with_labels(processor, messages: list[dict], grid) -> dict:
     return inputs
 
 
-def track_with_grad(model, images: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, height: int, width: int):
-    """SAM 2 on all frames for B objects, differentiable, the way `PixelSAM2VideoPredictor.segment`
-    runs it: frame 0 is an initial conditioning frame prompted by the seg tokens, later frames track
-    with memory; memory features pass through bfloat16 as the predictor stores them.
-
-    images [T, 3, S, S] normalised, tokens [B, k, s], targets [B, T, H, W] -> summed loss parts.
-    """
-    sam = model.sam2
-    num_frames, batch = images.shape[0], tokens.shape[0]
-    backbone = sam.forward_image(images)
-    output_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-    decoded = []
-    hook = sam.sam_mask_decoder.register_forward_hook(lambda m, a, out: decoded.append(out))
-    parts = defaultdict(float)
-    try:
-        for t in range(num_frames):
-            frame = {
-                key: [x[t : t + 1].expand(batch, -1, -1, -1) for x in backbone[key]]
-                for key in ("backbone_fpn", "vision_pos_enc")
-            }
-            _, feats, pos, sizes = sam._prepare_backbone_features(frame)
-            prompt = sam._seg_prompt(tokens) if t == 0 else contextlib.nullcontext()
-            with prompt:
-                out = sam.track_step(
-                    frame_idx=t, is_init_cond_frame=t == 0, current_vision_feats=feats,
-                    current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None, mask_inputs=None,
-                    output_dict=output_dict, num_frames=num_frames, run_mem_encoder=t < num_frames - 1,
-                )  # fmt: skip
-            if out["maskmem_features"] is not None:
-                out["maskmem_features"] = out["maskmem_features"].to(torch.bfloat16).float()
-            output_dict["cond_frame_outputs" if t == 0 else "non_cond_frame_outputs"][t] = out
-            masks, ious, _, score = decoded[-1]
-            # The predictor resizes the low-res logits straight to the video size.
-            logits = F.interpolate(masks.float(), size=(height, width), mode="bilinear", align_corners=False)
-            for k, v in sam_losses(logits, ious.float(), score, targets[:, t]).items():
-                parts[k] = parts[k] + v
-    finally:
-        hook.remove()
-    norm = batch * num_frames
-    return {k: v / norm for k, v in parts.items()}
-
-
 def _pad(rows: list[torch.Tensor], value) -> torch.Tensor:
     """[1, L_i, ...] tensors -> [B, max L, ...], right-padded."""
     out = rows[0].new_full((len(rows), max(r.shape[1] for r in rows), *rows[0].shape[2:]), value)
@@ -237,13 +194,12 @@ def _pad(rows: list[torch.Tensor], value) -> torch.Tensor:
     return out
 
 
-def batch_losses(model, processor, batch: list[tuple]) -> dict:
-    """LM + mask losses of a batch of (scene, conversation) pairs.
+def lm_forward(model, processor, batch: list[tuple]):
+    """The language model once over a right-padded batch of (scene, conversation) pairs.
 
-    Each conversation's vision features and `<|ref|>`/`<|mem|>` embeddings are built on its own; the
-    language model then runs once over the right-padded batch (small batches of one conversation
-    are too noisy for its attention to learn to look anything up). The LM loss averages over all
-    assistant tokens of the batch, the mask losses over the conversations that have `<|seg|>` targets.
+    Each conversation's vision features and `<|ref|>`/`<|mem|>` embeddings are built on its own.
+    Returns the output, the padded ids and assistant-token mask, and the last hidden states
+    (before the final norm: what `seg_head` reads).
     """
     device = model.device
     rows, grids, mm_embeds, seconds = [], [], [], []
@@ -275,6 +231,19 @@ def batch_losses(model, processor, batch: list[tuple]) -> dict:
             second_per_grid_ts=torch.cat(seconds),
             mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=(torch.cat(mm_embeds),))},
         )
+    return out, ids, label_mask, states[0]
+
+
+def batch_losses(model, processor, batch: list[tuple]) -> dict:
+    """LM + mask losses of a batch of (scene, conversation) pairs.
+
+    The language model runs once over the padded batch (`lm_forward`; small batches of one
+    conversation are too noisy for its attention to learn to look anything up). The LM loss averages
+    over all assistant tokens of the batch, the mask losses over the conversations that have
+    `<|seg|>` targets.
+    """
+    device = model.device
+    out, ids, label_mask, states = lm_forward(model, processor, batch)
     losses = {"lm": lm_loss(out.logits, ids, label_mask)}
     with torch.no_grad():  # teacher-forced accuracy of the assistant tokens, for the log
         keep = label_mask[:, 1:]
@@ -284,7 +253,7 @@ def batch_losses(model, processor, batch: list[tuple]) -> dict:
     for b, (scene, conv) in enumerate(batch):
         if not conv.seg_targets:
             continue
-        hidden = states[0][b, :-1][ids[b, 1:] == seg_id]
+        hidden = states[b, :-1][ids[b, 1:] == seg_id]
         tokens = model.seg_head(hidden).view(len(conv.seg_targets), model.config.sam2_hidden_tokens, -1)
         images = model.prepare_sam2_video(scene.frames, cache=False).images
         targets = torch.from_numpy(np.stack(conv.seg_targets)).float().to(device)
@@ -301,19 +270,14 @@ def batch_losses(model, processor, batch: list[tuple]) -> dict:
 
 def seg_states(model, processor, seed: int = 0, num: int = 48) -> torch.Tensor:
     """The language model's last states at the seg positions of `num` referring conversations."""
-    states = []
-    hook = model.seg_head.register_forward_pre_hook(lambda m, args: states.append(args[0].detach()))
     rng = scene_rng(TRAIN_STREAM, seed, 10**9)  # an index no training step reaches
     batch = []
     for _ in range(num):
         scene = make_scene(rng, 1)
         batch.append((scene, make_conversation(scene, rng, tasks=["referring"])))
-    try:
-        with torch.no_grad():
-            batch_losses(model, processor, batch)
-    finally:
-        hook.remove()
-    return torch.cat(states).float()
+    with torch.no_grad():
+        _, ids, _, states = lm_forward(model, processor, batch)
+    return states[:, :-1][ids[:, 1:] == model.config.seg_token_id].float()
 
 
 def refit_seg_head(model, states: torch.Tensor) -> float:
@@ -420,8 +384,6 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     if color_prompts is not None:  # fixed prompts SAM 2 must keep answering to (see sam_stage)
-        from .sam_stage import scene_losses  # sam_stage builds on this module
-
         color_prompts = torch.load(color_prompts)["tokens"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     last = latest_checkpoint(out_dir) if resume else None
@@ -575,8 +537,8 @@ def main(argv=None) -> int:
           accum=args.accum, save_every=args.save_every, resume=not args.no_resume, max_minutes=args.max_minutes,
           qa_prob=args.qa_prob, video_prob=args.video_prob, frames=tuple(args.frames),
           turns=tuple(args.turns) if args.turns else None, init_from=args.init_from, batch_size=args.batch_size,
-          reset_llm=args.reset_llm, untie=args.untie_embeddings, hold={k: int(v) for k, v in (h.split("=") for h in args.hold)},
-          refit_seg=args.refit_seg_head, fresh_decoder=args.fresh_decoder,
+          reset_llm=args.reset_llm, untie=args.untie_embeddings,
+          hold={name: int(until) for name, until in (h.split("=") for h in args.hold)}, refit_seg=args.refit_seg_head, fresh_decoder=args.fresh_decoder,
           color_prompts=args.color_prompts, prompted=args.prompted)  # fmt: skip
     return 0
 
