@@ -11,7 +11,7 @@ import torch
 from unipixel.model import processing as P
 from unipixel.train.conversations import make_conversation
 from unipixel.train.scenes import COLORS, SHAPES, make_scene
-from unipixel.train.trainer import batch_losses, scene_rng, tokenize_with_labels, track_with_grad
+from unipixel.train.trainer import batch_losses, lm_forward, scene_rng, tokenize_with_labels, track_with_grad
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "unipixel-shapes"
 
@@ -37,7 +37,7 @@ def test_conversation_wording_and_labels(tiny_model):
     assert user[0].endswith(P.PIXELQA_SUFFIX) and user[0].startswith("[1] <|ref|>")
     assert re.match(r"Here is an image with the following highlighted regions:\n\[(\d)\]: <1> <\|mem\|>\n.*\[\1\]", user[1])
     assert user[2].endswith("[0]: <1> <|mem|>\nPlease describe the highlighted region.")
-    assert len(conv.mem_masks) == 2 and len(conv.seg_targets) == len(conv.refs) >= 1
+    assert len(conv.mem_masks) == 2 and len(conv.seg_objects) == len(conv.refs) >= 1
     vision = P.encode_frames(processor, scene.frames)
     inputs = tokenize_with_labels(processor, conv.messages, vision["video_grid_thw"])
     supervised = processor.tokenizer.decode(inputs["input_ids"][0][inputs["label_mask"][0]])
@@ -264,3 +264,29 @@ def test_color_prompted_images_join_each_training_step(tiny_checkpoint, tmp_path
     row = json.loads((tmp_path / "joint" / "train_log.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(row["prompted"]) and row["prompted"] > 0
     assert np.isfinite(row["lm"]) and row["total"] > row["prompted"]
+
+
+def test_distill_pulls_each_seg_prompt_toward_its_color_prompt(tiny_model):
+    """`distill` adds the mean squared distance between each seg prompt and the color prompt of the
+    object it must segment; the total counts it at that weight, and its gradient reaches seg_head."""
+    from unipixel.train.sam_prompts import COLOR_NAMES
+
+    model, processor = tiny_model
+    rng = scene_rng(0, 0, 11)
+    scene = make_scene(rng, 1, num_objects=3)
+    conv = make_conversation(scene, rng, tasks=["referring", "referring"])
+    prompts = torch.randn(len(COLOR_NAMES), model.config.sam2_hidden_tokens, model.sam2.hidden_dim)
+    try:
+        plain = batch_losses(model, processor, [(scene, conv)])
+        pulled = batch_losses(model, processor, [(scene, conv)], prompts, distill=0.5)
+        assert "distill" not in plain
+        _, ids, _, states = lm_forward(model, processor, [(scene, conv)])
+        seg = model.seg_head(states[0, :-1][ids[0, 1:] == model.config.seg_token_id]).view(2, 2, -1)
+        wanted = prompts[[COLOR_NAMES.index(o.color) for o in conv.seg_objects]]
+        assert torch.allclose(pulled["distill"], (seg - wanted).pow(2).mean(), rtol=1e-4)
+        assert torch.allclose(pulled["total"], plain["total"] + 0.5 * pulled["distill"], rtol=1e-4)
+        model.zero_grad(set_to_none=True)
+        pulled["distill"].backward()
+        assert model.seg_head[3].weight.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)

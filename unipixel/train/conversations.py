@@ -35,7 +35,7 @@ class Conversation:
     messages: list[dict] = field(default_factory=list)
     refs: list[RefSpec] = field(default_factory=list)  # one per `<|ref|>`, in order
     mem_masks: list[np.ndarray] = field(default_factory=list)  # [T, H, W] per `<|mem|>` object, in order
-    seg_targets: list[np.ndarray] = field(default_factory=list)  # [T, H, W] ground truth per `<|seg|>`
+    seg_objects: list[SceneObject] = field(default_factory=list)  # the ground truth of each `<|seg|>`, in order
     tasks: list[str] = field(default_factory=list)
 
 
@@ -160,7 +160,7 @@ class ConversationBuilder:
             pa, pb = self._phrase(a), self._phrase(b)
             self._add_turn("referring", f"Please segment the {pa} and the {pb}.",
                            f"The {a.name} <|seg|> and the {b.name} <|seg|>.")
-            self.conv.seg_targets += [a.masks, b.masks]
+            self.conv.seg_objects += [a, b]
             return
         obj = self._pick_unreferred()
         phrase = self._phrase(obj)
@@ -174,7 +174,7 @@ class ConversationBuilder:
         # Naming the object right before `<|seg|>` puts it in the state the seg head reads.
         answer = f"{'The' if self.rng.random() < 0.8 else 'Sure, the'} {obj.name} <|seg|>."
         self._add_turn("referring", question, answer)
-        self.conv.seg_targets.append(obj.masks)
+        self.conv.seg_objects.append(obj)
 
     def reasoning(self) -> None:
         """'Which shape moves left?' (videos) or 'Which shape is the largest?' (images)."""
@@ -200,7 +200,7 @@ class ConversationBuilder:
             return self.referring()
         question, obj = options[self.rng.integers(len(options))]
         self._add_turn("reasoning", question + MASK_SUFFIX, f"It is the {obj.name} <|seg|>.")
-        self.conv.seg_targets.append(obj.masks)
+        self.conv.seg_objects.append(obj)
 
     def region(self) -> None:
         obj = self._pick()
@@ -221,7 +221,7 @@ class ConversationBuilder:
             i = 1 + len(self.known)
             self.known[i] = obj
             ids.append(i)
-            self.conv.seg_targets.append(obj.masks)
+            self.conv.seg_objects.append(obj)
         if not ids:
             return self.referring()
         question = " ".join(f"[{i}] <|ref|>" for i in ids) + P.PIXELQA_SUFFIX

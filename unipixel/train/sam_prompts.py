@@ -15,6 +15,7 @@ from .losses import sam_losses
 from .scenes import COLORS
 
 KINDS = ("color", "point", "box")
+COLOR_NAMES = list(COLORS)  # the row order of the learned color prompts
 
 
 def track_with_grad(model, images: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, height: int, width: int):
@@ -62,7 +63,7 @@ def track_with_grad(model, images: torch.Tensor, tokens: torch.Tensor, targets: 
 def object_tokens(sam, obj, kind: str, color_tokens: torch.Tensor, rng, height: int, width: int) -> torch.Tensor:
     """The [2, s] prompt tokens for one object on frame 0."""
     if kind == "color":
-        return color_tokens[list(COLORS).index(obj.color)]
+        return color_tokens[COLOR_NAMES.index(obj.color)]
     spec = ref_spec(obj, 0, kind, rng, jitter=0.1 if kind == "box" else 0.0)
     p = RefPrompt.from_pixels(0, height, width, sam.image_size, point=spec.point, box=spec.box)
     if kind == "point":  # the prompt encoder pads a lone point to two tokens

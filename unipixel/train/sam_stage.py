@@ -29,7 +29,7 @@ import torch
 
 from ..model import load_model
 from .losses import total_mask_loss
-from .sam_prompts import KINDS, scene_losses
+from .sam_prompts import COLOR_NAMES, KINDS, scene_losses
 from .scenes import COLORS, make_scene
 from .trainer import TRAIN_STREAM, fresh_mask_decoder, lr_at, save_checkpoint, scene_rng
 
@@ -80,7 +80,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
             break
     log.close()
     # Kept beside the checkpoint: prompts this SAM 2 answers to, for later stages that want them.
-    torch.save({"colors": list(COLORS), "tokens": color_tokens.detach()}, out_dir / "color_tokens.pt")
+    torch.save({"colors": COLOR_NAMES, "tokens": color_tokens.detach()}, out_dir / "color_tokens.pt")
     return save_checkpoint(model, processor, optimizer, step, out_dir)
 
 

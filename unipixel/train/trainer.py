@@ -34,7 +34,7 @@ from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import make_conversation
 from .losses import lm_loss, total_mask_loss
-from .sam_prompts import scene_losses, track_with_grad
+from .sam_prompts import COLOR_NAMES, scene_losses, track_with_grad
 from .scenes import SHAPES, make_scene
 
 TRAIN_STREAM = 0  # seed-sequence tags: training scenes and held-out evaluation scenes never overlap
@@ -234,13 +234,19 @@ def lm_forward(model, processor, batch: list[tuple]):
     return out, ids, label_mask, states[0]
 
 
-def batch_losses(model, processor, batch: list[tuple]) -> dict:
+def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tensor | None = None,
+                 distill: float = 0.0) -> dict:
     """LM + mask losses of a batch of (scene, conversation) pairs.
 
     The language model runs once over the padded batch (`lm_forward`; small batches of one
     conversation are too noisy for its attention to learn to look anything up). The LM loss averages
     over all assistant tokens of the batch, the mask losses over the conversations that have
     `<|seg|>` targets.
+
+    With `distill` > 0, every seg prompt is also pulled (mean squared error, that weight) toward the
+    SAM stage's learned prompt for its object's color (`color_prompts` [colors, k, s]): a SAM 2 that
+    answers to those prompts gives the mask loss no slope from a prompt far from them, so without a
+    target the seg prompts settle on one that segments the whole foreground.
     """
     device = model.device
     out, ids, label_mask, states = lm_forward(model, processor, batch)
@@ -249,14 +255,17 @@ def batch_losses(model, processor, batch: list[tuple]) -> dict:
         keep = label_mask[:, 1:]
         losses["acc"] = (out.logits[:, :-1].argmax(-1)[keep] == ids[:, 1:][keep]).float().mean()
     mask_parts, seg_id = defaultdict(float), model.config.seg_token_id
-    segmented = 0
+    segmented, pulls = 0, []
     for b, (scene, conv) in enumerate(batch):
-        if not conv.seg_targets:
+        if not conv.seg_objects:
             continue
         hidden = states[b, :-1][ids[b, 1:] == seg_id]
-        tokens = model.seg_head(hidden).view(len(conv.seg_targets), model.config.sam2_hidden_tokens, -1)
+        tokens = model.seg_head(hidden).view(len(conv.seg_objects), model.config.sam2_hidden_tokens, -1)
+        if distill:
+            wanted = color_prompts[[COLOR_NAMES.index(o.color) for o in conv.seg_objects]].to(tokens)
+            pulls.append((tokens - wanted).pow(2).mean((1, 2)))
         images = model.prepare_sam2_video(scene.frames, cache=False).images
-        targets = torch.from_numpy(np.stack(conv.seg_targets)).float().to(device)
+        targets = torch.from_numpy(np.stack([o.masks for o in conv.seg_objects])).float().to(device)
         for k, v in track_with_grad(model, images, tokens, targets, *scene.frames.shape[1:3]).items():
             mask_parts[k] = mask_parts[k] + v
         segmented += 1
@@ -264,7 +273,9 @@ def batch_losses(model, processor, batch: list[tuple]) -> dict:
         losses.update({k: v / segmented for k, v in mask_parts.items()})
         losses["mask"] = total_mask_loss(losses)
         losses["jaccard"] = losses["jaccard"].detach()
-    losses["total"] = losses["lm"] + losses.get("mask", 0.0)
+    if pulls:
+        losses["distill"] = torch.cat(pulls).mean()
+    losses["total"] = losses["lm"] + losses.get("mask", 0.0) + distill * losses.get("distill", 0.0)
     return losses
 
 
@@ -380,7 +391,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            turns: tuple[int, int] | None = None, init_from: str | Path | None = None, batch_size: int = 1,
            reset_llm: bool = False, untie: bool = False, hold: dict[str, int] | None = None,
            refit_seg: bool = False, fresh_decoder: bool = False, color_prompts: str | Path | None = None,
-           prompted: int = 4, rank: int = 0, workers: int = 1) -> None:
+           prompted: int = 4, distill: float = 0.0, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     if color_prompts is not None:  # fixed prompts SAM 2 must keep answering to (see sam_stage)
@@ -430,8 +441,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         for micro in range(accum):
             rng = scene_rng(TRAIN_STREAM, seed, (step * workers + rank) * accum + micro)
             batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns)
-            losses = batch_losses(model, processor, batch)
-            if color_prompts is not None:
+            losses = batch_losses(model, processor, batch, color_prompts, distill)
+            if color_prompts is not None and prompted:
                 parts = [scene_losses(model, make_scene(rng, 1), "color", color_prompts, rng) for _ in range(prompted)]
                 losses["prompted"] = total_mask_loss({k: sum(q[k] for q in parts) / prompted for k in parts[0]})
                 losses["total"] = losses["total"] + losses["prompted"]
@@ -525,6 +536,8 @@ def main(argv=None) -> int:
     parser.add_argument("--color-prompts", type=Path, default=None, metavar="PT",
                         help="color_tokens.pt of the SAM stage: each step also segments --prompted images by them")
     parser.add_argument("--prompted", type=int, default=4, help="color-prompted images per step and process")
+    parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
+                        help="with --color-prompts: pull each seg prompt toward its object's color prompt")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
@@ -539,7 +552,7 @@ def main(argv=None) -> int:
           turns=tuple(args.turns) if args.turns else None, init_from=args.init_from, batch_size=args.batch_size,
           reset_llm=args.reset_llm, untie=args.untie_embeddings,
           hold={name: int(until) for name, until in (h.split("=") for h in args.hold)}, refit_seg=args.refit_seg_head, fresh_decoder=args.fresh_decoder,
-          color_prompts=args.color_prompts, prompted=args.prompted)  # fmt: skip
+          color_prompts=args.color_prompts, prompted=args.prompted, distill=args.distill)  # fmt: skip
     return 0
 
 
