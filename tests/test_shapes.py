@@ -241,7 +241,8 @@ def test_refit_seg_head_reads_what_varies_in_the_seg_states(tiny_checkpoint):
     from unipixel.train.trainer import refit_seg_head, seg_states
 
     model, processor = load_model(str(tiny_checkpoint), device="cpu")
-    states = seg_states(model, processor, num=6)
+    states, colors = seg_states(model, processor, num=6, chunk=4)
+    assert colors.shape == states.shape[:1] and 0 <= int(colors.min()) and int(colors.max()) < 8
     assert states.ndim == 2 and states.shape[0] >= 6 and states.shape[1] == model.config.text_config.hidden_size
     share = refit_seg_head(model, states)
     assert 0.0 < share < 1.0
@@ -290,3 +291,26 @@ def test_distill_pulls_each_seg_prompt_toward_its_color_prompt(tiny_model):
         assert model.seg_head[3].weight.grad.abs().sum() > 0
     finally:
         model.zero_grad(set_to_none=True)
+
+
+def test_fit_seg_head_maps_seg_states_onto_their_color_prompts(tiny_checkpoint):
+    """The fit moves only seg_head, and brings its prompts from the seg states well below the error of
+    the refitted head toward each object's color prompt."""
+    from unipixel import load_model
+    from unipixel.train.sam_prompts import COLOR_NAMES
+    from unipixel.train.trainer import fit_seg_head, refit_seg_head, seg_states
+
+    model, processor = load_model(str(tiny_checkpoint), device="cpu")
+    states, colors = seg_states(model, processor, num=24)
+    refit_seg_head(model, states)
+    prompts = torch.randn(len(COLOR_NAMES), model.config.sam2_hidden_tokens, model.sam2.hidden_dim,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    wanted = prompts[colors]
+    with torch.no_grad():
+        before = float((model.seg_head(states).view_as(wanted) - wanted).pow(2).mean())
+    others = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("seg_head.")}
+    error = fit_seg_head(model, states, colors, prompts, steps=200, lr=3e-3)
+    with torch.no_grad():
+        after = float((model.seg_head(states).view_as(wanted) - wanted).pow(2).mean())
+    assert after == pytest.approx(error, rel=0.05) and after < 0.5 * before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in others.items())
