@@ -60,10 +60,15 @@ def track_with_grad(model, images: torch.Tensor, tokens: torch.Tensor, targets: 
     return {k: v / norm for k, v in parts.items()}
 
 
+def color_prompts_of(objects, color_tokens: torch.Tensor) -> torch.Tensor:
+    """The learned color prompts [n, k, s] of `objects` (`color_tokens` rows in `COLOR_NAMES` order)."""
+    return color_tokens[[COLOR_NAMES.index(o.color) for o in objects]]
+
+
 def object_tokens(sam, obj, kind: str, color_tokens: torch.Tensor, rng, height: int, width: int) -> torch.Tensor:
     """The [2, s] prompt tokens for one object on frame 0."""
     if kind == "color":
-        return color_tokens[COLOR_NAMES.index(obj.color)]
+        return color_prompts_of([obj], color_tokens)[0]
     spec = ref_spec(obj, 0, kind, rng, jitter=0.1 if kind == "box" else 0.0)
     p = RefPrompt.from_pixels(0, height, width, sam.image_size, point=spec.point, box=spec.box)
     if kind == "point":  # the prompt encoder pads a lone point to two tokens

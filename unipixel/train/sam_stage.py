@@ -30,7 +30,7 @@ import torch
 from ..model import load_model
 from .losses import total_mask_loss
 from .sam_prompts import COLOR_NAMES, KINDS, scene_losses
-from .scenes import COLORS, make_scene
+from .scenes import make_scene
 from .trainer import TRAIN_STREAM, fresh_mask_decoder, lr_at, save_checkpoint, scene_rng
 
 SAM_STAGE_SEED = 7  # its own seed within the training stream: scenes differ from the trainer's
@@ -45,7 +45,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         fresh_mask_decoder(model, SAM_STAGE_SEED)
     model.eval()  # SAM 2's inference code paths, as in the trainer
     generator = torch.Generator().manual_seed(SAM_STAGE_SEED)
-    color_tokens = torch.nn.Parameter(torch.randn(len(COLORS), 2, model.sam2.hidden_dim, generator=generator))
+    color_tokens = torch.nn.Parameter(torch.randn(len(COLOR_NAMES), 2, model.sam2.hidden_dim, generator=generator))
     params = list(model.sam2.parameters()) + [color_tokens]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     began, step, meter = time.time(), 0, defaultdict(float)

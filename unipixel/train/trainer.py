@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sam2.modeling.sam.prompt_encoder import PromptEncoder
 
@@ -34,7 +35,7 @@ from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import make_conversation
 from .losses import lm_loss, total_mask_loss
-from .sam_prompts import COLOR_NAMES, scene_losses, track_with_grad
+from .sam_prompts import COLOR_NAMES, color_prompts_of, scene_losses, track_with_grad
 from .scenes import SHAPES, make_scene
 
 TRAIN_STREAM = 0  # seed-sequence tags: training scenes and held-out evaluation scenes never overlap
@@ -255,15 +256,15 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         keep = label_mask[:, 1:]
         losses["acc"] = (out.logits[:, :-1].argmax(-1)[keep] == ids[:, 1:][keep]).float().mean()
     mask_parts, seg_id = defaultdict(float), model.config.seg_token_id
-    segmented, pulls = 0, []
+    segmented, seg_prompts, wanted = 0, [], []
     for b, (scene, conv) in enumerate(batch):
         if not conv.seg_objects:
             continue
         hidden = states[b, :-1][ids[b, 1:] == seg_id]
         tokens = model.seg_head(hidden).view(len(conv.seg_objects), model.config.sam2_hidden_tokens, -1)
         if distill:
-            wanted = color_prompts[[COLOR_NAMES.index(o.color) for o in conv.seg_objects]].to(tokens)
-            pulls.append((tokens - wanted).pow(2).mean((1, 2)))
+            seg_prompts.append(tokens)
+            wanted.append(color_prompts_of(conv.seg_objects, color_prompts).to(tokens))
         images = model.prepare_sam2_video(scene.frames, cache=False).images
         targets = torch.from_numpy(np.stack([o.masks for o in conv.seg_objects])).float().to(device)
         for k, v in track_with_grad(model, images, tokens, targets, *scene.frames.shape[1:3]).items():
@@ -273,8 +274,8 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         losses.update({k: v / segmented for k, v in mask_parts.items()})
         losses["mask"] = total_mask_loss(losses)
         losses["jaccard"] = losses["jaccard"].detach()
-    if pulls:
-        losses["distill"] = torch.cat(pulls).mean()
+    if seg_prompts:
+        losses["distill"] = F.mse_loss(torch.cat(seg_prompts), torch.cat(wanted))
     losses["total"] = losses["lm"] + losses.get("mask", 0.0) + distill * losses.get("distill", 0.0)
     return losses
 
@@ -336,7 +337,7 @@ def fit_seg_head(model, states: torch.Tensor, colors: torch.Tensor, color_prompt
     params = list(model.seg_head.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
-        loss = (model.seg_head(states).view_as(wanted) - wanted).pow(2).mean()
+        loss = F.mse_loss(model.seg_head(states).view_as(wanted), wanted)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -580,6 +581,8 @@ def main(argv=None) -> int:
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
     args = parser.parse_args(argv)
+    if (args.distill or args.fit_seg_head) and args.color_prompts is None:
+        parser.error("--distill and --fit-seg-head need the SAM stage's --color-prompts")
     torch.set_num_threads(args.threads)
     if args.export is not None:
         print(export(latest_checkpoint(args.out_dir), args.export))
