@@ -314,3 +314,40 @@ def test_fit_seg_head_maps_seg_states_onto_their_color_prompts(tiny_checkpoint):
         after = float((model.seg_head(states).view_as(wanted) - wanted).pow(2).mean())
     assert after == pytest.approx(error, rel=0.05) and after < 0.5 * before
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in others.items())
+
+
+def test_the_vision_stage_moves_only_the_vision_side(tiny_checkpoint, tmp_path):
+    """The vision stage trains the vision tower and the `<|mem|>` projector under shape and color
+    classifiers; its keeping term starts at zero (the model is its own reference) and grows once
+    the tower moves; the rest of the model stays as it was."""
+    from unipixel import load_model
+    from unipixel.train.vision_stage import object_embeddings, run
+
+    model, processor = load_model(str(tiny_checkpoint), device="cpu")
+    scene = make_scene(np.random.default_rng(5), 1, num_objects=3)
+    embeds, mem = object_embeddings(model, processor, scene)
+    assert mem.shape == (3, model.config.text_config.hidden_size) and embeds.shape[1] == mem.shape[1]
+
+    out = run(tiny_checkpoint, tmp_path, steps=2, batch_size=2, warmup=1, lr=1e-2, log_every=1)
+    rows = [json.loads(r) for r in (tmp_path / "vision_stage_log.jsonl").read_text().splitlines()]
+    assert rows[0]["keep"] == 0 and rows[1]["keep"] > 0
+    assert all(np.isfinite(r["shape"]) and 0 <= r["shape_acc"] <= 1 for r in rows)
+    before = model.state_dict()
+    after = load_model(str(out), device="cpu")[0].state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert any(k.startswith("model.visual.blocks.") for k in moved) and any(k.startswith("msk_proj.") for k in moved)
+    assert all(k.startswith(("model.visual.", "msk_proj.")) for k in moved)
+
+
+def test_the_sam_stage_tracks_videos_under_fixed_color_prompts(tiny_checkpoint, tmp_path):
+    """With videos and the color prompts of an earlier SAM stage, the SAM stage trains tracking
+    (scored on the video scenes) and hands the same prompts on unchanged."""
+    from unipixel.train.sam_stage import run
+
+    table = torch.randn(len(COLORS), 2, 32)
+    torch.save({"colors": list(COLORS), "tokens": table}, tmp_path / "given.pt")
+    run(tiny_checkpoint, tmp_path / "out", steps=1, batch_size=2, warmup=1, video_prob=1.0, frames=(3,),
+        color_prompts=tmp_path / "given.pt", log_every=1)  # fmt: skip
+    row = json.loads((tmp_path / "out" / "sam_stage_log.jsonl").read_text().splitlines()[-1])
+    assert 0 <= row["jaccard_video"] <= 1 and np.isfinite(row["loss"])
+    assert torch.equal(torch.load(tmp_path / "out" / "color_tokens.pt")["tokens"], table)
