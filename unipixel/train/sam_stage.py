@@ -24,9 +24,6 @@ Jaccard of 0.89; point and box prompts stayed at 0.5 (the foreground) in that ti
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,6 +32,7 @@ import torch
 from ..model import load_model
 from .losses import total_mask_loss
 from .sam_prompts import COLOR_NAMES, KINDS, scene_losses
+from .stage_log import StageLog, stage_parser
 from .scenes import make_scene
 from .trainer import FRAMES, TRAIN_STREAM, fresh_mask_decoder, lr_at, save_checkpoint, scene_rng
 
@@ -58,8 +56,8 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         color_tokens = torch.nn.Parameter(torch.randn(len(COLOR_NAMES), 2, model.sam2.hidden_dim, generator=generator))
         params.append(color_tokens)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    began, step, meter = time.time(), 0, defaultdict(float)
-    log = open(out_dir / "sam_stage_log.jsonl", "a")
+    step, meter = 0, defaultdict(float)
+    log = StageLog(out_dir / "sam_stage_log.jsonl", max_minutes)
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
@@ -82,15 +80,10 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         optimizer.step()
         step += 1
         if step % log_every == 0 or step == steps:
-            row = {"step": step, "elapsed_s": round(time.time() - began, 1), "loss": round(loss.item(), 4)}
-            row.update({k: round(float(v.detach()), 4) for k, v in losses.items()})
-            row.update({f"jaccard_{k}": round(meter[k] / max(1, meter["n_" + k]), 4) for k in (*KINDS, "video")})
+            scores = {f"jaccard_{k}": round(meter[k] / max(1, meter["n_" + k]), 4) for k in (*KINDS, "video")}
+            log.write(step, loss, losses, **scores)
             meter.clear()
-            print(json.dumps(row), flush=True)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-        if max_minutes is not None and time.time() - began > 60 * max_minutes:
-            print(f"stopping at step {step}: {max_minutes} minutes are up", flush=True)
+        if log.out_of_time(step):
             break
     log.close()
     # Kept beside the checkpoint: prompts this SAM 2 answers to, for later stages that want them.
@@ -99,16 +92,10 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unipixel.train.sam_stage", description=__doc__.split("\n\n")[0])
-    parser.add_argument("init", type=Path, help="the checkpoint whose SAM 2 to train (the rest is kept as is)")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=16, help="images per step (every object is prompted)")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser = stage_parser("python -m unipixel.train.sam_stage", __doc__,
+                          "the checkpoint whose SAM 2 to train (the rest is kept as is)", steps=600, lr=5e-4,
+                          batch_help="scenes per step (every object is prompted)")  # fmt: skip
     parser.add_argument("--fresh-decoder", action="store_true", help="re-initialise SAM 2's mask decoder first")
-    parser.add_argument("--max-minutes", type=float, default=None)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--video-prob", type=float, default=0.0, help="share of scenes that are videos")
     parser.add_argument("--frames", type=int, nargs="+", default=list(FRAMES), help="frame counts of the videos")
     parser.add_argument("--color-prompts", type=Path, default=None, metavar="PT",

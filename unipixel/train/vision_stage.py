@@ -14,9 +14,6 @@ embeddings. The output is a whole-model checkpoint to `--init-from`.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +22,7 @@ import torch.nn.functional as F
 from ..model import load_model
 from ..model import processing as P
 from .scenes import COLORS, SHAPES, make_scene
+from .stage_log import StageLog, stage_parser
 from .trainer import TRAIN_STREAM, lr_at, save_checkpoint, scene_rng
 
 VISION_STAGE_SEED = 11  # its own seed within the training stream
@@ -67,7 +65,8 @@ class Probe(torch.nn.Module):
 
 
 def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
-        warmup: int = 20, keep: float = 1.0, max_minutes: float | None = None, log_every: int = 10) -> Path:  # fmt: skip
+        warmup: int = 20, keep: float = 1.0, objects: int = 4, max_minutes: float | None = None,
+        log_every: int = 10) -> Path:  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_model(str(init), device="cpu", dtype=torch.float32)
@@ -80,23 +79,22 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
     # The fresh classifiers learn 10x faster, so their early random gradients barely move the tower.
     groups = [{"params": params, "scale": 1.0}, {"params": list(probe.parameters()), "scale": 10.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    began, step = time.time(), 0
-    log = open(out_dir / "vision_stage_log.jsonl", "a")
+    step, log = 0, StageLog(out_dir / "vision_stage_log.jsonl", max_minutes)
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = group["scale"] * lr_at(step, steps, lr, warmup)
         rng = scene_rng(TRAIN_STREAM, VISION_STAGE_SEED, step)
-        totals, objects = {}, 0
+        totals, labelled = {}, 0
         for _ in range(batch_size):
-            scene = make_scene(rng, 1)
+            scene = make_scene(rng, 1, num_objects=objects)  # the most labels per image
             embeds, mem = object_embeddings(model, processor, scene)
             with torch.no_grad():
                 kept_embeds, kept_mem = object_embeddings(teacher, processor, scene)
             parts = probe(mem, scene)
             parts["keep"] = (relative_mse(embeds, kept_embeds) + relative_mse(mem, kept_mem)) * len(mem)
             totals = {k: totals.get(k, 0.0) + v for k, v in parts.items()}
-            objects += len(mem)
-        losses = {k: v / objects for k, v in totals.items()}  # per object
+            labelled += len(mem)
+        losses = {k: v / labelled for k, v in totals.items()}  # per object
         loss = losses["shape"] + losses["color"] + keep * losses["keep"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,32 +102,22 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         optimizer.step()
         step += 1
         if step % log_every == 0 or step == steps:
-            row = {"step": step, "elapsed_s": round(time.time() - began, 1), "loss": round(loss.item(), 4)}
-            row.update({k: round(float(v.detach()), 4) for k, v in losses.items()})
-            print(json.dumps(row), flush=True)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-        if max_minutes is not None and time.time() - began > 60 * max_minutes:
-            print(f"stopping at step {step}: {max_minutes} minutes are up", flush=True)
+            log.write(step, loss, losses)
+        if log.out_of_time(step):
             break
     log.close()
     return save_checkpoint(model, processor, optimizer, step, out_dir)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unipixel.train.vision_stage", description=__doc__.split("\n\n")[0])
-    parser.add_argument("init", type=Path, help="the checkpoint whose vision tower to train")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=16, help="images per step (every object is classified)")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser = stage_parser("python -m unipixel.train.vision_stage", __doc__, "the checkpoint whose vision tower to train",
+                          steps=600, lr=5e-4, batch_help="images per step (every object is classified)")  # fmt: skip
     parser.add_argument("--keep", type=float, default=1.0, help="weight of the feature-keeping term")
-    parser.add_argument("--max-minutes", type=float, default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--objects", type=int, default=4, help="shapes per image")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = run(args.init, args.out_dir, args.steps, args.batch_size, args.lr, args.warmup, args.keep, args.max_minutes)
+    path = run(args.init, args.out_dir, args.steps, args.batch_size, args.lr, args.warmup, args.keep, args.objects,
+               args.max_minutes)
     print(f"saved {path}")
     return 0
 
