@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 
 def stage_parser(prog: str, doc: str, init_help: str, steps: int, lr: float, batch_help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
@@ -26,9 +28,9 @@ class StageLog:
         self.file = open(path, "a")
         self.began, self.max_minutes = time.time(), max_minutes
 
-    def write(self, step: int, loss, losses: dict, **extra) -> None:
-        row = {"step": step, "elapsed_s": round(time.time() - self.began, 1), "loss": round(float(loss), 4)}
-        row.update({k: round(float(v.detach() if hasattr(v, "detach") else v), 4) for k, v in losses.items()})
+    def write(self, step: int, loss: torch.Tensor, losses: dict[str, torch.Tensor], **extra) -> None:
+        row = {"step": step, "elapsed_s": round(time.time() - self.began, 1), "loss": round(loss.item(), 4)}
+        row.update({k: round(v.item(), 4) for k, v in losses.items()})
         row.update(extra)
         print(json.dumps(row), flush=True)
         self.file.write(json.dumps(row) + "\n")
