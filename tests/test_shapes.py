@@ -325,7 +325,8 @@ def test_the_vision_stage_moves_only_the_vision_side(tiny_checkpoint, tmp_path):
 
     model, processor = load_model(str(tiny_checkpoint), device="cpu")
     scene = make_scene(np.random.default_rng(5), 1, num_objects=3)
-    embeds, mem = object_embeddings(model, processor, scene)
+    masks = [torch.from_numpy(o.masks) for o in scene.objects]
+    embeds, mem = object_embeddings(model, P.encode_frames(processor, scene.frames), masks)
     assert mem.shape == (3, model.config.text_config.hidden_size) and embeds.shape[1] == mem.shape[1]
 
     out = run(tiny_checkpoint, tmp_path, steps=2, batch_size=2, warmup=1, lr=1e-2, log_every=1)

@@ -60,6 +60,15 @@ def track_with_grad(model, images: torch.Tensor, tokens: torch.Tensor, targets: 
     return {k: v / norm for k, v in parts.items()}
 
 
+def save_color_prompts(color_tokens: torch.Tensor, path) -> None:
+    torch.save({"colors": COLOR_NAMES, "tokens": color_tokens.detach()}, path)
+
+
+def load_color_prompts(path) -> torch.Tensor:
+    """The [colors, k, s] prompts a SAM stage saved (`color_tokens.pt`), rows in `COLOR_NAMES` order."""
+    return torch.load(path)["tokens"]
+
+
 def color_prompts_of(objects, color_tokens: torch.Tensor) -> torch.Tensor:
     """The learned color prompts [n, k, s] of `objects` (`color_tokens` rows in `COLOR_NAMES` order)."""
     return color_tokens[[COLOR_NAMES.index(o.color) for o in objects]]

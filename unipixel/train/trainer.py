@@ -35,7 +35,7 @@ from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import make_conversation
 from .losses import lm_loss, total_mask_loss
-from .sam_prompts import COLOR_NAMES, color_prompts_of, scene_losses, track_with_grad
+from .sam_prompts import COLOR_NAMES, color_prompts_of, load_color_prompts, scene_losses, track_with_grad
 from .scenes import SHAPES, make_scene
 
 TRAIN_STREAM = 0  # seed-sequence tags: training scenes and held-out evaluation scenes never overlap
@@ -341,8 +341,7 @@ def fit_seg_head(model, states: torch.Tensor, colors: torch.Tensor, color_prompt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    for p in params:
-        p.grad = None
+    optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 
 
@@ -427,7 +426,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     if color_prompts is not None:  # fixed prompts SAM 2 must keep answering to (see sam_stage)
-        color_prompts = torch.load(color_prompts)["tokens"]
+        color_prompts = load_color_prompts(color_prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     last = latest_checkpoint(out_dir) if resume else None
     if last is not None or init_from is not None:

@@ -21,20 +21,19 @@ import torch.nn.functional as F
 
 from ..model import load_model
 from ..model import processing as P
-from .scenes import COLORS, SHAPES, make_scene
+from .sam_prompts import COLOR_NAMES
+from .scenes import SHAPES, make_scene
 from .stage_log import StageLog, stage_parser
 from .trainer import TRAIN_STREAM, lr_at, save_checkpoint, scene_rng
 
 VISION_STAGE_SEED = 11  # its own seed within the training stream
 
 
-def object_embeddings(model, processor, scene) -> tuple[torch.Tensor, torch.Tensor]:
+def object_embeddings(model, vision: dict, masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The frame embeddings the language model reads [N, d] and one `<|mem|>` embedding per object
-    [K, d] (image scenes: one temporal slot each)."""
-    vision = P.encode_frames(processor, scene.frames)
+    mask [K, d] (image scenes: one temporal slot each), from the processor's output `vision`."""
     features = model.encode_video(vision["pixel_values_videos"], vision["video_grid_thw"])
-    mem = model.encode_mem_masks([torch.from_numpy(o.masks) for o in scene.objects], features)
-    return features.embeds, mem
+    return features.embeds, model.encode_mem_masks(masks, features)
 
 
 def relative_mse(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -49,11 +48,11 @@ class Probe(torch.nn.Module):
         super().__init__()
         self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False)
         self.shape = torch.nn.Linear(dim, len(SHAPES))
-        self.color = torch.nn.Linear(dim, len(COLORS))
+        self.color = torch.nn.Linear(dim, len(COLOR_NAMES))
 
     def forward(self, mem: torch.Tensor, scene) -> dict:
         shapes = torch.tensor([SHAPES.index(o.shape) for o in scene.objects])
-        colors = torch.tensor([list(COLORS).index(o.color) for o in scene.objects])
+        colors = torch.tensor([COLOR_NAMES.index(o.color) for o in scene.objects])
         mem = self.norm(mem)
         shape_logits, color_logits = self.shape(mem), self.color(mem)
         return {
@@ -87,9 +86,11 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         totals, labelled = {}, 0
         for _ in range(batch_size):
             scene = make_scene(rng, 1, num_objects=objects)  # the most labels per image
-            embeds, mem = object_embeddings(model, processor, scene)
+            vision = P.encode_frames(processor, scene.frames)  # once for the model and its reference
+            masks = [torch.from_numpy(o.masks) for o in scene.objects]
+            embeds, mem = object_embeddings(model, vision, masks)
             with torch.no_grad():
-                kept_embeds, kept_mem = object_embeddings(teacher, processor, scene)
+                kept_embeds, kept_mem = object_embeddings(teacher, vision, masks)
             parts = probe(mem, scene)
             parts["keep"] = (relative_mse(embeds, kept_embeds) + relative_mse(mem, kept_mem)) * len(mem)
             totals = {k: totals.get(k, 0.0) + v for k, v in parts.items()}
