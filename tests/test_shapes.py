@@ -29,6 +29,16 @@ def test_scenes_are_seeded_and_masks_exact():
             assert not (obj.masks & other.masks).any()
 
 
+def test_the_schedule_ends_with_the_steps_or_the_time_budget():
+    from unipixel.train.trainer import lr_at
+
+    assert lr_at(0, 100, 1.0, 10, spent=0.9) == pytest.approx(0.1)  # warmup counts steps, not time
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 10, spent=0.2) == pytest.approx(0.55)  # half the steps done
+    assert lr_at(10, 100, 1.0, 10, spent=0.5) == pytest.approx(0.55)  # half the time spent
+    assert lr_at(10, 100, 1.0, 10, spent=1.0) == pytest.approx(0.1)
+
+
 def test_conversation_wording_and_labels(tiny_model):
     _, processor = tiny_model
     scene = make_scene(np.random.default_rng(0), 1, num_objects=2)
@@ -352,3 +362,23 @@ def test_the_sam_stage_tracks_videos_under_fixed_color_prompts(tiny_checkpoint, 
     row = json.loads((tmp_path / "out" / "sam_stage_log.jsonl").read_text().splitlines()[-1])
     assert 0 <= row["jaccard_video"] <= 1 and np.isfinite(row["loss"])
     assert torch.equal(torch.load(tmp_path / "out" / "color_tokens.pt")["tokens"], table)
+
+
+def test_export_takes_sam2_from_a_parallel_sam_stage(tiny_checkpoint, tmp_path):
+    """A language stage that held SAM 2 and a SAM stage run beside it ship as one model: SAM 2
+    from the SAM stage, everything else from the language stage, in float16."""
+    from unipixel import load_model
+    from unipixel.train.sam_stage import run
+    from unipixel.train.trainer import export, train
+
+    lm = train(tmp_path / "lm", 1, init_from=tiny_checkpoint, lr=1e-3, warmup=1, video_prob=0.0, turns=(2, 3),
+               batch_size=2, hold={"sam2": 1})  # fmt: skip
+    sam = run(tiny_checkpoint, tmp_path / "sam", steps=1, batch_size=2, warmup=1)
+    shipped = load_model(str(export(lm, tmp_path / "ship", sam_from=sam)), device="cpu")[0].state_dict()
+    lm_state = load_model(str(lm), device="cpu")[0].state_dict()
+    sam_state = load_model(str(sam), device="cpu")[0].state_dict()
+    assert any(not torch.equal(lm_state[k], sam_state[k]) for k in lm_state if k.startswith("sam2."))
+    assert any(not torch.equal(lm_state[k], sam_state[k]) for k in lm_state if k.startswith("model.language_model."))
+    for key, value in shipped.items():
+        source = sam_state if key.startswith("sam2.") else lm_state
+        assert torch.allclose(value, source[key], rtol=1e-3, atol=1e-3), key

@@ -80,10 +80,11 @@ def object_tokens(sam, obj, kind: str, color_tokens: torch.Tensor, rng, height: 
         return color_prompts_of([obj], color_tokens)[0]
     spec = ref_spec(obj, 0, kind, rng, jitter=0.1 if kind == "box" else 0.0)
     p = RefPrompt.from_pixels(0, height, width, sam.image_size, point=spec.point, box=spec.box)
+    coords = p.coords.to(sam.device)
     if kind == "point":  # the prompt encoder pads a lone point to two tokens
-        sparse, _ = sam.sam_prompt_encoder(points=(p.coords[None], p.labels[None]), boxes=None, masks=None)
+        sparse, _ = sam.sam_prompt_encoder(points=(coords[None], p.labels.to(sam.device)[None]), boxes=None, masks=None)
     else:
-        sparse, _ = sam.sam_prompt_encoder(points=None, boxes=p.coords.reshape(1, 4), masks=None)
+        sparse, _ = sam.sam_prompt_encoder(points=None, boxes=coords.reshape(1, 4), masks=None)
     return sparse[0]
 
 
@@ -93,5 +94,5 @@ def scene_losses(model, scene, kind: str, color_tokens: torch.Tensor, rng) -> di
     height, width = scene.frames.shape[1:3]
     tokens = torch.stack([object_tokens(sam, o, kind, color_tokens, rng, height, width) for o in scene.objects])
     images = model.prepare_sam2_video(scene.frames, cache=False).images
-    targets = torch.from_numpy(np.stack([o.masks for o in scene.objects])).float()
+    targets = torch.from_numpy(np.stack([o.masks for o in scene.objects])).float().to(images.device)
     return track_with_grad(model, images, tokens, targets, height, width)

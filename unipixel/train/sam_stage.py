@@ -44,23 +44,24 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         video_prob: float = 0.0, frames=FRAMES, color_prompts: str | Path | None = None) -> Path:  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = load_model(str(init), device="cpu", dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load_model(str(init), device=device, dtype=torch.float32)
     if fresh_decoder:
         fresh_mask_decoder(model, SAM_STAGE_SEED)
     model.eval()  # SAM 2's inference code paths, as in the trainer
     params = list(model.sam2.parameters())
     if color_prompts is not None:
-        color_tokens = load_color_prompts(color_prompts)
+        color_tokens = load_color_prompts(color_prompts).to(device)
     else:
         generator = torch.Generator().manual_seed(SAM_STAGE_SEED)
-        color_tokens = torch.nn.Parameter(torch.randn(len(COLOR_NAMES), 2, model.sam2.hidden_dim, generator=generator))
+        color_tokens = torch.nn.Parameter(torch.randn(len(COLOR_NAMES), 2, model.sam2.hidden_dim, generator=generator).to(device))
         params.append(color_tokens)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     step, meter = 0, defaultdict(float)
     log = StageLog(out_dir / "sam_stage_log.jsonl", max_minutes)
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = lr_at(step, steps, lr, warmup, log.spent())
         rng = scene_rng(TRAIN_STREAM, SAM_STAGE_SEED, step)
         kinds = [str(k) for k in rng.choice(KINDS, size=batch_size, p=[0.5, 0.25, 0.25])]
         scenes = [make_scene(rng, int(rng.choice(frames)) if rng.random() < video_prob else 1) for _ in kinds]

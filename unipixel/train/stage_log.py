@@ -36,8 +36,12 @@ class StageLog:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
 
+    def spent(self) -> float:
+        """The share of the time budget used so far (0 without one)."""
+        return (time.time() - self.began) / (60 * self.max_minutes) if self.max_minutes is not None else 0.0
+
     def out_of_time(self, step: int) -> bool:
-        over = self.max_minutes is not None and time.time() - self.began > 60 * self.max_minutes
+        over = self.spent() > 1
         if over:
             print(f"stopping at step {step}: {self.max_minutes} minutes are up", flush=True)
         return over

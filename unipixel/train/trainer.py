@@ -346,10 +346,12 @@ def fit_seg_head(model, states: torch.Tensor, colors: torch.Tensor, color_prompt
 
 
 # ---- the loop ------------------------------------------------------------------------------------
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+def lr_at(step: int, total: int, base: float, warmup: int, spent: float = 0.0) -> float:
+    """Linear warmup, then a cosine down to a tenth of `base`. `spent` is the share of a time budget
+    used so far: the decay ends with the steps or the budget, whichever runs out first."""
     if step < warmup:
         return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), spent))
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -404,12 +406,15 @@ def _worker(rank: int, workers: int, port: int, out_dir: Path, steps: int, optio
 
 
 def _average_gradients(params: list[torch.nn.Parameter], workers: int) -> None:
-    """All-reduce every gradient as one flat buffer (a path a sample did not use counts as zero)."""
+    """All-reduce every gradient as one flat buffer (a path a sample did not use counts as zero).
+
+    On the host: gloo, the backend that also runs without a GPU, reduces CPU tensors."""
     import torch.distributed as dist
 
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    dist.all_reduce(flat)
-    flat /= workers
+    host = flat.cpu()
+    dist.all_reduce(host)
+    flat = host.to(flat.device) / workers
     offset = 0
     for p in params:
         p.grad = flat[offset : offset + p.numel()].view_as(p)
@@ -425,9 +430,9 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            prompted: int = 4, distill: float = 0.0, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
-    if color_prompts is not None:  # fixed prompts SAM 2 must keep answering to (see sam_stage)
-        color_prompts = load_color_prompts(color_prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if color_prompts is not None:  # fixed prompts SAM 2 must keep answering to (see sam_stage)
+        color_prompts = load_color_prompts(color_prompts).to(device)
     last = latest_checkpoint(out_dir) if resume else None
     if last is not None or init_from is not None:
         from ..model import load_model
@@ -469,10 +474,10 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         print(f"training from step {start} to {steps} on {device} ({workers} process(es)); "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters", flush=True)  # fmt: skip
     began, meter, counts = time.time(), defaultdict(float), defaultdict(int)
-    step = start
+    step, spent = start, 0.0
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = lr_at(step, steps, lr, warmup, spent)
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accum):
             rng = scene_rng(TRAIN_STREAM, seed, (step * workers + rank) * accum + micro)
@@ -506,11 +511,12 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
             log.flush()
             meter.clear()
             counts.clear()
-        out_of_time = max_minutes is not None and time.time() - began > 60 * max_minutes
-        if workers > 1:  # every process stops at the same step
-            flag = torch.tensor([float(out_of_time)])
+        spent = (time.time() - began) / (60 * max_minutes) if max_minutes is not None else 0.0
+        if workers > 1:  # every process takes the same learning rate and stops at the same step
+            flag = torch.tensor([spent])
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
+            spent = flag.item()
+        out_of_time = spent > 1
         if lead and (step % save_every == 0 or step == steps or out_of_time):
             save_checkpoint(model, processor, optimizer, step, out_dir)
         if out_of_time:
@@ -521,13 +527,17 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         log.close()
 
 
-def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def export(checkpoint: str | Path, out_dir: str | Path, sam_from: str | Path | None = None) -> Path:
     """Ship a training checkpoint: parameters stored in float16 (buffers stay float32), no optimizer.
 
-    `load_model` reads it back in the dtype it is asked for (float32 on CPU)."""
+    `sam_from` takes SAM 2 from another checkpoint: a SAM stage run beside a language stage that held
+    SAM 2, both anchored on the same fixed color prompts. `load_model` reads the result back in the
+    dtype it is asked for (float32 on CPU)."""
     from ..model import load_model
 
     model, processor = load_model(str(checkpoint), device="cpu", dtype=torch.float32)
+    if sam_from is not None:
+        model.sam2.load_state_dict(load_model(str(sam_from), device="cpu", dtype=torch.float32)[0].sam2.state_dict())
     for param in model.parameters():
         param.data = param.data.half()
     out_dir = Path(out_dir)
@@ -579,12 +589,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
+    parser.add_argument("--sam-from", type=Path, default=None, metavar="CHECKPOINT",
+                        help="with --export: take SAM 2 from this checkpoint (a SAM stage run in parallel)")
     args = parser.parse_args(argv)
     if (args.distill or args.fit_seg_head) and args.color_prompts is None:
         parser.error("--distill and --fit-seg-head need the SAM stage's --color-prompts")
     torch.set_num_threads(args.threads)
     if args.export is not None:
-        print(export(latest_checkpoint(args.out_dir), args.export))
+        print(export(latest_checkpoint(args.out_dir), args.export, args.sam_from))
         return 0
     train(args.out_dir, args.steps, workers=args.workers, seed=args.seed, lr=args.lr, warmup=args.warmup,
           accum=args.accum, save_every=args.save_every, resume=not args.no_resume, max_minutes=args.max_minutes,

@@ -81,7 +81,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
     step, log = 0, StageLog(out_dir / "vision_stage_log.jsonl", max_minutes)
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = group["scale"] * lr_at(step, steps, lr, warmup)
+            group["lr"] = group["scale"] * lr_at(step, steps, lr, warmup, log.spent())
         rng = scene_rng(TRAIN_STREAM, VISION_STAGE_SEED, step)
         totals, labelled = {}, 0
         for _ in range(batch_size):
