@@ -382,3 +382,21 @@ def test_export_takes_sam2_from_a_parallel_sam_stage(tiny_checkpoint, tmp_path):
     for key, value in shipped.items():
         source = sam_state if key.startswith("sam2.") else lm_state
         assert torch.allclose(value, source[key], rtol=1e-3, atol=1e-3), key
+
+
+@needs_shipped
+def test_bfloat16_runs_every_token_path_like_float32():
+    """In bfloat16, a GPU's default, SAM 2 keeps float32 weights under autocast (its positional
+    encodings and layer norms take float32 inputs) and the `<|ref|>`, `<|mem|>` and `<|seg|>` paths
+    score what float32 scores on held-out scenes."""
+    from unipixel import load_model
+    from unipixel.train.eval import evaluate
+
+    half, processor = load_model(str(SHIPPED), device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for n, p in half.named_parameters() if n.startswith("sam2.")} == {torch.float32}
+    assert half.model.language_model.embed_tokens.weight.dtype == half.ref_proj[1].weight.dtype == torch.bfloat16
+    full, _ = load_model(str(SHIPPED), device="cpu", dtype=torch.float32)
+    scored = [evaluate(model, processor, 6, seed=7)["metrics"] for model in (half, full)]
+    assert scored[1]["referring_image_miou"] > 0.5 and scored[1]["pixelqa_iou"] > 0.3
+    for key, value in scored[1].items():
+        assert scored[0][key] == pytest.approx(value, abs=0.1), key

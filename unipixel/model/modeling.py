@@ -45,6 +45,9 @@ class PixelGenerateOutput(ModelOutput):
 class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     config_class = PixelQwen2_5_VLConfig
     _prompt_kwargs = ("ref_prompts", "mem_masks", "video_features")
+    # SAM 2 keeps float32 weights and runs under autocast, as its own predictor does: several of its
+    # ops (layer norms, positional encodings) take float32 inputs whatever the weights are.
+    _keep_in_fp32_modules_strict = ["sam2"]
 
     def __init__(self, config: PixelQwen2_5_VLConfig):
         super().__init__(config)
@@ -76,7 +79,9 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         captured = []
         hook = self.model.visual.merger.mlp.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
         try:
-            out = self.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+            out = self.model.get_video_features(
+                pixel_values_videos.to(self.device), video_grid_thw.to(self.device), return_dict=True
+            )
         finally:
             hook.remove()
         return VideoFeatures(torch.cat(out.pooler_output), captured[0], video_grid_thw)
@@ -93,13 +98,16 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
             if not 0 <= p.frame < num_slots:
                 raise PromptError(f"prompt frame {p.frame} is outside the {num_slots} (padded) frames")
             coords = p.coords.to(self.device, torch.float32)[None]
-            sparse, _ = self.ref_encoder(points=(coords, p.labels.to(self.device)[None]), boxes=None, masks=None)
+            x = torch.tensor([2 * p.frame / (num_slots - 1) - 1], device=self.device, dtype=torch.float32)
+            # Both positional encodings take float32 positions whatever dtype the weights are in.
+            with self._half_autocast():
+                sparse, _ = self.ref_encoder(points=(coords, p.labels.to(self.device)[None]), boxes=None, masks=None)
+                pe = self.tem_pe(x)
             proj = {2: self.ref_proj_single, 3: self.ref_proj_double}.get(sparse.shape[1])
             if proj is None:
                 raise PromptError("a <|ref|> prompt is one point or one box")
             ref = proj(sparse.flatten(1).to(self.dtype))
-            x = torch.tensor([2 * p.frame / (num_slots - 1) - 1], device=self.device, dtype=torch.float32)
-            time = self.tem_proj((self.tem_pe(x) + self.tem_emb.weight[0].float()).to(self.dtype))
+            time = self.tem_proj((pe.float() + self.tem_emb.weight[0].float()).to(self.dtype))
             out.append(self.ref_proj(torch.cat([ref, time], dim=-1)))
         return torch.cat(out)
 
@@ -126,9 +134,12 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         """
         tokens = self.seg_head(seg_hidden.to(self.dtype))
         tokens = tokens.view(seg_hidden.shape[0], self.config.sam2_hidden_tokens, -1)
-        device_type = self.sam2.device.type
-        with torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        with self._half_autocast():
             return self.sam2.segment(video, tokens, clicks=clicks, progress=progress)
+
+    def _half_autocast(self):
+        """SAM 2 code mixes float32 inputs with the weights: autocast them to the weights' half dtype."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def _special_positions(self, input_ids: torch.Tensor, token_id: int | None, count: int, what: str):
         pos = (input_ids[0] == token_id).nonzero()[:, 0] if token_id is not None else input_ids.new_zeros(0)
@@ -239,6 +250,9 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         """
         kwargs.setdefault("do_sample", False)
         kwargs["return_dict_in_generate"] = True
+        # The processor's tensors are on the host; the model may be on a GPU.
+        input_ids = input_ids.to(self.device)
+        kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         if kwargs.get("pixel_values_videos") is not None and kwargs.get("video_features") is None:
             # Encode here, not in `generate`, so the `<|mem|>` path gets the merger inputs too.
             kwargs["video_features"] = self.encode_video(kwargs.pop("pixel_values_videos"), kwargs["video_grid_thw"])

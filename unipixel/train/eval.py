@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=500, help="number of held-out scenes (default 500)")
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed (its own stream, never trained on)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights and activations (bfloat16: what a GPU runs by default)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write metrics and per-scene answers here")
     args = parser.parse_args(argv)
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from ..model import load_model
 
-    model, processor = load_model(args.model, device=args.device, dtype=torch.float32)
+    model, processor = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     start = time.time()
     result = evaluate(model, processor, args.n, args.seed, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(result["metrics"], args.seed, time.time() - start))
