@@ -137,6 +137,10 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         with self._half_autocast():
             return self.sam2.segment(video, tokens, clicks=clicks, progress=progress)
 
+    def _on_device(self, x):
+        """The processor makes its tensors on the host; the model may be on a GPU."""
+        return x.to(self.device) if isinstance(x, torch.Tensor) else x
+
     def _half_autocast(self):
         """SAM 2 code mixes float32 inputs with the weights: autocast them to the weights' half dtype."""
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -198,6 +202,10 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         `video_features` (from `encode_video`) replaces `pixel_values_videos` to reuse an encoding.
         With `sam2_video`, every input position followed by `<|seg|>` is decoded into a mask.
         """
+        input_ids, attention_mask, position_ids, video_grid_thw, second_per_grid_ts, mm_token_type_ids = (
+            self._on_device(x)
+            for x in (input_ids, attention_mask, position_ids, video_grid_thw, second_per_grid_ts, mm_token_type_ids)
+        )
         if pixel_values_videos is not None and video_features is None:
             video_features = self.encode_video(pixel_values_videos, video_grid_thw)
         if video_features is not None:
@@ -250,9 +258,8 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         """
         kwargs.setdefault("do_sample", False)
         kwargs["return_dict_in_generate"] = True
-        # The processor's tensors are on the host; the model may be on a GPU.
-        input_ids = input_ids.to(self.device)
-        kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        input_ids = self._on_device(input_ids)
+        kwargs = {k: self._on_device(v) for k, v in kwargs.items()}
         if kwargs.get("pixel_values_videos") is not None and kwargs.get("video_features") is None:
             # Encode here, not in `generate`, so the `<|mem|>` path gets the merger inputs too.
             kwargs["video_features"] = self.encode_video(kwargs.pop("pixel_values_videos"), kwargs["video_grid_thw"])
