@@ -385,16 +385,17 @@ def test_export_takes_sam2_from_a_parallel_sam_stage(tiny_checkpoint, tmp_path):
 
 
 @needs_shipped
-def test_bfloat16_runs_every_token_path_like_float32():
-    """In bfloat16, a GPU's default, SAM 2 keeps float32 weights under autocast (its positional
-    encodings and layer norms take float32 inputs) and the `<|ref|>`, `<|mem|>` and `<|seg|>` paths
-    score what float32 scores on held-out scenes."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_every_token_path_like_float32(dtype):
+    """In bfloat16 (a GPU's default) and float16 (Apple's), SAM 2 keeps float32 weights (its
+    positional encodings and layer norms take float32 inputs; its memory is stored in bfloat16) and
+    the `<|ref|>`, `<|mem|>` and `<|seg|>` paths score what float32 scores on held-out scenes."""
     from unipixel import load_model
     from unipixel.train.eval import evaluate
 
-    half, processor = load_model(str(SHIPPED), device="cpu", dtype=torch.bfloat16)
+    half, processor = load_model(str(SHIPPED), device="cpu", dtype=dtype)
     assert {p.dtype for n, p in half.named_parameters() if n.startswith("sam2.")} == {torch.float32}
-    assert half.model.language_model.embed_tokens.weight.dtype == half.ref_proj[1].weight.dtype == torch.bfloat16
+    assert half.model.language_model.embed_tokens.weight.dtype == half.ref_proj[1].weight.dtype == dtype
     full, _ = load_model(str(SHIPPED), device="cpu", dtype=torch.float32)
     scored = [evaluate(model, processor, 6, seed=7)["metrics"] for model in (half, full)]
     assert scored[1]["referring_image_miou"] > 0.5 and scored[1]["pixelqa_iou"] > 0.3

@@ -100,7 +100,7 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
             coords = p.coords.to(self.device, torch.float32)[None]
             x = torch.tensor([2 * p.frame / (num_slots - 1) - 1], device=self.device, dtype=torch.float32)
             # Both positional encodings take float32 positions whatever dtype the weights are in.
-            with self._half_autocast():
+            with self._autocast(self.dtype != torch.float32):
                 sparse, _ = self.ref_encoder(points=(coords, p.labels.to(self.device)[None]), boxes=None, masks=None)
                 pe = self.tem_pe(x)
             proj = {2: self.ref_proj_single, 3: self.ref_proj_double}.get(sparse.shape[1])
@@ -134,16 +134,18 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         """
         tokens = self.seg_head(seg_hidden.to(self.dtype))
         tokens = tokens.view(seg_hidden.shape[0], self.config.sam2_hidden_tokens, -1)
-        with self._half_autocast():
+        # SAM 2 stores its memory in bfloat16, which float16 autocast cannot mix in: under float16
+        # weights, SAM 2 (float32 weights) runs in float32.
+        with self._autocast(self.dtype == torch.bfloat16):
             return self.sam2.segment(video, tokens, clicks=clicks, progress=progress)
 
     def _on_device(self, x):
         """The processor makes its tensors on the host; the model may be on a GPU."""
         return x.to(self.device) if isinstance(x, torch.Tensor) else x
 
-    def _half_autocast(self):
+    def _autocast(self, enabled: bool):
         """SAM 2 code mixes float32 inputs with the weights: autocast them to the weights' half dtype."""
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
     def _special_positions(self, input_ids: torch.Tensor, token_id: int | None, count: int, what: str):
         pos = (input_ids[0] == token_id).nonzero()[:, 0] if token_id is not None else input_ids.new_zeros(0)
