@@ -55,6 +55,23 @@ def test_conversation_wording_and_labels(tiny_model):
     assert supervised == answers
 
 
+def test_pixelqa_conversations_open_like_the_playground():
+    """`--pixelqa-prob 1`: every conversation opens with `[1] <|ref|>` from a point or box, answered
+    `[1] <|seg|>`, and 0-2 follow-up questions come after it."""
+    from unipixel.train.trainer import sample_batch
+
+    batch = sample_batch(np.random.default_rng(5), 24, video_prob=0.0, pixelqa_prob=1.0)
+    turns = {len(conv.messages) // 2 for _, conv in batch}
+    assert turns <= {1, 2, 3} and len(turns) > 1
+    for _, conv in batch:
+        first = conv.messages[0]["content"][-1]["text"]
+        assert first.startswith("[1] <|ref|>") and first.endswith(P.PIXELQA_SUFFIX)
+        assert conv.messages[1]["content"][-1]["text"].startswith("[1] <|seg|>")
+        assert len(conv.seg_objects) == len(conv.refs) >= 1
+    plain = sample_batch(np.random.default_rng(5), 24, video_prob=0.0)
+    assert sum(c.messages[0]["content"][-1]["text"].startswith("[1] <|ref|>") for _, c in plain) < 12
+
+
 def test_training_path_matches_the_inference_masks(tiny_model):
     """The differentiable SAM 2 path gives exactly the masks of `PixelSAM2VideoPredictor.segment`."""
     model, _ = tiny_model

@@ -48,11 +48,15 @@ def scene_rng(stream: int, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([stream, seed, index])
 
 
-def sample(rng: np.random.Generator, num_frames: int = 1, qa_prob: float = 0.0, turns: tuple[int, int] | None = None):
+def sample(rng: np.random.Generator, num_frames: int = 1, qa_prob: float = 0.0, turns: tuple[int, int] | None = None,
+           pixelqa_prob: float = 0.0):
     """A scene of `num_frames` frames and a conversation about it: `turns` (lo, hi) turns, else 1-4.
     With probability `qa_prob`, a cheap one: 2-4 questions about mask-prompted objects (follow-ups
-    and region descriptions), no `<|seg|>`, so no SAM 2 work."""
+    and region descriptions), no `<|seg|>`, so no SAM 2 work. With probability `pixelqa_prob`, the
+    playground's PixelQA: `[1]` from a point or box as the first turn, then 0-2 follow-ups."""
     scene = make_scene(rng, num_frames)
+    if rng.random() < pixelqa_prob:
+        return scene, make_conversation(scene, rng, tasks=["pixelqa"] + ["followup"] * int(rng.integers(0, 3)))
     if rng.random() < qa_prob:
         tasks = [str(t) for t in rng.choice(["followup", "region"], size=int(rng.integers(2, 5)), p=[0.6, 0.4])]
         return scene, make_conversation(scene, rng, tasks=tasks)
@@ -61,14 +65,14 @@ def sample(rng: np.random.Generator, num_frames: int = 1, qa_prob: float = 0.0, 
 
 
 def sample_batch(rng: np.random.Generator, size: int, video_prob: float = 0.5, frames=FRAMES,
-                 qa_prob: float = 0.0, turns: tuple[int, int] | None = None) -> list[tuple]:
+                 qa_prob: float = 0.0, turns: tuple[int, int] | None = None, pixelqa_prob: float = 0.0) -> list[tuple]:
     """`size` conversations about images, or (with probability `video_prob`) size/4 about videos of
     one frame count: one length class per batch keeps padding small."""
     if rng.random() < video_prob:
         num_frames, size = int(rng.choice(frames)), max(1, size // 4)
     else:
         num_frames = 1
-    return [sample(rng, num_frames, qa_prob, turns) for _ in range(size)]
+    return [sample(rng, num_frames, qa_prob, turns, pixelqa_prob) for _ in range(size)]
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -426,7 +430,7 @@ def _average_gradients(params: list[torch.nn.Parameter], workers: int) -> None:
 
 def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: int = 200, accum: int = 1,
            save_every: int = 250, resume: bool = True, log_every: int = 10, max_minutes: float | None = None,
-           video_prob: float = 0.5, frames=FRAMES, qa_prob: float = 0.0,
+           video_prob: float = 0.5, frames=FRAMES, qa_prob: float = 0.0, pixelqa_prob: float = 0.0,
            turns: tuple[int, int] | None = None, init_from: str | Path | None = None, batch_size: int = 1,
            reset_llm: bool = False, untie: bool = False, hold: dict[str, int] | None = None,
            refit_seg: bool = False, fit_seg: bool = False, fresh_decoder: bool = False, color_prompts: str | Path | None = None,
@@ -484,7 +488,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accum):
             rng = scene_rng(TRAIN_STREAM, seed, (step * workers + rank) * accum + micro)
-            batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns)
+            batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns, pixelqa_prob)
             losses = batch_losses(model, processor, batch, color_prompts, distill)
             if color_prompts is not None and prompted:
                 parts = [scene_losses(model, make_scene(rng, 1), "color", color_prompts, rng) for _ in range(prompted)]
@@ -566,6 +570,8 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, nargs="+", default=list(FRAMES),
                         help="frame counts that training videos are drawn from")
     parser.add_argument("--qa-prob", type=float, default=0.0, help="share of cheap mask-prompt-only conversations")
+    parser.add_argument("--pixelqa-prob", type=float, default=0.0,
+                        help="share of conversations that open with PixelQA, as the playground does")
     parser.add_argument("--video-prob", type=float, default=0.5)
     parser.add_argument("--turns", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                         help="turns per conversation (default: 1-4)")
@@ -603,7 +609,7 @@ def main(argv=None) -> int:
         return 0
     train(args.out_dir, args.steps, workers=args.workers, seed=args.seed, lr=args.lr, warmup=args.warmup,
           accum=args.accum, save_every=args.save_every, resume=not args.no_resume, max_minutes=args.max_minutes,
-          qa_prob=args.qa_prob, video_prob=args.video_prob, frames=tuple(args.frames),
+          qa_prob=args.qa_prob, pixelqa_prob=args.pixelqa_prob, video_prob=args.video_prob, frames=tuple(args.frames),
           turns=tuple(args.turns) if args.turns else None, init_from=args.init_from, batch_size=args.batch_size,
           reset_llm=args.reset_llm, untie=args.untie_embeddings,
           hold={name: int(until) for name, until in (h.split("=") for h in args.hold)}, refit_seg=args.refit_seg_head, fit_seg=args.fit_seg_head,
