@@ -76,12 +76,11 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
     # ---- vision features -------------------------------------------------------------------
     def encode_video(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> VideoFeatures:
         """Run the vision tower once, keeping the window-ordered merger input for `<|mem|>`."""
+        pixel_values_videos, video_grid_thw = pixel_values_videos.to(self.device), video_grid_thw.to(self.device)
         captured = []
         hook = self.model.visual.merger.mlp.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
         try:
-            out = self.model.get_video_features(
-                pixel_values_videos.to(self.device), video_grid_thw.to(self.device), return_dict=True
-            )
+            out = self.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
         finally:
             hook.remove()
         return VideoFeatures(torch.cat(out.pooler_output), captured[0], video_grid_thw)

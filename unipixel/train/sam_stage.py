@@ -54,7 +54,8 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         color_tokens = load_color_prompts(color_prompts).to(device)
     else:
         generator = torch.Generator().manual_seed(SAM_STAGE_SEED)
-        color_tokens = torch.nn.Parameter(torch.randn(len(COLOR_NAMES), 2, model.sam2.hidden_dim, generator=generator).to(device))
+        start = torch.randn(len(COLOR_NAMES), 2, model.sam2.hidden_dim, generator=generator)
+        color_tokens = torch.nn.Parameter(start.to(device))
         params.append(color_tokens)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     step, meter = 0, defaultdict(float)
