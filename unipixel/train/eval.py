@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from ..model import load_model
 
-    model, processor = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     start = time.time()
     result = evaluate(model, processor, args.n, args.seed, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(result["metrics"], args.seed, time.time() - start))

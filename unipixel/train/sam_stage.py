@@ -34,7 +34,7 @@ from .losses import total_mask_loss
 from .sam_prompts import COLOR_NAMES, KINDS, load_color_prompts, save_color_prompts, scene_losses
 from .stage_log import StageLog, stage_parser
 from .scenes import make_scene
-from .trainer import FRAMES, TRAIN_STREAM, fresh_mask_decoder, lr_at, save_checkpoint, scene_rng
+from .trainer import FRAMES, TRAIN_STREAM, fresh_mask_decoder, lr_at, save_checkpoint, scene_rng, train_device
 
 SAM_STAGE_SEED = 7  # its own seed within the training stream: scenes differ from the trainer's
 
@@ -44,7 +44,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         video_prob: float = 0.0, frames=FRAMES, color_prompts: str | Path | None = None) -> Path:  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = train_device()
     model, processor = load_model(str(init), device=device, dtype=torch.float32)
     if fresh_decoder:
         fresh_mask_decoder(model, SAM_STAGE_SEED)

@@ -44,6 +44,10 @@ SAM_SIZE = 192
 FRAMES = (8, 8, 8, 8, 10, 12, 16)  # frame counts training videos are drawn from (mostly 8)
 
 
+def train_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def scene_rng(stream: int, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([stream, seed, index])
 
@@ -55,7 +59,7 @@ def sample(rng: np.random.Generator, num_frames: int = 1, qa_prob: float = 0.0, 
     and region descriptions), no `<|seg|>`, so no SAM 2 work. With probability `pixelqa_prob`, the
     playground's PixelQA: `[1]` from a point or box as the first turn, then 0-2 follow-ups."""
     scene = make_scene(rng, num_frames)
-    if rng.random() < pixelqa_prob:
+    if pixelqa_prob and rng.random() < pixelqa_prob:  # no draw when off: earlier stages' data stays the same
         return scene, make_conversation(scene, rng, tasks=["pixelqa"] + ["followup"] * int(rng.integers(0, 3)))
     if rng.random() < qa_prob:
         tasks = [str(t) for t in rng.choice(["followup", "region"], size=int(rng.integers(2, 5)), p=[0.6, 0.4])]
@@ -437,7 +441,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            prompted: int = 4, distill: float = 0.0, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = train_device()
     if color_prompts is not None:  # fixed prompts SAM 2 must keep answering to (see sam_stage)
         color_prompts = load_color_prompts(color_prompts).to(device)
     last = latest_checkpoint(out_dir) if resume else None
