@@ -39,15 +39,50 @@ from .trainer import FRAMES, TRAIN_STREAM, fresh_mask_decoder, lr_at, save_check
 SAM_STAGE_SEED = 7  # its own seed within the training stream: scenes differ from the trainer's
 
 
+def scale_mask_memory(model, gain: float) -> None:
+    """Scale the mask part of SAM 2's memory by `gain`.
+
+    A memory is the sum of projected frame features and an embedding of the predicted mask. In the
+    shapes model the features grew to about 23 times the norm of the mask embedding, and the part
+    that tells one object's mask from another's was 1% of the memory: tracked frames came out as
+    every shape at once, and no gradient told memory attention which object it followed.
+    """
+    last = model.sam2.memory_encoder.mask_downsampler.encoder[-1]
+    with torch.no_grad():
+        last.weight.mul_(gain)
+        last.bias.mul_(gain)
+
+
+def scale_frame_features(model, scale: float) -> None:
+    """Scale the stride-16 frame features of SAM 2's image encoder (the FPN level the mask decoder,
+    the memory encoder and memory attention read; the finer levels are left as they are).
+
+    In the shapes model they grew to a norm of about 280 per position, against about 6 for the
+    positional encodings and 8 for the normalised memory-conditioned features of tracked frames:
+    the keys of memory attention then saturate its softmax on one or two memory positions for every
+    query, so tracked frames get no object identity and no gradient to learn one.
+    """
+    neck = model.sam2.image_encoder.neck
+    with torch.no_grad():
+        for conv in (neck.convs[0].conv, neck.convs[1].conv):  # this level and the coarser one added into it
+            conv.weight.mul_(scale)
+            conv.bias.mul_(scale)
+
+
 def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
         warmup: int = 20, fresh_decoder: bool = False, max_minutes: float | None = None, log_every: int = 10,
-        video_prob: float = 0.0, frames=FRAMES, color_prompts: str | Path | None = None) -> Path:  # fmt: skip
+        video_prob: float = 0.0, frames=FRAMES, color_prompts: str | Path | None = None,
+        kind_probs=(0.5, 0.25, 0.25), mask_memory_gain: float = 1.0, feature_scale: float = 1.0) -> Path:  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = train_device()
     model, processor = load_model(str(init), device=device, dtype=torch.float32)
     if fresh_decoder:
         fresh_mask_decoder(model, SAM_STAGE_SEED)
+    if mask_memory_gain != 1.0:
+        scale_mask_memory(model, mask_memory_gain)
+    if feature_scale != 1.0:
+        scale_frame_features(model, feature_scale)
     model.eval()  # SAM 2's inference code paths, as in the trainer
     params = list(model.sam2.parameters())
     if color_prompts is not None:
@@ -64,7 +99,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup, log.spent())
         rng = scene_rng(TRAIN_STREAM, SAM_STAGE_SEED, step)
-        kinds = [str(k) for k in rng.choice(KINDS, size=batch_size, p=[0.5, 0.25, 0.25])]
+        kinds = [str(k) for k in rng.choice(KINDS, size=batch_size, p=kind_probs)]
         scenes = [make_scene(rng, int(rng.choice(frames)) if rng.random() < video_prob else 1) for _ in kinds]
         parts = [scene_losses(model, scene, k, color_tokens, rng) for scene, k in zip(scenes, kinds)]
         losses = {k: sum(p[k] for p in parts) / batch_size for k in parts[0]}
@@ -79,7 +114,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         optimizer.step()
         step += 1
         if step % log_every == 0 or step == steps:
-            scores = {f"jaccard_{k}": round(meter[k] / max(1, meter["n_" + k]), 4) for k in (*KINDS, "video")}
+            scores = {f"jaccard_{k}": round(meter[k] / meter["n_" + k], 4) for k in (*KINDS, "video") if meter["n_" + k]}
             log.write(step, loss, losses, **scores)
             meter.clear()
         if log.out_of_time(step):
@@ -99,10 +134,18 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, nargs="+", default=list(FRAMES), help="frame counts of the videos")
     parser.add_argument("--color-prompts", type=Path, default=None, metavar="PT",
                         help="color_tokens.pt of an earlier SAM stage: start from them and keep them fixed")
+    parser.add_argument("--kind-probs", type=float, nargs=3, default=[0.5, 0.25, 0.25], metavar=("COLOR", "POINT", "BOX"),
+                        help="how often an object is prompted by its color, a point or a box")
+    parser.add_argument("--mask-memory-gain", type=float, default=1.0,
+                        help="scale the mask embedding of SAM 2's memory first (see scale_mask_memory)")
+    parser.add_argument("--feature-scale", type=float, default=1.0,
+                        help="scale SAM 2's stride-16 frame features first (see scale_frame_features)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = run(args.init, args.out_dir, args.steps, args.batch_size, args.lr, args.warmup, args.fresh_decoder,
-               args.max_minutes, video_prob=args.video_prob, frames=tuple(args.frames), color_prompts=args.color_prompts)
+               args.max_minutes, video_prob=args.video_prob, frames=tuple(args.frames), color_prompts=args.color_prompts,
+               kind_probs=args.kind_probs, mask_memory_gain=args.mask_memory_gain,
+               feature_scale=args.feature_scale)
     print(f"saved {path}")
     return 0
 
