@@ -20,7 +20,9 @@ Jaccard of 0.89; point and box prompts stayed at 0.5 (the foreground) in that ti
 `--video-prob` makes a share of the scenes short videos: the prompt conditions frame 0 and SAM 2
 tracks the rest with its memory, which image scenes never train. `--color-prompts` starts from the
 color prompts of an earlier SAM stage and keeps them fixed: a language model already distilled
-toward them keeps its seg prompts valid while SAM 2 learns to track.
+toward them keeps its seg prompts valid while SAM 2 learns to track; `--feature-scale` first brings
+the frame features SAM 2's memory reads back to the size of what they are added to and compared
+with (stages 14-15 of the model card), without which tracked frames showed every shape at once.
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def scale_mask_memory(model, gain: float) -> None:
 
     A memory is the sum of projected frame features and an embedding of the predicted mask. In the
     shapes model the features grew to about 23 times the norm of the mask embedding, and the part
-    that tells one object's mask from another's was 1% of the memory: tracked frames came out as
-    every shape at once, and no gradient told memory attention which object it followed.
+    that tells one object's mask from another's was 1% of the memory. Alone it did not teach SAM 2
+    to track (memory attention stayed saturated, see `scale_frame_features`); kept for comparison.
     """
     last = model.sam2.memory_encoder.mask_downsampler.encoder[-1]
     with torch.no_grad():
