@@ -41,6 +41,13 @@ from .trainer import FRAMES, TRAIN_STREAM, fresh_mask_decoder, lr_at, save_check
 SAM_STAGE_SEED = 7  # its own seed within the training stream: scenes differ from the trainer's
 
 
+@torch.no_grad()
+def _scale_conv(conv: torch.nn.Conv2d, factor: float) -> None:
+    """Multiply a convolution's output by `factor` (weight and bias)."""
+    conv.weight.mul_(factor)
+    conv.bias.mul_(factor)
+
+
 def scale_mask_memory(model, gain: float) -> None:
     """Scale the mask part of SAM 2's memory by `gain`.
 
@@ -49,10 +56,7 @@ def scale_mask_memory(model, gain: float) -> None:
     that tells one object's mask from another's was 1% of the memory. Alone it did not teach SAM 2
     to track (memory attention stayed saturated, see `scale_frame_features`); kept for comparison.
     """
-    last = model.sam2.memory_encoder.mask_downsampler.encoder[-1]
-    with torch.no_grad():
-        last.weight.mul_(gain)
-        last.bias.mul_(gain)
+    _scale_conv(model.sam2.memory_encoder.mask_downsampler.encoder[-1], gain)
 
 
 def scale_frame_features(model, scale: float) -> None:
@@ -65,10 +69,8 @@ def scale_frame_features(model, scale: float) -> None:
     query, so tracked frames get no object identity and no gradient to learn one.
     """
     neck = model.sam2.image_encoder.neck
-    with torch.no_grad():
-        for conv in (neck.convs[0].conv, neck.convs[1].conv):  # this level and the coarser one added into it
-            conv.weight.mul_(scale)
-            conv.bias.mul_(scale)
+    for conv in (neck.convs[0].conv, neck.convs[1].conv):  # this level and the coarser one added into it
+        _scale_conv(conv, scale)
 
 
 def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
@@ -81,10 +83,8 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
     model, processor = load_model(str(init), device=device, dtype=torch.float32)
     if fresh_decoder:
         fresh_mask_decoder(model, SAM_STAGE_SEED)
-    if mask_memory_gain != 1.0:
-        scale_mask_memory(model, mask_memory_gain)
-    if feature_scale != 1.0:
-        scale_frame_features(model, feature_scale)
+    scale_mask_memory(model, mask_memory_gain)  # both are no-ops at their default of 1
+    scale_frame_features(model, feature_scale)
     model.eval()  # SAM 2's inference code paths, as in the trainer
     params = list(model.sam2.parameters())
     if color_prompts is not None:
