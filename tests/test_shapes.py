@@ -455,3 +455,71 @@ def test_half_precision_runs_every_token_path_like_float32(dtype, float32_scores
     assert scored[1]["referring_image_miou"] > 0.5 and scored[1]["pixelqa_iou"] > 0.3
     for key, value in scored[1].items():
         assert scored[0][key] == pytest.approx(value, abs=0.1), key
+
+
+def test_the_point_channel_attends_to_the_place_of_a_point(tiny_checkpoint, tmp_path):
+    """After `open_point_channel`, the first layer's positional head(s) score every frame position
+    by its distance to the point alone: the largest score is at the cell under the point, whatever
+    the frame shows, because the frame features no longer carry anything in those dimensions."""
+    from unipixel import load_model
+    from unipixel.train.sam_stage import POINT_DIMS, open_point_channel, run
+
+    model, _ = load_model(str(tiny_checkpoint), device="cpu")
+    open_point_channel(model)
+    sam = model.sam2
+    opened = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = load_model(str(run(tiny_checkpoint, tmp_path, steps=1, batch_size=2, warmup=1, kind_probs=(0.0, 1.0, 0.0),
+                                 point_channel=True)), device="cpu")[0].state_dict()  # fmt: skip
+    for key, value in trained.items():  # the stage opens the channel, then holds the image encoder
+        if key.startswith("sam2.image_encoder.") or not key.startswith("sam2."):
+            assert torch.equal(value, opened[key]), key
+    head = "sam2.sam_mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"
+    assert not torch.equal(trained[head], opened[head])
+    encoder, layer = sam.sam_prompt_encoder, sam.sam_mask_decoder.transformer.layers[0]
+    size, grid = sam.image_size, encoder.image_embedding_size[0]
+    frames = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        features = sam.forward_image(frames)["backbone_fpn"][-1] + sam.no_mem_embed[0, 0][:, None, None]
+        keys = (features + encoder.get_dense_pe()).flatten(2)[0].T  # [cells, s], raster order
+        attention = layer.cross_attn_token_to_image
+        rows = 4  # the sine and cosine of the two frequencies, in the first head(s)
+        for x, y in [(5.0, 7.0), (size - 9.0, 20.0), (size / 2, size - 3.0)]:
+            token, _ = encoder(points=(torch.tensor([[[x, y]]]), torch.tensor([[1]])), boxes=None, masks=None)
+            scores = attention.k_proj(keys)[:, :rows] @ attention.q_proj(token[0, 0])[:rows]
+            cell = int(y // (size / grid)) * grid + int(x // (size / grid))
+            assert int(scores.argmax()) == cell
+    half = encoder.pe_layer.positional_encoding_gaussian_matrix.shape[1]
+    cleared = [d for i in POINT_DIMS for d in (i, half + i)]
+    assert features[0, cleared].abs().max() == 0 and features.abs().max() > 0
+
+
+def test_ref_targets_pull_pixelqa_seg_prompts_toward_sam2s_own_tokens(tiny_model):
+    """With `ref_targets`, a PixelQA seg (its `<|ref|>` on frame 0) is pulled toward SAM 2's own
+    tokens of that point or box, every other seg toward its color prompt; the ref encoder can take
+    SAM 2's prompt frequencies, so a point's place reaches the language model in SAM 2's code."""
+    from unipixel.train.sam_prompts import COLOR_NAMES, ref_tokens
+    from unipixel.train.trainer import distill_targets, share_prompt_frequencies
+
+    model, processor = tiny_model
+    rng = scene_rng(0, 0, 12)
+    scene = make_scene(rng, 1, num_objects=3)
+    conv = make_conversation(scene, rng, tasks=["referring", "pixelqa"])
+    assert conv.seg_refs and 0 not in conv.seg_refs and len(conv.seg_refs) == len(conv.refs)
+    prompts = torch.randn(len(COLOR_NAMES), model.config.sam2_hidden_tokens, model.sam2.hidden_dim)
+    colors = prompts[[COLOR_NAMES.index(o.color) for o in conv.seg_objects]]
+    assert torch.equal(distill_targets(model, scene, conv, prompts, ref_targets=False), colors)
+    wanted = distill_targets(model, scene, conv, prompts, ref_targets=True)
+    for i in range(len(conv.seg_objects)):
+        expected = ref_tokens(model.sam2, conv.seg_refs[i], *scene.frames.shape[1:3]) if i in conv.seg_refs else colors[i]
+        assert torch.allclose(wanted[i], expected)
+
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    point = (torch.tensor([[[30.0, 50.0]]]), torch.tensor([[1]]))
+    try:
+        share_prompt_frequencies(model)
+        with torch.no_grad():
+            encoders = (model.ref_encoder, model.sam2.sam_prompt_encoder)
+            ref, sam = (e(points=point, boxes=None, masks=None)[0][0, 0] - e.point_embeddings[1].weight[0] for e in encoders)
+        assert torch.allclose(ref, sam, atol=1e-5)
+    finally:
+        model.load_state_dict(kept)

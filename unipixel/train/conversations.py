@@ -36,6 +36,7 @@ class Conversation:
     refs: list[RefSpec] = field(default_factory=list)  # one per `<|ref|>`, in order
     mem_masks: list[np.ndarray] = field(default_factory=list)  # [T, H, W] per `<|mem|>` object, in order
     seg_objects: list[SceneObject] = field(default_factory=list)  # the ground truth of each `<|seg|>`, in order
+    seg_refs: dict[int, RefSpec] = field(default_factory=dict)  # seg index -> the `<|ref|>` it answers (PixelQA)
     tasks: list[str] = field(default_factory=list)
 
 
@@ -217,10 +218,12 @@ class ConversationBuilder:
                 continue
             frame = 0 if (0 in frames and self.rng.random() < 0.6) else int(self.rng.choice(frames))
             kind = "point" if self.rng.random() < 0.5 else "box"
-            self.conv.refs.append(ref_spec(obj, frame, kind, self.rng, jitter=0.05))
+            spec = ref_spec(obj, frame, kind, self.rng, jitter=0.05)
+            self.conv.refs.append(spec)
             i = 1 + len(self.known)
             self.known[i] = obj
             ids.append(i)
+            self.conv.seg_refs[len(self.conv.seg_objects)] = spec
             self.conv.seg_objects.append(obj)
         if not ids:
             return self.referring()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import RefPrompt
-from .conversations import ref_spec
+from .conversations import RefSpec, ref_spec
 from .losses import sam_losses
 from .scenes import COLORS
 
@@ -78,10 +78,15 @@ def object_tokens(sam, obj, kind: str, color_tokens: torch.Tensor, rng, height: 
     """The [2, s] prompt tokens for one object on frame 0."""
     if kind == "color":
         return color_prompts_of([obj], color_tokens)[0]
-    spec = ref_spec(obj, 0, kind, rng, jitter=0.1 if kind == "box" else 0.0)
-    p = RefPrompt.from_pixels(0, height, width, sam.image_size, point=spec.point, box=spec.box)
+    return ref_tokens(sam, ref_spec(obj, 0, kind, rng, jitter=0.1 if kind == "box" else 0.0), height, width)
+
+
+def ref_tokens(sam, spec: RefSpec, height: int, width: int) -> torch.Tensor:
+    """SAM 2's own [2, s] prompt tokens for a point (and the padding point the prompt encoder adds
+    to a lone point) or a box (its two corners), as they go in the place of the seg tokens."""
+    p = RefPrompt.from_pixels(spec.frame, height, width, sam.image_size, point=spec.point, box=spec.box)
     coords = p.coords.to(sam.device)
-    if kind == "point":  # the prompt encoder pads a lone point to two tokens
+    if spec.point is not None:
         sparse, _ = sam.sam_prompt_encoder(points=(coords[None], p.labels.to(sam.device)[None]), boxes=None, masks=None)
     else:
         sparse, _ = sam.sam_prompt_encoder(points=None, boxes=coords.reshape(1, 4), masks=None)

@@ -23,6 +23,8 @@ color prompts of an earlier SAM stage and keeps them fixed: a language model alr
 toward them keeps its seg prompts valid while SAM 2 learns to track; `--feature-scale` first brings
 the frame features SAM 2's memory reads back to the size of what they are added to and compared
 with (stages 14-15 of the model card), without which tracked frames showed every shape at once.
+`--point-channel` gives the mask decoder a clean channel for where a point or box is (see
+`open_point_channel`), without which point prompts never got past the foreground (stage 16).
 """
 from __future__ import annotations
 
@@ -73,10 +75,61 @@ def scale_frame_features(model, scale: float) -> None:
         _scale_conv(conv, scale)
 
 
+POINT_DIMS = (0, 1)  # the frequencies (columns of the prompt encoder's matrix) that carry where a prompt is
+
+
+def open_point_channel(model, freq: float = 0.45, gain: float = 7.4) -> None:
+    """Give SAM 2's mask decoder a clean channel for where a point or box prompt is, and one head
+    in each direction of its first layer that attends by that place alone.
+
+    Trained from prompts, this small decoder never learned to find the object under a point (its
+    Jaccard stayed at the foreground level, 0.5, over thousands of steps): its positional encodings
+    were random frequencies added onto content of the same size, read through heads of 4
+    dimensions. Here the prompt encoder's frequency matrix keeps two frequencies, one along x and
+    one along y, low enough (`freq` < 0.5 cycles per unit of SAM's [-1, 1] coordinates) to change
+    once across the frame, and every other column is zeroed, so the encodings of a prompt and of
+    each frame position live in 4 dimensions (the sine and cosine of each). Those dimensions are
+    cleared in everything else the first layer adds up there (the frame features of this level, the
+    empty-memory and empty-mask embeddings, the label and output tokens, the first layer's norms).
+    The first head of the token-to-image and image-to-token attentions (4 dimensions here; two
+    heads of one frequency each where heads are smaller) then compares only those 4 dimensions,
+    scaled by `gain`: its score is largest at the prompt's place, a cell away it is
+    about 3 lower, so the prompt token reads the object under it and the frame around the prompt
+    reads the prompt. The rest is left to training.
+    """
+    sam = model.sam2
+    encoder, decoder = sam.sam_prompt_encoder, sam.sam_mask_decoder
+    matrix = encoder.pe_layer.positional_encoding_gaussian_matrix
+    half = matrix.shape[1]
+    dims = [d for i in POINT_DIMS for d in (i, half + i)]  # the sine and the cosine of each frequency
+    with torch.no_grad():
+        matrix.zero_()
+        matrix[0, POINT_DIMS[0]], matrix[1, POINT_DIMS[1]] = freq, freq
+        neck = sam.image_encoder.neck
+        for conv in (neck.convs[0].conv, neck.convs[1].conv):  # the stride-16 level, as scale_frame_features
+            conv.weight[dims] = 0
+            conv.bias[dims] = 0
+        layer = decoder.transformer.layers[0]
+        cleared = [sam.no_mem_embed[0, 0], encoder.no_mask_embed.weight[0], encoder.not_a_point_embed.weight[0],
+                   layer.norm1.weight, layer.norm1.bias, layer.norm3.weight, layer.norm3.bias,
+                   *(e.weight.T for e in encoder.point_embeddings), decoder.iou_token.weight.T,
+                   decoder.mask_tokens.weight.T, decoder.obj_score_token.weight.T]  # fmt: skip
+        for t in cleared:
+            t[dims] = 0
+        for attention in (layer.cross_attn_token_to_image, layer.cross_attn_image_to_token):
+            head = attention.internal_dim // attention.num_heads
+            rows = -(-len(dims) // head) * head  # the first heads, as many as the 4 dimensions fill
+            for proj in (attention.q_proj, attention.k_proj):
+                proj.weight[:rows] = 0
+                proj.bias[:rows] = 0
+                proj.weight[list(range(len(dims))), dims] = gain
+
+
 def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
         warmup: int = 20, fresh_decoder: bool = False, max_minutes: float | None = None, log_every: int = 10,
         video_prob: float = 0.0, frames=FRAMES, color_prompts: str | Path | None = None,
-        kind_probs=(0.5, 0.25, 0.25), mask_memory_gain: float = 1.0, feature_scale: float = 1.0) -> Path:  # fmt: skip
+        kind_probs=(0.5, 0.25, 0.25), mask_memory_gain: float = 1.0, feature_scale: float = 1.0,
+        point_channel: bool = False) -> Path:  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = train_device()
@@ -85,8 +138,11 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         fresh_mask_decoder(model, SAM_STAGE_SEED)
     scale_mask_memory(model, mask_memory_gain)  # both are no-ops at their default of 1
     scale_frame_features(model, feature_scale)
+    if point_channel:
+        open_point_channel(model)
     model.eval()  # SAM 2's inference code paths, as in the trainer
-    params = list(model.sam2.parameters())
+    # With the point channel the image encoder is held: the frame features keep its dimensions clear.
+    params = [p for n, p in model.sam2.named_parameters() if not (point_channel and n.startswith("image_encoder."))]
     if color_prompts is not None:
         color_tokens = load_color_prompts(color_prompts).to(device)
     else:
@@ -142,12 +198,14 @@ def main(argv=None) -> int:
                         help="scale the mask embedding of SAM 2's memory first (see scale_mask_memory)")
     parser.add_argument("--feature-scale", type=float, default=1.0,
                         help="scale SAM 2's stride-16 frame features first (see scale_frame_features)")
+    parser.add_argument("--point-channel", action="store_true",
+                        help="first give the mask decoder a channel for where prompts are (see open_point_channel)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = run(args.init, args.out_dir, args.steps, args.batch_size, args.lr, args.warmup, args.fresh_decoder,
                args.max_minutes, video_prob=args.video_prob, frames=tuple(args.frames), color_prompts=args.color_prompts,
                kind_probs=args.kind_probs, mask_memory_gain=args.mask_memory_gain,
-               feature_scale=args.feature_scale)
+               feature_scale=args.feature_scale, point_channel=args.point_channel)
     print(f"saved {path}")
     return 0
 

@@ -35,7 +35,7 @@ from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import make_conversation
 from .losses import lm_loss, total_mask_loss
-from .sam_prompts import COLOR_NAMES, color_prompts_of, load_color_prompts, scene_losses, track_with_grad
+from .sam_prompts import COLOR_NAMES, color_prompts_of, load_color_prompts, ref_tokens, scene_losses, track_with_grad
 from .scenes import SHAPES, make_scene
 
 TRAIN_STREAM = 0  # seed-sequence tags: training scenes and held-out evaluation scenes never overlap
@@ -244,7 +244,7 @@ def lm_forward(model, processor, batch: list[tuple]):
 
 
 def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tensor | None = None,
-                 distill: float = 0.0) -> dict:
+                 distill: float = 0.0, ref_targets: bool = False) -> dict:
     """LM + mask losses of a batch of (scene, conversation) pairs.
 
     The language model runs once over the padded batch (`lm_forward`; small batches of one
@@ -256,6 +256,10 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
     SAM stage's learned prompt for its object's color (`color_prompts` [colors, k, s]): a SAM 2 that
     answers to those prompts gives the mask loss no slope from a prompt far from them, so without a
     target the seg prompts settle on one that segments the whole foreground.
+    With `ref_targets`, a PixelQA seg prompt whose `<|ref|>` is on frame 0 (the frame the seg
+    tokens prompt) is pulled instead toward SAM 2's own tokens of that point or box: a copy of
+    where the object is, which a SAM 2 with `sam_stage --point-channel` answers, where the color
+    target asks the language model to look up the object under the point itself.
     """
     device = model.device
     out, ids, label_mask, states = lm_forward(model, processor, batch)
@@ -272,7 +276,7 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         tokens = model.seg_head(hidden).view(len(conv.seg_objects), model.config.sam2_hidden_tokens, -1)
         if distill:
             seg_prompts.append(tokens)
-            wanted.append(color_prompts_of(conv.seg_objects, color_prompts).to(tokens))
+            wanted.append(distill_targets(model, scene, conv, color_prompts, ref_targets).to(tokens))
         images = model.prepare_sam2_video(scene.frames, cache=False).images
         targets = torch.from_numpy(np.stack([o.masks for o in conv.seg_objects])).float().to(device)
         for k, v in track_with_grad(model, images, tokens, targets, *scene.frames.shape[1:3]).items():
@@ -286,6 +290,26 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         losses["distill"] = F.mse_loss(torch.cat(seg_prompts), torch.cat(wanted))
     losses["total"] = losses["lm"] + losses.get("mask", 0.0) + distill * losses.get("distill", 0.0)
     return losses
+
+
+@torch.no_grad()
+def distill_targets(model, scene, conv, color_prompts: torch.Tensor, ref_targets: bool) -> torch.Tensor:
+    """The prompt [n, k, s] each seg of `conv` is pulled toward (see `batch_losses`)."""
+    wanted = color_prompts_of(conv.seg_objects, color_prompts).clone()
+    if ref_targets:
+        for i, spec in conv.seg_refs.items():
+            if spec.frame == 0:
+                wanted[i] = ref_tokens(model.sam2, spec, *scene.frames.shape[1:3])
+    return wanted
+
+
+def share_prompt_frequencies(model) -> None:
+    """Give the `<|ref|>` encoder the frequencies of SAM 2's prompt encoder, so that the ref
+    embedding carries a prompt's place in the very code SAM 2's point tokens do (a copy, for
+    `ref_targets`, rather than a change of code)."""
+    with torch.no_grad():
+        model.ref_encoder.pe_layer.positional_encoding_gaussian_matrix.copy_(
+            model.sam2.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix)
 
 
 def seg_states(model, processor, seed: int = 0, num: int = 48, chunk: int = 32, turns: tuple[int, int] | None = None):
@@ -438,7 +462,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            turns: tuple[int, int] | None = None, init_from: str | Path | None = None, batch_size: int = 1,
            reset_llm: bool = False, untie: bool = False, hold: dict[str, int] | None = None,
            refit_seg: bool = False, fit_seg: bool = False, fresh_decoder: bool = False, color_prompts: str | Path | None = None,
-           prompted: int = 4, distill: float = 0.0, rank: int = 0, workers: int = 1) -> None:
+           prompted: int = 4, distill: float = 0.0, ref_targets: bool = False, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     device = train_device()
@@ -461,6 +485,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
                 untie_word_embeddings(model, processor.tokenizer, seed=seed)
             if fresh_decoder:
                 fresh_mask_decoder(model, seed)
+            if ref_targets:
+                share_prompt_frequencies(model)
             if refit_seg or fit_seg:
                 states, colors = seg_states(model, processor, seed, num=640 if fit_seg else 48, turns=turns)
                 share = refit_seg_head(model, states)
@@ -493,7 +519,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         for micro in range(accum):
             rng = scene_rng(TRAIN_STREAM, seed, (step * workers + rank) * accum + micro)
             batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns, pixelqa_prob)
-            losses = batch_losses(model, processor, batch, color_prompts, distill)
+            losses = batch_losses(model, processor, batch, color_prompts, distill, ref_targets)
             if color_prompts is not None and prompted:
                 parts = [scene_losses(model, make_scene(rng, 1), "color", color_prompts, rng) for _ in range(prompted)]
                 losses["prompted"] = total_mask_loss({k: sum(q[k] for q in parts) / prompted for k in parts[0]})
@@ -599,6 +625,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompted", type=int, default=4, help="color-prompted images per step and process")
     parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
                         help="with --color-prompts: pull each seg prompt toward its object's color prompt")
+    parser.add_argument("--ref-targets", action="store_true",
+                        help="with --distill: pull PixelQA seg prompts toward SAM 2's own tokens of their point or box "
+                             "(and, with --init-from, give the ref encoder SAM 2's prompt frequencies)")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
@@ -618,7 +647,8 @@ def main(argv=None) -> int:
           reset_llm=args.reset_llm, untie=args.untie_embeddings,
           hold={name: int(until) for name, until in (h.split("=") for h in args.hold)}, refit_seg=args.refit_seg_head, fit_seg=args.fit_seg_head,
           fresh_decoder=args.fresh_decoder,
-          color_prompts=args.color_prompts, prompted=args.prompted, distill=args.distill)  # fmt: skip
+          color_prompts=args.color_prompts, prompted=args.prompted, distill=args.distill,
+          ref_targets=args.ref_targets)  # fmt: skip
     return 0
 
 
