@@ -15,6 +15,14 @@ from .losses import sam_losses
 from .scenes import COLORS
 
 KINDS = ("color", "point", "box")
+POINT_DIMS = (0, 1)  # the frequencies (columns of the prompt encoder's matrix) of `sam_stage --point-channel`
+
+
+def place_dims(encoder) -> list[int]:
+    """The dimensions of a prompt encoder's tokens that carry a prompt's place under the point
+    channel: the sine and the cosine of each of its two frequencies."""
+    half = encoder.pe_layer.positional_encoding_gaussian_matrix.shape[1]
+    return [d for i in POINT_DIMS for d in (i, half + i)]
 COLOR_NAMES = list(COLORS)  # the row order of the learned color prompts
 
 

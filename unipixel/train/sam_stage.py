@@ -35,7 +35,7 @@ import torch
 
 from ..model import load_model
 from .losses import total_mask_loss
-from .sam_prompts import COLOR_NAMES, KINDS, load_color_prompts, save_color_prompts, scene_losses
+from .sam_prompts import COLOR_NAMES, KINDS, POINT_DIMS, load_color_prompts, place_dims, save_color_prompts, scene_losses
 from .stage_log import StageLog, stage_parser
 from .scenes import make_scene
 from .trainer import FRAMES, TRAIN_STREAM, fresh_mask_decoder, lr_at, save_checkpoint, scene_rng, train_device
@@ -75,9 +75,6 @@ def scale_frame_features(model, scale: float) -> None:
         _scale_conv(conv, scale)
 
 
-POINT_DIMS = (0, 1)  # the frequencies (columns of the prompt encoder's matrix) that carry where a prompt is
-
-
 def open_point_channel(model, freq: float = 0.45, gain: float = 7.4) -> None:
     """Give SAM 2's mask decoder a clean channel for where a point or box prompt is, and one head
     in each direction of its first layer that attends by that place alone.
@@ -100,8 +97,7 @@ def open_point_channel(model, freq: float = 0.45, gain: float = 7.4) -> None:
     sam = model.sam2
     encoder, decoder = sam.sam_prompt_encoder, sam.sam_mask_decoder
     matrix = encoder.pe_layer.positional_encoding_gaussian_matrix
-    half = matrix.shape[1]
-    dims = [d for i in POINT_DIMS for d in (i, half + i)]  # the sine and the cosine of each frequency
+    dims = place_dims(encoder)
     with torch.no_grad():
         matrix.zero_()
         matrix[0, POINT_DIMS[0]], matrix[1, POINT_DIMS[1]] = freq, freq
