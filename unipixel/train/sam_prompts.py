@@ -15,6 +15,7 @@ from .losses import sam_losses
 from .scenes import COLORS
 
 KINDS = ("color", "point", "box")
+COLOR_NAMES = list(COLORS)  # the row order of the learned color prompts
 POINT_DIMS = (0, 1)  # the frequencies (columns of the prompt encoder's matrix) of `sam_stage --point-channel`
 
 
@@ -23,7 +24,6 @@ def place_dims(encoder) -> list[int]:
     channel: the sine and the cosine of each of its two frequencies."""
     half = encoder.pe_layer.positional_encoding_gaussian_matrix.shape[1]
     return [d for i in POINT_DIMS for d in (i, half + i)]
-COLOR_NAMES = list(COLORS)  # the row order of the learned color prompts
 
 
 def track_with_grad(model, images: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, height: int, width: int):

@@ -35,8 +35,7 @@ from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import make_conversation
 from .losses import lm_loss, total_mask_loss
-from .sam_prompts import (COLOR_NAMES, color_prompts_of, load_color_prompts, place_dims, ref_tokens, scene_losses,
-                          track_with_grad)
+from .sam_prompts import COLOR_NAMES, color_prompts_of, load_color_prompts, ref_tokens, scene_losses, track_with_grad
 from .scenes import SHAPES, make_scene
 
 TRAIN_STREAM = 0  # seed-sequence tags: training scenes and held-out evaluation scenes never overlap
@@ -277,7 +276,7 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         tokens = model.seg_head(hidden).view(len(conv.seg_objects), model.config.sam2_hidden_tokens, -1)
         if distill:
             seg_prompts.append(tokens)
-            wanted.append([t.to(tokens) for t in distill_targets(model, scene, conv, color_prompts, ref_targets)])
+            wanted.append(distill_targets(model, scene, conv, color_prompts, ref_targets).to(tokens))
         images = model.prepare_sam2_video(scene.frames, cache=False).images
         targets = torch.from_numpy(np.stack([o.masks for o in conv.seg_objects])).float().to(device)
         for k, v in track_with_grad(model, images, tokens, targets, *scene.frames.shape[1:3]).items():
@@ -288,30 +287,20 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         losses["mask"] = total_mask_loss(losses)
         losses["jaccard"] = losses["jaccard"].detach()
     if seg_prompts:
-        target, weights = (torch.cat(t) for t in zip(*wanted))
-        losses["distill"] = (weights * (torch.cat(seg_prompts) - target).pow(2)).mean()
+        losses["distill"] = F.mse_loss(torch.cat(seg_prompts), torch.cat(wanted))
     losses["total"] = losses["lm"] + losses.get("mask", 0.0) + distill * losses.get("distill", 0.0)
     return losses
 
 
 @torch.no_grad()
-def distill_targets(model, scene, conv, color_prompts: torch.Tensor, ref_targets: bool):
-    """The prompt [n, k, s] each seg of `conv` is pulled toward (see `batch_losses`), and the
-    weight of each of its values.
-
-    A ref target's place is 4 of the s values of each token (the rest are the same for every
-    point); weighted 1 like the rest, a seg prompt that ignored the place would miss the target by
-    only a few percent, so those 4 weigh as much as the rest together.
-    """
+def distill_targets(model, scene, conv, color_prompts: torch.Tensor, ref_targets: bool) -> torch.Tensor:
+    """The prompt [n, k, s] each seg of `conv` is pulled toward (see `batch_losses`)."""
     wanted = color_prompts_of(conv.seg_objects, color_prompts).clone()
-    weights = torch.ones_like(wanted)
     if ref_targets:
-        dims = place_dims(model.sam2.sam_prompt_encoder)
         for i, spec in conv.seg_refs.items():
             if spec.frame == 0:
                 wanted[i] = ref_tokens(model.sam2, spec, *scene.frames.shape[1:3])
-                weights[i][:, dims] = (wanted.shape[-1] - len(dims)) / len(dims)
-    return wanted, weights
+    return wanted
 
 
 def share_prompt_frequencies(model) -> None:
