@@ -50,6 +50,13 @@ def _scale_conv(conv: torch.nn.Conv2d, factor: float) -> None:
     conv.bias.mul_(factor)
 
 
+def _stride16_convs(sam) -> tuple[torch.nn.Conv2d, torch.nn.Conv2d]:
+    """The FPN convolutions whose sum is the stride-16 frame features: that level's lateral one and
+    the coarser one added into it."""
+    neck = sam.image_encoder.neck
+    return neck.convs[0].conv, neck.convs[1].conv
+
+
 def scale_mask_memory(model, gain: float) -> None:
     """Scale the mask part of SAM 2's memory by `gain`.
 
@@ -70,8 +77,7 @@ def scale_frame_features(model, scale: float) -> None:
     the keys of memory attention then saturate its softmax on one or two memory positions for every
     query, so tracked frames get no object identity and no gradient to learn one.
     """
-    neck = model.sam2.image_encoder.neck
-    for conv in (neck.convs[0].conv, neck.convs[1].conv):  # this level and the coarser one added into it
+    for conv in _stride16_convs(model.sam2):
         _scale_conv(conv, scale)
 
 
@@ -101,8 +107,7 @@ def open_point_channel(model, freq: float = 0.45, gain: float = 7.4) -> None:
     with torch.no_grad():
         matrix.zero_()
         matrix[0, POINT_DIMS[0]], matrix[1, POINT_DIMS[1]] = freq, freq
-        neck = sam.image_encoder.neck
-        for conv in (neck.convs[0].conv, neck.convs[1].conv):  # the stride-16 level, as scale_frame_features
+        for conv in _stride16_convs(sam):
             conv.weight[dims] = 0
             conv.bias[dims] = 0
         layer = decoder.transformer.layers[0]
