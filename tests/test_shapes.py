@@ -348,15 +348,26 @@ def test_the_vision_stage_moves_only_the_vision_side(tiny_checkpoint, tmp_path):
     classifiers; its keeping term starts at zero (the model is its own reference) and grows once
     the tower moves; the rest of the model stays as it was."""
     from unipixel import load_model
-    from unipixel.train.vision_stage import object_embeddings, run
+    from unipixel.train.trainer import TRAIN_STREAM
+    from unipixel.train.vision_stage import VISION_STAGE_SEED, SceneBatches, batch_embeddings, object_embeddings, run
 
     model, processor = load_model(str(tiny_checkpoint), device="cpu")
-    scene = make_scene(np.random.default_rng(5), 1, num_objects=3)
-    masks = [torch.from_numpy(o.masks) for o in scene.objects]
-    embeds, mem = object_embeddings(model, P.encode_frames(processor, scene.frames), masks)
-    assert mem.shape == (3, model.config.text_config.hidden_size) and embeds.shape[1] == mem.shape[1]
+    # A batch through one vision-tower call gives each image's embeddings as the inference path does.
+    batch = SceneBatches(processor, 0, 4, batch_size=2, objects=3).draw(3)
+    rng = scene_rng(TRAIN_STREAM, VISION_STAGE_SEED, 3)
+    alone = []
+    for _ in range(2):
+        scene = make_scene(rng, 1, num_objects=3)
+        masks = [torch.from_numpy(o.masks) for o in scene.objects]
+        alone.append(object_embeddings(model, P.encode_frames(processor, scene.frames), masks))
+    with torch.no_grad():
+        embeds, mem = batch_embeddings(model, batch)
+    assert mem.shape == (6, model.config.text_config.hidden_size) and embeds.shape[1] == mem.shape[1]
+    torch.testing.assert_close(embeds, torch.cat([e for e, _ in alone]))
+    torch.testing.assert_close(mem, torch.cat([m for _, m in alone]), atol=1e-4, rtol=1e-4)
+    assert batch["shapes"][-3:].tolist() == [SHAPES.index(o.shape) for o in scene.objects]
 
-    out = run(tiny_checkpoint, tmp_path, steps=2, batch_size=2, warmup=1, lr=1e-2, log_every=1)
+    out = run(tiny_checkpoint, tmp_path, steps=2, batch_size=2, warmup=1, lr=1e-2, log_every=1, loaders=2)
     rows = [json.loads(r) for r in (tmp_path / "vision_stage_log.jsonl").read_text().splitlines()]
     assert rows[0]["keep"] == 0 and rows[1]["keep"] > 0
     assert all(np.isfinite(r["shape"]) and 0 <= r["shape_acc"] <= 1 for r in rows)

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from ..model import load_model
 from ..model import processing as P
+from ..model.visual_prompts import mem_slot_cells
 from .sam_prompts import COLOR_NAMES
 from .scenes import SHAPES, make_scene
 from .stage_log import StageLog, stage_parser
-from .trainer import TRAIN_STREAM, lr_at, save_checkpoint, scene_rng
+from .trainer import TRAIN_STREAM, lr_at, save_checkpoint, scene_rng, train_device
 
 VISION_STAGE_SEED = 11  # its own seed within the training stream
 
@@ -34,6 +35,56 @@ def object_embeddings(model, vision: dict, masks: list[torch.Tensor]) -> tuple[t
     mask [K, d] (image scenes: one temporal slot each), from the processor's output `vision`."""
     features = model.encode_video(vision["pixel_values_videos"], vision["video_grid_thw"])
     return features.embeds, model.encode_mem_masks(masks, features)
+
+
+def batch_embeddings(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`object_embeddings` of a whole batch of images in one vision-tower call: frame embeddings
+    [sum N, d] and `<|mem|>` embeddings [K, d] of every object, image after image.
+
+    Each image is one window (the window covers a whole frame), so the merger inputs of the batch
+    are the images' raster-ordered rows one after another; each object's are averaged over its cells.
+    """
+    features = model.encode_video(batch["pixels"], batch["grid"])
+    rows = features.merger_inputs.split([int(n) for n in batch["grid"].prod(-1) // 4])
+    weights = [c.flatten(1).to(r) for c, r in zip(batch["cells"], rows)]
+    pooled = torch.cat([(w @ r) / w.sum(1, keepdim=True) for w, r in zip(weights, rows)])
+    return features.embeds, model.msk_proj(pooled)
+
+
+class SceneBatches(torch.utils.data.IterableDataset):
+    """Each step's images, drawn from that step's seed and encoded for the vision tower, with each
+    object's merged-token cells and labels. Loader processes take the steps in turn, so a step's
+    batch and the order of the batches do not depend on how many there are."""
+
+    def __init__(self, processor, start: int, steps: int, batch_size: int, objects: int):
+        self.processor, self.start, self.steps = processor, start, steps
+        self.batch_size, self.objects = batch_size, objects
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.start + worker, self.steps, workers):
+            yield self.draw(step)
+
+    def draw(self, step: int) -> dict:
+        rng = scene_rng(TRAIN_STREAM, VISION_STAGE_SEED, step)
+        pixels, grids, cells, shapes, colors = [], [], [], [], []
+        for _ in range(self.batch_size):
+            scene = make_scene(rng, 1, num_objects=self.objects)  # the most labels per image
+            vision = P.encode_frames(self.processor, scene.frames)
+            grid = vision["video_grid_thw"]
+            pixels.append(vision["pixel_values_videos"])
+            grids.append(grid)
+            cells.append(torch.stack([mem_slot_cells(torch.from_numpy(o.masks), grid[0])[0] for o in scene.objects]))
+            shapes += [SHAPES.index(o.shape) for o in scene.objects]
+            colors += [COLOR_NAMES.index(o.color) for o in scene.objects]
+        return {"pixels": torch.cat(pixels), "grid": torch.cat(grids), "cells": cells,
+                "shapes": torch.tensor(shapes), "colors": torch.tensor(colors)}  # fmt: skip
+
+
+def one_thread(_worker: int) -> None:
+    """Loader processes draw one scene at a time; more threads each would only oversubscribe the CPU."""
+    torch.set_num_threads(1)
 
 
 def relative_mse(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -50,52 +101,48 @@ class Probe(torch.nn.Module):
         self.shape = torch.nn.Linear(dim, len(SHAPES))
         self.color = torch.nn.Linear(dim, len(COLOR_NAMES))
 
-    def forward(self, mem: torch.Tensor, scene) -> dict:
-        shapes = torch.tensor([SHAPES.index(o.shape) for o in scene.objects])
-        colors = torch.tensor([COLOR_NAMES.index(o.color) for o in scene.objects])
+    def forward(self, mem: torch.Tensor, shapes: torch.Tensor, colors: torch.Tensor) -> dict:
         mem = self.norm(mem)
         shape_logits, color_logits = self.shape(mem), self.color(mem)
         return {
-            "shape": F.cross_entropy(shape_logits, shapes, reduction="sum"),
-            "color": F.cross_entropy(color_logits, colors, reduction="sum"),
-            "shape_acc": (shape_logits.argmax(-1) == shapes).float().sum().detach(),
-            "color_acc": (color_logits.argmax(-1) == colors).float().sum().detach(),
+            "shape": F.cross_entropy(shape_logits, shapes),
+            "color": F.cross_entropy(color_logits, colors),
+            "shape_acc": (shape_logits.argmax(-1) == shapes).float().mean().detach(),
+            "color_acc": (color_logits.argmax(-1) == colors).float().mean().detach(),
         }
 
 
 def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
         warmup: int = 20, keep: float = 1.0, objects: int = 4, max_minutes: float | None = None,
-        log_every: int = 10) -> Path:  # fmt: skip
+        log_every: int = 10, loaders: int = 0) -> Path:  # fmt: skip
+    """`loaders`: processes that draw and encode the scenes (0: this one), so that a GPU is fed."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = load_model(str(init), device="cpu", dtype=torch.float32)
-    teacher, _ = load_model(str(init), device="cpu", dtype=torch.float32)
+    device = train_device()
+    model, processor = load_model(str(init), device=device, dtype=torch.float32)
+    teacher, _ = load_model(str(init), device=device, dtype=torch.float32)
     teacher.requires_grad_(False)
     model.eval()
     torch.manual_seed(VISION_STAGE_SEED)
-    probe = Probe(model.config.text_config.hidden_size)
+    probe = Probe(model.config.text_config.hidden_size).to(device)
     params = list(model.model.visual.parameters()) + list(model.msk_proj.parameters())
     # The fresh classifiers learn 10x faster, so their early random gradients barely move the tower.
     groups = [{"params": params, "scale": 1.0}, {"params": list(probe.parameters()), "scale": 10.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    step, log = 0, StageLog(out_dir / "vision_stage_log.jsonl", max_minutes)
-    while step < steps:
+    log = StageLog(out_dir / "vision_stage_log.jsonl", max_minutes)
+    batches = torch.utils.data.DataLoader(SceneBatches(processor, 0, steps, batch_size, objects), batch_size=None,
+                                          num_workers=loaders, prefetch_factor=4 if loaders else None,
+                                          worker_init_fn=one_thread)  # fmt: skip
+    step = 0
+    for batch in batches:
         for group in optimizer.param_groups:
             group["lr"] = group["scale"] * lr_at(step, steps, lr, warmup, log.spent())
-        rng = scene_rng(TRAIN_STREAM, VISION_STAGE_SEED, step)
-        totals, labelled = {}, 0
-        for _ in range(batch_size):
-            scene = make_scene(rng, 1, num_objects=objects)  # the most labels per image
-            vision = P.encode_frames(processor, scene.frames)  # once for the model and its reference
-            masks = [torch.from_numpy(o.masks) for o in scene.objects]
-            embeds, mem = object_embeddings(model, vision, masks)
-            with torch.no_grad():
-                kept_embeds, kept_mem = object_embeddings(teacher, vision, masks)
-            parts = probe(mem, scene)
-            parts["keep"] = (relative_mse(embeds, kept_embeds) + relative_mse(mem, kept_mem)) * len(mem)
-            totals = {k: totals.get(k, 0.0) + v for k, v in parts.items()}
-            labelled += len(mem)
-        losses = {k: v / labelled for k, v in totals.items()}  # per object
+        batch = {k: [c.to(device) for c in v] if k == "cells" else v.to(device) for k, v in batch.items()}
+        embeds, mem = batch_embeddings(model, batch)
+        with torch.no_grad():
+            kept_embeds, kept_mem = batch_embeddings(teacher, batch)
+        losses = probe(mem, batch["shapes"], batch["colors"])
+        losses["keep"] = relative_mse(embeds, kept_embeds) + relative_mse(mem, kept_mem)
         loss = losses["shape"] + losses["color"] + keep * losses["keep"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,10 +162,11 @@ def main(argv=None) -> int:
                           steps=600, lr=5e-4, batch_help="images per step (every object is classified)")  # fmt: skip
     parser.add_argument("--keep", type=float, default=1.0, help="weight of the feature-keeping term")
     parser.add_argument("--objects", type=int, default=4, help="shapes per image")
+    parser.add_argument("--loaders", type=int, default=0, help="processes that draw the scenes (to feed a GPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = run(args.init, args.out_dir, args.steps, args.batch_size, args.lr, args.warmup, args.keep, args.objects,
-               args.max_minutes)
+               args.max_minutes, loaders=args.loaders)
     print(f"saved {path}")
     return 0
 
