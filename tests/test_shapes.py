@@ -345,8 +345,9 @@ def test_fit_seg_head_maps_seg_states_onto_their_color_prompts(tiny_checkpoint):
 
 def test_the_vision_stage_moves_only_the_vision_side(tiny_checkpoint, tmp_path):
     """The vision stage trains the vision tower and the `<|mem|>` projector under shape and color
-    classifiers; its keeping term starts at zero (the model is its own reference) and grows once
-    the tower moves; the rest of the model stays as it was."""
+    classifiers, on whole batches through one vision-tower call that give each image's embeddings
+    as the inference path does; its keeping term starts at zero (the model is its own reference)
+    and grows once the tower moves; the rest of the model stays as it was."""
     from unipixel import load_model
     from unipixel.train.trainer import TRAIN_STREAM
     from unipixel.train.vision_stage import VISION_STAGE_SEED, SceneBatches, batch_embeddings, object_embeddings, run
@@ -376,6 +377,27 @@ def test_the_vision_stage_moves_only_the_vision_side(tiny_checkpoint, tmp_path):
     moved = {k for k in after if not torch.equal(after[k], before[k])}
     assert any(k.startswith("model.visual.blocks.") for k in moved) and any(k.startswith("msk_proj.") for k in moved)
     assert all(k.startswith(("model.visual.", "msk_proj.")) for k in moved)
+
+
+def test_sharpening_scales_only_the_shape_part_of_mem_embeddings(tiny_checkpoint):
+    """`sharpen_shapes` multiplies the differences between `<|mem|>` embeddings by the gain inside
+    the shapes' discriminant span and leaves them as they were outside it."""
+    from unipixel import load_model
+    from unipixel.train.vision_stage import SceneBatches, batch_embeddings, sharpen_shapes
+
+    model, processor = load_model(str(tiny_checkpoint), device="cpu")
+    batch = SceneBatches(processor, 0, 1, batch_size=2, objects=3).draw(0)
+    with torch.no_grad():
+        before = batch_embeddings(model, batch)[1]
+        basis = sharpen_shapes([model], processor, gain=3.0, batches=2)
+        after = batch_embeddings(model, batch)[1]
+    assert basis.shape == (model.config.text_config.hidden_size, len(SHAPES) - 1)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(len(SHAPES) - 1), atol=1e-5, rtol=0)
+    d_before, d_after = before - before[0], after - after[0]
+    torch.testing.assert_close(d_after @ basis, 3.0 * d_before @ basis, atol=1e-3, rtol=1e-3)
+    outside = torch.eye(len(basis)) - basis @ basis.T
+    torch.testing.assert_close(d_after @ outside, d_before @ outside, atol=1e-3, rtol=1e-3)
+    assert (d_before @ basis).abs().max() > 1e-2  # the span is not empty for these objects
 
 
 def test_the_sam_stage_tracks_videos_under_fixed_color_prompts(tiny_checkpoint, tmp_path):
