@@ -443,24 +443,28 @@ def test_the_sam_stage_prompts_by_the_kinds_asked_for_and_can_rescale_sam2(tiny_
     assert all(torch.equal(a, b) for a, b in zip(after[:-1], before[:-1]))
 
 
-def test_export_takes_sam2_from_a_parallel_sam_stage(tiny_checkpoint, tmp_path):
-    """A language stage that held SAM 2 and a SAM stage run beside it ship as one model: SAM 2
-    from the SAM stage, everything else from the language stage, in float16."""
+def test_export_takes_sam2_and_the_vision_side_from_other_stages(tiny_checkpoint, tmp_path):
+    """A language stage that held SAM 2, a SAM stage run beside it and a vision stage ship as one
+    model: SAM 2 from the SAM stage, the vision tower and `<|mem|>` projector from the vision stage,
+    everything else from the language stage, in float16."""
     from unipixel import load_model
-    from unipixel.train.sam_stage import run
+    from unipixel.train import sam_stage, vision_stage
     from unipixel.train.trainer import export, train
 
     lm = train(tmp_path / "lm", 1, init_from=tiny_checkpoint, lr=1e-3, warmup=1, video_prob=0.0, turns=(2, 3),
                batch_size=2, hold={"sam2": 1})  # fmt: skip
-    sam = run(tiny_checkpoint, tmp_path / "sam", steps=1, batch_size=2, warmup=1)
-    shipped = load_model(str(export(lm, tmp_path / "ship", sam_from=sam)), device="cpu")[0].state_dict()
-    lm_state = load_model(str(lm), device="cpu")[0].state_dict()
-    sam_state = load_model(str(sam), device="cpu")[0].state_dict()
-    assert any(not torch.equal(lm_state[k], sam_state[k]) for k in lm_state if k.startswith("sam2."))
-    assert any(not torch.equal(lm_state[k], sam_state[k]) for k in lm_state if k.startswith("model.language_model."))
+    sam = sam_stage.run(tiny_checkpoint, tmp_path / "sam", steps=1, batch_size=2, warmup=1)
+    vision = vision_stage.run(tiny_checkpoint, tmp_path / "vision", steps=1, batch_size=2, warmup=1, lr=1e-2)
+    shipped = export(lm, tmp_path / "ship", sam_from=sam, vision_from=vision)
+    shipped = load_model(str(shipped), device="cpu")[0].state_dict()
+    states = {name: load_model(str(path), device="cpu")[0].state_dict() for name, path in
+              (("lm", lm), ("sam", sam), ("vision", vision))}  # fmt: skip
+    # Each part differs between the stages, so the check below can tell where it came from.
+    for a, b, prefix in (("lm", "sam", "sam2."), ("lm", "vision", "model.visual."), ("sam", "lm", "model.language_model.")):
+        assert any(not torch.equal(states[a][k], states[b][k]) for k in states[a] if k.startswith(prefix)), prefix
     for key, value in shipped.items():
-        source = sam_state if key.startswith("sam2.") else lm_state
-        assert torch.allclose(value, source[key], rtol=1e-3, atol=1e-3), key
+        source = "sam" if key.startswith("sam2.") else "vision" if key.startswith(("model.visual.", "msk_proj.")) else "lm"
+        assert torch.allclose(value, states[source][key], rtol=1e-3, atol=1e-3), key
 
 
 @pytest.fixture(scope="module")

@@ -564,17 +564,22 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         log.close()
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, sam_from: str | Path | None = None) -> Path:
+def export(checkpoint: str | Path, out_dir: str | Path, sam_from: str | Path | None = None,
+           vision_from: str | Path | None = None) -> Path:
     """Ship a training checkpoint: parameters stored in float16 (buffers stay float32), no optimizer.
 
     `sam_from` takes SAM 2 from another checkpoint: a SAM stage run beside a language stage that held
-    SAM 2, both anchored on the same fixed color prompts. `load_model` reads the result back in the
-    dtype it is asked for (float32 on CPU)."""
+    SAM 2, both anchored on the same fixed color prompts. `vision_from` likewise takes the vision
+    tower and the `<|mem|>` projector (a vision stage run on after the language stage branched off).
+    `load_model` reads the result back in the dtype it is asked for (float32 on CPU)."""
     from ..model import load_model
 
     model, processor = load_model(str(checkpoint), device="cpu", dtype=torch.float32)
-    if sam_from is not None:
-        model.sam2.load_state_dict(load_model(str(sam_from), device="cpu", dtype=torch.float32)[0].sam2.state_dict())
+    for source, parts in ((sam_from, ("sam2",)), (vision_from, ("model.visual", "msk_proj"))):
+        if source is not None:
+            donor = load_model(str(source), device="cpu", dtype=torch.float32)[0]
+            for part in parts:
+                model.get_submodule(part).load_state_dict(donor.get_submodule(part).state_dict())
     for param in model.parameters():
         param.data = param.data.half()
     out_dir = Path(out_dir)
@@ -633,12 +638,14 @@ def main(argv=None) -> int:
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
     parser.add_argument("--sam-from", type=Path, default=None, metavar="CHECKPOINT",
                         help="with --export: take SAM 2 from this checkpoint (a SAM stage run in parallel)")
+    parser.add_argument("--vision-from", type=Path, default=None, metavar="CHECKPOINT",
+                        help="with --export: take the vision tower and <|mem|> projector from this checkpoint")
     args = parser.parse_args(argv)
     if (args.distill or args.fit_seg_head) and args.color_prompts is None:
         parser.error("--distill and --fit-seg-head need the SAM stage's --color-prompts")
     torch.set_num_threads(args.threads)
     if args.export is not None:
-        print(export(latest_checkpoint(args.out_dir), args.export, args.sam_from))
+        print(export(latest_checkpoint(args.out_dir), args.export, args.sam_from, args.vision_from))
         return 0
     train(args.out_dir, args.steps, workers=args.workers, seed=args.seed, lr=args.lr, warmup=args.warmup,
           accum=args.accum, save_every=args.save_every, resume=not args.no_resume, max_minutes=args.max_minutes,
