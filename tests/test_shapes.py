@@ -350,7 +350,7 @@ def test_the_vision_stage_moves_only_the_vision_side(tiny_checkpoint, tmp_path):
     and grows once the tower moves; the rest of the model stays as it was."""
     from unipixel import load_model
     from unipixel.train.trainer import TRAIN_STREAM
-    from unipixel.train.vision_stage import VISION_STAGE_SEED, SceneBatches, batch_embeddings, object_embeddings, run
+    from unipixel.train.vision_stage import VISION_STAGE_SEED, SceneBatches, batch_embeddings, run
 
     model, processor = load_model(str(tiny_checkpoint), device="cpu")
     # A batch through one vision-tower call gives each image's embeddings as the inference path does.
@@ -360,7 +360,10 @@ def test_the_vision_stage_moves_only_the_vision_side(tiny_checkpoint, tmp_path):
     for _ in range(2):
         scene = make_scene(rng, 1, num_objects=3)
         masks = [torch.from_numpy(o.masks) for o in scene.objects]
-        alone.append(object_embeddings(model, P.encode_frames(processor, scene.frames), masks))
+        vision = P.encode_frames(processor, scene.frames)
+        with torch.no_grad():
+            features = model.encode_video(vision["pixel_values_videos"], vision["video_grid_thw"])
+            alone.append((features.embeds, model.encode_mem_masks(masks, features)))
     with torch.no_grad():
         embeds, mem = batch_embeddings(model, batch)
     assert mem.shape == (6, model.config.text_config.hidden_size) and embeds.shape[1] == mem.shape[1]

@@ -35,16 +35,10 @@ VISION_STAGE_SEED = 11  # its own seed within the training stream
 SHARPEN_STEPS = 10**6  # `sharpen_shapes` measures on steps of that seed no run reaches
 
 
-def object_embeddings(model, vision: dict, masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frame embeddings the language model reads [N, d] and one `<|mem|>` embedding per object
-    mask [K, d] (image scenes: one temporal slot each), from the processor's output `vision`."""
-    features = model.encode_video(vision["pixel_values_videos"], vision["video_grid_thw"])
-    return features.embeds, model.encode_mem_masks(masks, features)
-
-
 def batch_embeddings(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """`object_embeddings` of a whole batch of images in one vision-tower call: frame embeddings
-    [sum N, d] and `<|mem|>` embeddings [K, d] of every object, image after image.
+    """The frame embeddings the language model reads [sum N, d] and the `<|mem|>` embeddings [K, d]
+    of every object (image scenes: one temporal slot each), image after image, from one
+    vision-tower call over a whole batch (`SceneBatches`).
 
     Each image is one window (the window covers a whole frame), so the merger inputs of the batch
     are the images' raster-ordered rows one after another; each object's are averaged over its cells.
@@ -111,7 +105,7 @@ def sharpen_shapes(models, processor, gain: float, batches: int = 40, shrink: fl
     shape_means = torch.stack([mem[shape == k].mean(0) for k in range(len(SHAPES))]) - mean
     within = mem - mean - shape_means[shape]
     cov = within.T @ within / len(mem)
-    cov += shrink * cov.trace() / len(cov) * torch.eye(len(cov))
+    cov += shrink * cov.trace() / len(cov) * torch.eye(len(cov), device=cov.device)
     directions = torch.linalg.solve(cov, shape_means.T)
     basis = torch.linalg.svd(directions, full_matrices=False).U[:, : len(SHAPES) - 1]
     lift = (gain - 1) * basis @ basis.T
