@@ -354,7 +354,7 @@ def test_the_vision_stage_moves_only_the_vision_side(tiny_checkpoint, tmp_path):
 
     model, processor = load_model(str(tiny_checkpoint), device="cpu")
     # A batch through one vision-tower call gives each image's embeddings as the inference path does.
-    batch = SceneBatches(processor, 0, 4, batch_size=2, objects=3).draw(3)
+    batch = SceneBatches(processor, 4, batch_size=2, objects=3).draw(3)
     rng = scene_rng(TRAIN_STREAM, VISION_STAGE_SEED, 3)
     alone = []
     for _ in range(2):
@@ -389,7 +389,7 @@ def test_sharpening_scales_only_the_shape_part_of_mem_embeddings(tiny_checkpoint
     from unipixel.train.vision_stage import SceneBatches, batch_embeddings, sharpen_shapes
 
     model, processor = load_model(str(tiny_checkpoint), device="cpu")
-    batch = SceneBatches(processor, 0, 1, batch_size=2, objects=3).draw(0)
+    batch = SceneBatches(processor, 1, batch_size=2, objects=3).draw(0)
     with torch.no_grad():
         before = batch_embeddings(model, batch)[1]
         basis = sharpen_shapes([model], processor, gain=3.0, batches=2)

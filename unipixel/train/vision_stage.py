@@ -44,7 +44,7 @@ def batch_embeddings(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     are the images' raster-ordered rows one after another; each object's are averaged over its cells.
     """
     features = model.encode_video(batch["pixels"], batch["grid"])
-    rows = features.merger_inputs.split([int(n) for n in batch["grid"].prod(-1) // 4])
+    rows = features.merger_inputs.split([P.num_video_tokens(grid[None]) for grid in batch["grid"]])
     weights = [c.flatten(1).to(r) for c, r in zip(batch["cells"], rows)]
     pooled = torch.cat([(w @ r) / w.sum(1, keepdim=True) for w, r in zip(weights, rows)])
     return features.embeds, model.msk_proj(pooled)
@@ -55,14 +55,14 @@ class SceneBatches(torch.utils.data.IterableDataset):
     object's merged-token cells and labels. Loader processes take the steps in turn, so a step's
     batch and the order of the batches do not depend on how many there are."""
 
-    def __init__(self, processor, start: int, steps: int, batch_size: int, objects: int):
-        self.processor, self.start, self.steps = processor, start, steps
+    def __init__(self, processor, steps: int, batch_size: int, objects: int):
+        self.processor, self.steps = processor, steps
         self.batch_size, self.objects = batch_size, objects
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for step in range(self.start + worker, self.steps, workers):
+        for step in range(worker, self.steps, workers):
             yield self.draw(step)
 
     def draw(self, step: int) -> dict:
@@ -93,7 +93,7 @@ def sharpen_shapes(models, processor, gain: float, batches: int = 40, shrink: fl
     is folded into the last layer of each model's `msk_proj`, which stays one linear map. Returns
     the span's orthonormal basis [d, 4].
     """
-    draws = SceneBatches(processor, 0, 0, 8, 4)
+    draws = SceneBatches(processor, 0, 8, 4)
     mems, shapes = [], []
     with torch.no_grad():
         for i in range(batches):
@@ -168,7 +168,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
     groups = [{"params": params, "scale": 1.0}, {"params": list(probe.parameters()), "scale": 10.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     log = StageLog(out_dir / "vision_stage_log.jsonl", max_minutes)
-    batches = torch.utils.data.DataLoader(SceneBatches(processor, 0, steps, batch_size, objects), batch_size=None,
+    batches = torch.utils.data.DataLoader(SceneBatches(processor, steps, batch_size, objects), batch_size=None,
                                           num_workers=loaders, prefetch_factor=4 if loaders else None,
                                           worker_init_fn=one_thread)  # fmt: skip
     step = 0
