@@ -583,3 +583,93 @@ def test_shipped_sam2_segments_an_object_from_its_clicks():
         added = Session(model, processor, as_media(scene)).add_object(VisualPrompt("point", frame=0, points=points))
         scores.append(j_and_f(added.masks, obj.masks)[0])
     assert np.mean(scores) >= 0.6
+
+
+def test_lookups_pair_each_answer_with_the_memory_it_asks_about(tiny_model):
+    """Mask-prompt answers look up their own question's `<|mem|>` tokens (not an earlier turn's),
+    and the position before each PixelQA `<|seg|>` looks up the `<|ref|>` of the same object."""
+    from unipixel.train.trainer import _pad, lookups
+
+    model, processor = tiny_model
+    cfg, rng = model.config, scene_rng(0, 0, 21)
+    batch = []
+    for tasks in (["pixelqa", "followup", "region"], ["referring", "region"]):
+        scene = make_scene(rng, 1, num_objects=3)
+        batch.append((scene, make_conversation(scene, rng, tasks=tasks)))
+    grid = torch.tensor([1, 16, 16])
+    rows = [tokenize_with_labels(processor, conv.messages, grid) for _, conv in batch]
+    ids, label_mask = _pad([r["input_ids"] for r in rows], 0), _pad([r["label_mask"] for r in rows], False)
+    found = list(lookups(ids, label_mask, batch, cfg))
+    assert [(b, kind) for b, _, _, kind in found] == [(0, "ref"), (0, "mem"), (0, "mem"), (1, "mem")]
+    b, queries, keys, _ = found[0]
+    assert ids[b, queries + 1].tolist() == [cfg.seg_token_id] and ids[b, keys].tolist() == [cfg.ref_token_id]
+    mems = (ids[0] == cfg.mem_token_id).nonzero()[:, 0].tolist()
+    assert len(mems) == 2 and found[1][2].tolist() == mems[:1] and found[2][2].tolist() == mems[1:]
+    for b, queries, keys, kind in found[1:]:
+        assert bool(label_mask[b, queries + 1].all()) and int(keys.max()) < int(queries.min())
+        assert ids[b, queries[-1] + 1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_the_lookup_loss_pulls_the_chosen_head_onto_the_memory(tiny_checkpoint):
+    """`attend_mem` adds -log of the attention head (layer, head) puts on each lookup's keys; its
+    gradient reaches that layer's query and key projections, and a head that looks only there
+    scores zero."""
+    from unipixel import load_model
+    from unipixel.train.trainer import lookup_attention_loss
+
+    attention = torch.full((1, 6, 6), 0.1)
+    attention[0, 4, 1] = attention[0, 5, 2] = 1.0
+    assert float(lookup_attention_loss(attention, [(0, torch.tensor([4, 5]), torch.tensor([1, 2]), "mem")])) == pytest.approx(
+        -np.log(1.1 + 1e-6), abs=1e-5)  # fmt: skip
+    assert float(lookup_attention_loss(attention, [(0, torch.tensor([4]), torch.tensor([1]), "ref")])) == pytest.approx(0, abs=1e-5)
+    assert lookup_attention_loss(attention, []) is None
+
+    model, processor = load_model(str(tiny_checkpoint), device="cpu")
+    model.set_attn_implementation("eager")
+    rng = scene_rng(0, 0, 22)
+    scene = make_scene(rng, 1, num_objects=2)
+    conv = make_conversation(scene, rng, tasks=["region", "followup"])
+    losses = batch_losses(model, processor, [(scene, conv)], attend_mem=2.0, attend_head=(1, 0))
+    assert float(losses["attend"].detach()) > 0
+    assert float(losses["total"].detach()) == pytest.approx(float(losses["lm"] + 2.0 * losses["attend"]), rel=1e-5)
+    losses["attend"].backward()
+    layers = model.model.language_model.layers
+    assert layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert layers[1].self_attn.o_proj.weight.grad is None  # the output side is left to the LM loss
+
+
+@needs_shipped
+def test_the_shape_word_rows_are_redrawn_and_fitted_alone():
+    """`redraw_shape_head` keeps each spelling's mean row and gives the five words orthogonal parts
+    of the color words' size; `fit_shape_head` fits those rows (and no other) to states that tell
+    the shapes apart, and reports the held-out accuracy."""
+    from unipixel import load_model
+    from unipixel.train.trainer import fit_shape_head, redraw_shape_head, shape_states, shape_word_ids
+
+    model, processor = load_model(str(SHIPPED), device="cpu")
+    head = model.lm_head.weight
+    words = shape_word_ids(processor.tokenizer)
+    assert len(set(words.tolist())) == 10
+    others = torch.ones(len(head), dtype=torch.bool)
+    others[words] = False
+    before = head.detach().clone()
+    redraw_shape_head(model, processor.tokenizer, spread=0.7)
+    for group in words.view(2, -1):
+        parts = head[group] - head[group].mean(0)
+        assert torch.allclose(head[group].mean(0), before[group].mean(0), atol=1e-5)
+        assert torch.allclose(parts @ parts.T, 0.49 * torch.eye(5) - 0.49 / 5, atol=1e-4)
+    assert torch.equal(head[others], before[others])
+
+    states, targets = shape_states(model, processor, batches=1, video_prob=0.0, qa_prob=1.0)
+    assert states.shape == (len(targets), model.config.text_config.hidden_size) and torch.isin(targets, words).all()
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (400,), generator=gen)
+    directions = torch.randn(10, states.shape[1], generator=gen)
+    synthetic = torch.randn(400, states.shape[1], generator=gen) + 3 * directions[labels]
+    accuracies = fit_shape_head(model, processor.tokenizer, synthetic, words[labels])
+    assert min(accuracies) > 0.9
+    spelling = words.view(2, -1)[labels[300:] // 5]  # the five words of each held-out state's spelling
+    with torch.no_grad():
+        scores = torch.einsum("nd,nkd->nk", synthetic[300:], head[spelling])
+    assert (spelling.gather(1, scores.argmax(1, keepdim=True))[:, 0] == words[labels[300:]]).float().mean() > 0.9
+    assert torch.equal(head[others], before[others])

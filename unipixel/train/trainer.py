@@ -13,6 +13,7 @@ Checkpoints are Hugging Face folders (`checkpoint-STEP/`, plus `trainer_state.pt
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -150,6 +151,26 @@ def untie_word_embeddings(model, tokenizer, words=SHAPES, seed: int = 0) -> list
     return ids
 
 
+
+def redraw_shape_head(model, tokenizer, seed: int = 0, spread: float = 0.7) -> None:
+    """Give the LM head rows of the shape words (` circle`, `Circle`, ...) distinct directions again.
+
+    Untied, the output rows collapsed instead: while no answer could name a shape, the gradient pulled
+    the five rows of each spelling toward their mean (cosine 0.90-0.93, each 0.11-0.20 from the mean,
+    where the color words' rows are 0.6-0.8 from theirs), and a hidden state can then barely tell
+    the shapes apart in the logits, even for a shape it copies from the question. Each spelling keeps
+    its mean row (the "a shape word comes next" part) plus fresh parts at right angles to it and
+    (before centring) to each other, of norm `spread`: the color words' geometry."""
+    head = model.lm_head.weight
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for ids in shape_word_ids(tokenizer).view(2, -1):
+            mean = head[ids].mean(0)
+            basis = torch.linalg.qr(torch.cat([mean[:, None].cpu(), torch.randn(head.shape[1], len(ids), generator=generator)], 1)).Q
+            parts = spread * basis[:, 1:].T
+            head[ids] = (mean + (parts - parts.mean(0)).to(head)).to(head)  # centred: the mean row stays
+
+
 def _init_seg_head(model) -> None:
     d = model.config.text_config.hidden_size
     torch.nn.init.normal_(model.seg_head[1].weight, std=d**-0.5)
@@ -203,12 +224,13 @@ def _pad(rows: list[torch.Tensor], value) -> torch.Tensor:
     return out
 
 
-def lm_forward(model, processor, batch: list[tuple]):
+def lm_forward(model, processor, batch: list[tuple], attentions: bool = False):
     """The language model once over a right-padded batch of (scene, conversation) pairs.
 
     Each conversation's vision features and `<|ref|>`/`<|mem|>` embeddings are built on its own.
     Returns the output, the padded ids and assistant-token mask, and the last hidden states
-    (before the final norm: what `seg_head` reads).
+    (before the final norm: what `seg_head` reads). `attentions` asks for every layer's attention
+    probabilities (`out.attentions`; the model must run eager attention).
     """
     device = model.device
     rows, grids, mm_embeds, seconds = [], [], [], []
@@ -239,12 +261,55 @@ def lm_forward(model, processor, batch: list[tuple]):
             video_grid_thw=torch.cat(grids),
             second_per_grid_ts=torch.cat(seconds),
             mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=(torch.cat(mm_embeds),))},
+            output_attentions=attentions,
         )
     return out, ids, label_mask, states[0]
 
 
+MEM_TASKS = ("region", "followup")  # the turns answered from a `<|mem|>` prefix in their own question
+
+
+def lookups(ids: torch.Tensor, label_mask: torch.Tensor, batch: list[tuple], config):
+    """What each answer must look up: (row, query positions, key positions, kind) for every
+    mask-prompt turn (kind "mem": the positions that predict its answer, its question's `<|mem|>`
+    tokens) and every PixelQA `<|seg|>` (kind "ref": the position whose next token is that seg, the
+    `<|ref|>` of the same object in its question)."""
+    for b, (_, conv) in enumerate(batch):
+        answer = label_mask[b].nonzero()[:, 0]
+        spans = torch.tensor_split(answer, (torch.diff(answer) > 1).nonzero()[:, 0] + 1)
+        previous_end = 0
+        for task, span in zip(conv.tasks, spans):
+            asked = torch.arange(previous_end, int(span[0]), device=ids.device)
+            if task in MEM_TASKS:
+                own = asked[ids[b, asked] == config.mem_token_id]
+                if len(own):
+                    yield b, span - 1, own, "mem"
+            elif task == "pixelqa":
+                refs = asked[ids[b, asked] == config.ref_token_id]
+                segs = span[ids[b, span] == config.seg_token_id]
+                for ref, seg in zip(refs, segs):
+                    yield b, seg[None] - 1, ref[None], "ref"
+            previous_end = int(span[-1])
+
+
+def lookup_attention_loss(attention: torch.Tensor, found: list[tuple]) -> torch.Tensor | None:
+    """-log of the attention one head ([B, L, L] probabilities) puts on what each answer must look up
+    (`lookups`), averaged over the query positions; None without any.
+
+    The shape word of `A red circle.` is predicted where no head looked at `<|mem|>`, and the LM loss
+    alone did not teach one to: the answer ignored the `<|mem|>` embedding entirely (replacing it by
+    the word embeddings of the right color and shape changed no prediction). Likewise no PixelQA seg
+    state had learned to read its `<|ref|>`. With one head held on them, the rest of the model gets
+    a path from the memory to the answer."""
+    terms = [attention[b, queries][:, keys].sum(-1) for b, queries, keys, _ in found]
+    if not terms:
+        return None
+    return -torch.log(torch.cat(terms) + 1e-6).mean()
+
+
 def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tensor | None = None,
-                 distill: float = 0.0, ref_targets: bool = False) -> dict:
+                 distill: float = 0.0, ref_targets: bool = False, attend_mem: float = 0.0,
+                 attend_head: tuple[int, int] = (1, 2)) -> dict:
     """LM + mask losses of a batch of (scene, conversation) pairs.
 
     The language model runs once over the padded batch (`lm_forward`; small batches of one
@@ -256,19 +321,35 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
     SAM stage's learned prompt for its object's color (`color_prompts` [colors, k, s]): a SAM 2 that
     answers to those prompts gives the mask loss no slope from a prompt far from them, so without a
     target the seg prompts settle on one that segments the whole foreground.
+    With `attend_mem` > 0, head `attend_head` (layer, head) is also pulled (that weight) onto what
+    each answer must look up (`lookup_attention_loss`).
     With `ref_targets`, a PixelQA seg prompt whose `<|ref|>` is on frame 0 (the frame the seg
     tokens prompt) is pulled instead toward SAM 2's own tokens of that point or box: a copy of
     where the object is, which a SAM 2 with `sam_stage --point-channel` answers, where the color
     target asks the language model to look up the object under the point itself.
     """
     device = model.device
-    out, ids, label_mask, states = lm_forward(model, processor, batch)
+    out, ids, label_mask, states = lm_forward(model, processor, batch, attentions=attend_mem > 0)
     losses = {"lm": lm_loss(out.logits, ids, label_mask)}
-    with torch.no_grad():  # teacher-forced accuracy of the assistant tokens, for the log
+    found = list(lookups(ids, label_mask, batch, model.config))
+    with torch.no_grad():  # teacher-forced accuracy of the assistant tokens and of the shape words, for the log
+        right = out.logits[:, :-1].argmax(-1) == ids[:, 1:]
         keep = label_mask[:, 1:]
-        losses["acc"] = (out.logits[:, :-1].argmax(-1)[keep] == ids[:, 1:][keep]).float().mean()
+        losses["acc"] = right[keep].float().mean()
+        shapes = keep & torch.isin(ids[:, 1:], shape_word_ids(processor.tokenizer).to(ids.device))
+        from_mem = torch.zeros_like(shapes)
+        for b, queries, _, kind in found:
+            if kind == "mem":
+                from_mem[b, queries] = True
+        for name, where in (("shape_acc", shapes & ~from_mem), ("mem_shape_acc", shapes & from_mem)):
+            if where.any():  # shape words the question names, and those only the memory shows
+                losses[name] = right[where].float().mean()
+    if attend_mem:
+        term = lookup_attention_loss(out.attentions[attend_head[0]][:, attend_head[1]], found)
+        if term is not None:
+            losses["attend"] = term
     mask_parts, seg_id = defaultdict(float), model.config.seg_token_id
-    segmented, seg_prompts, wanted = 0, [], []
+    segmented, seg_prompts, wanted, from_ref = 0, [], [], []
     for b, (scene, conv) in enumerate(batch):
         if not conv.seg_objects:
             continue
@@ -277,6 +358,8 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         if distill:
             seg_prompts.append(tokens)
             wanted.append(distill_targets(model, scene, conv, color_prompts, ref_targets).to(tokens))
+            from_ref += [ref_targets and conv.seg_refs.get(i, None) is not None and conv.seg_refs[i].frame == 0
+                         for i in range(len(conv.seg_objects))]
         images = model.prepare_sam2_video(scene.frames, cache=False).images
         targets = torch.from_numpy(np.stack([o.masks for o in conv.seg_objects])).float().to(device)
         for k, v in track_with_grad(model, images, tokens, targets, *scene.frames.shape[1:3]).items():
@@ -288,8 +371,19 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         losses["jaccard"] = losses["jaccard"].detach()
     if seg_prompts:
         losses["distill"] = F.mse_loss(torch.cat(seg_prompts), torch.cat(wanted))
-    losses["total"] = losses["lm"] + losses.get("mask", 0.0) + distill * losses.get("distill", 0.0)
+        if any(from_ref):  # how near the PixelQA seg prompts are to SAM 2's own tokens, for the log
+            chosen = torch.tensor(from_ref, device=device)
+            losses["ref_distill"] = F.mse_loss(torch.cat(seg_prompts)[chosen], torch.cat(wanted)[chosen]).detach()
+    losses["total"] = (losses["lm"] + losses.get("mask", 0.0) + distill * losses.get("distill", 0.0)
+                       + attend_mem * losses.get("attend", 0.0))
     return losses
+
+
+@functools.cache
+def shape_word_ids(tokenizer) -> torch.Tensor:
+    """The first token of each shape word as answers write it (`A red circle.`, `Circle.`)."""
+    forms = [f" {s}" for s in SHAPES] + [s.capitalize() for s in SHAPES]
+    return torch.tensor([tokenizer.encode(w, add_special_tokens=False)[0] for w in forms])
 
 
 @torch.no_grad()
@@ -377,6 +471,58 @@ def fit_seg_head(model, states: torch.Tensor, colors: torch.Tensor, color_prompt
     return float(loss.detach())
 
 
+
+def shape_states(model, processor, seed: int = 0, batches: int = 40, **draw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normed last states (what the LM head reads) at the positions that predict a shape word in
+    `batches` batches of 8 conversations drawn as the trainer draws them (`draw`: `sample_batch`'s
+    options), and the shape-word token each predicts."""
+    rng = scene_rng(TRAIN_STREAM, seed, 10**9 + 1)  # an index no training step reaches
+    words = shape_word_ids(processor.tokenizer).to(model.device)
+    states, targets = [], []
+    for _ in range(batches):
+        batch = sample_batch(rng, 8, **draw)
+        with torch.no_grad():
+            _, ids, label_mask, last = lm_forward(model, processor, batch)
+            normed = model.model.language_model.norm(last)
+        where = label_mask[:, 1:] & torch.isin(ids[:, 1:], words)
+        states.append(normed[:, :-1][where].float())
+        targets.append(ids[:, 1:][where])
+    return torch.cat(states), torch.cat(targets)
+
+
+def fit_shape_head(model, tokenizer, states: torch.Tensor, targets: torch.Tensor, decay: float = 0.01,
+                   steps: int = 400, lr: float = 3e-2) -> list[float]:
+    """Fit the LM head rows of the shape words to the states that predict them; returns each
+    spelling's accuracy among its five words on the last quarter of the states (held out).
+
+    Once a head looks at `<|mem|>` (`--attend-mem`), a linear probe reads the shape from the state
+    before the answer's shape word about half the time, yet 150 more steps of the LM loss left the
+    answers at chance: the shape is a small part of a state whose large parts decide the other
+    words, and the head rows move too slowly to find it. Fitted directly (a 5-way logistic
+    regression per spelling, weight decay `decay`, the rows' common mean kept so that a shape word
+    still comes where one is due), the rows read it, and the LM loss can then make it larger. The
+    decay keeps the rows small enough that no other answer token changes (measured: 97.3% of them
+    right before and after)."""
+    head = model.lm_head.weight
+    accuracies = []
+    for group in shape_word_ids(tokenizer).view(2, -1).to(targets.device):
+        chosen = torch.isin(targets, group)
+        x, y = states[chosen], (targets[chosen][:, None] == group[None]).float().argmax(1)
+        fit = len(x) * 3 // 4
+        w = torch.zeros(len(group), x.shape[1], device=x.device, requires_grad=True)
+        optimizer = torch.optim.Adam([w], lr=lr)
+        for _ in range(steps):
+            loss = F.cross_entropy(x[:fit] @ w.T, y[:fit]) + decay * w.pow(2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        w = (w - w.mean(0)).detach()
+        accuracies.append(float(((x[fit:] @ w.T).argmax(1) == y[fit:]).float().mean()))
+        with torch.no_grad():
+            head[group] = (head[group].mean(0) + w).to(head)
+    return accuracies
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 def lr_at(step: int, total: int, base: float, warmup: int, spent: float = 0.0) -> float:
     """Linear warmup, then a cosine down to a tenth of `base`. `spent` is the share of a time budget
@@ -462,7 +608,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            turns: tuple[int, int] | None = None, init_from: str | Path | None = None, batch_size: int = 1,
            reset_llm: bool = False, untie: bool = False, hold: dict[str, int] | None = None,
            refit_seg: bool = False, fit_seg: bool = False, fresh_decoder: bool = False, color_prompts: str | Path | None = None,
-           prompted: int = 4, distill: float = 0.0, ref_targets: bool = False, rank: int = 0, workers: int = 1) -> None:
+           prompted: int = 4, distill: float = 0.0, ref_targets: bool = False, attend_mem: float = 0.0,
+           attend_head: tuple[int, int] = (1, 2), redraw_head: bool = False, fit_shape: bool = False, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     device = train_device()
@@ -483,6 +630,15 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
                 reset_language_side(model, seed)
             if untie:
                 untie_word_embeddings(model, processor.tokenizer, seed=seed)
+            if redraw_head:
+                redraw_shape_head(model, processor.tokenizer, seed)
+            if fit_shape:
+                states, targets = shape_states(model, processor, seed, video_prob=video_prob, frames=frames,
+                                               qa_prob=qa_prob, turns=turns)
+                accuracies = fit_shape_head(model, processor.tokenizer, states, targets)
+                if lead:
+                    print(f"shape-word head rows fitted on {len(states)} states: held-out accuracy "
+                          f"{accuracies[0]:.3f} (' circle'), {accuracies[1]:.3f} ('Circle')", flush=True)
             if fresh_decoder:
                 fresh_mask_decoder(model, seed)
             if ref_targets:
@@ -502,6 +658,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         start, state = 0, None
     # Eval mode throughout: no dropout anywhere, and SAM 2 takes its inference code paths.
     model.eval()
+    if attend_mem:  # only eager attention hands out its probabilities
+        model.set_attn_implementation("eager")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     if state is not None:
@@ -519,7 +677,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         for micro in range(accum):
             rng = scene_rng(TRAIN_STREAM, seed, (step * workers + rank) * accum + micro)
             batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns, pixelqa_prob)
-            losses = batch_losses(model, processor, batch, color_prompts, distill, ref_targets)
+            losses = batch_losses(model, processor, batch, color_prompts, distill, ref_targets, attend_mem, attend_head)
             if color_prompts is not None and prompted:
                 parts = [scene_losses(model, make_scene(rng, 1), "color", color_prompts, rng) for _ in range(prompted)]
                 losses["prompted"] = total_mask_loss({k: sum(q[k] for q in parts) / prompted for k in parts[0]})
@@ -633,6 +791,15 @@ def main(argv=None) -> int:
     parser.add_argument("--ref-targets", action="store_true",
                         help="with --distill: pull PixelQA seg prompts toward SAM 2's own tokens of their point or box "
                              "(and, with --init-from, give the ref encoder SAM 2's prompt frequencies)")
+    parser.add_argument("--redraw-shape-head", action="store_true",
+                        help="with --init-from: give the LM head rows of the shape words distinct directions again")
+    parser.add_argument("--fit-shape-head", action="store_true",
+                        help="with --init-from: fit the LM head rows of the shape words to the states before them")
+    parser.add_argument("--attend-mem", type=float, default=0.0, metavar="WEIGHT",
+                        help="pull one head's attention onto the <|mem|> tokens of mask-prompt answers and "
+                             "from each PixelQA <|seg|> onto its <|ref|>")
+    parser.add_argument("--attend-head", type=int, nargs=2, default=(1, 2), metavar=("LAYER", "HEAD"),
+                        help="the head --attend-mem pulls")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
@@ -655,7 +822,8 @@ def main(argv=None) -> int:
           hold={name: int(until) for name, until in (h.split("=") for h in args.hold)}, refit_seg=args.refit_seg_head, fit_seg=args.fit_seg_head,
           fresh_decoder=args.fresh_decoder,
           color_prompts=args.color_prompts, prompted=args.prompted, distill=args.distill,
-          ref_targets=args.ref_targets)  # fmt: skip
+          ref_targets=args.ref_targets, attend_mem=args.attend_mem, attend_head=tuple(args.attend_head),
+          redraw_head=args.redraw_shape_head, fit_shape=args.fit_shape_head)  # fmt: skip
     return 0
 
 
