@@ -585,27 +585,34 @@ def test_shipped_sam2_segments_an_object_from_its_clicks():
     assert np.mean(scores) >= 0.6
 
 
-def test_lookups_pair_each_answer_with_the_memory_it_asks_about(tiny_model):
+@needs_shipped
+def test_lookups_pair_each_answer_with_the_memory_it_asks_about():
     """Mask-prompt answers look up their own question's `<|mem|>` tokens (not an earlier turn's),
-    and the position before each PixelQA `<|seg|>` looks up the `<|ref|>` of the same object."""
-    from unipixel.train.trainer import _pad, lookups
+    the position before each PixelQA `<|seg|>` the `<|ref|>` of the same object, and a referring
+    answer's shape word that word in its question."""
+    from unipixel import load_model
+    from unipixel.train.trainer import _pad, lookups, shape_word_ids
 
-    model, processor = tiny_model
+    model, processor = load_model(str(SHIPPED), device="cpu")
     cfg, rng = model.config, scene_rng(0, 0, 21)
     batch = []
     for tasks in (["pixelqa", "followup", "region"], ["referring", "region"]):
         scene = make_scene(rng, 1, num_objects=3)
         batch.append((scene, make_conversation(scene, rng, tasks=tasks)))
+    assert batch[1][1].messages[0]["content"][-1]["text"] == f"Please segment the {batch[1][1].seg_objects[0].name}."
     grid = torch.tensor([1, 16, 16])
     rows = [tokenize_with_labels(processor, conv.messages, grid) for _, conv in batch]
     ids, label_mask = _pad([r["input_ids"] for r in rows], 0), _pad([r["label_mask"] for r in rows], False)
-    found = list(lookups(ids, label_mask, batch, cfg))
-    assert [(b, kind) for b, _, _, kind in found] == [(0, "ref"), (0, "mem"), (0, "mem"), (1, "mem")]
+    found = list(lookups(ids, label_mask, batch, cfg, shape_word_ids(processor.tokenizer)))
+    assert [(b, kind) for b, _, _, kind in found] == [(0, "ref"), (0, "mem"), (0, "mem"), (1, "copy"), (1, "mem")]
     b, queries, keys, _ = found[0]
     assert ids[b, queries + 1].tolist() == [cfg.seg_token_id] and ids[b, keys].tolist() == [cfg.ref_token_id]
     mems = (ids[0] == cfg.mem_token_id).nonzero()[:, 0].tolist()
     assert len(mems) == 2 and found[1][2].tolist() == mems[:1] and found[2][2].tolist() == mems[1:]
-    for b, queries, keys, kind in found[1:]:
+    b, queries, keys, _ = found[3]
+    shape = processor.tokenizer.encode(" " + batch[1][1].seg_objects[0].shape, add_special_tokens=False)
+    assert ids[b, queries + 1].tolist() == shape and ids[b, keys].tolist() == shape and int(keys.max()) < int(queries.min())
+    for b, queries, keys, kind in found[1:3] + found[4:]:
         assert bool(label_mask[b, queries + 1].all()) and int(keys.max()) < int(queries.min())
         assert ids[b, queries[-1] + 1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
 

@@ -269,11 +269,12 @@ def lm_forward(model, processor, batch: list[tuple], attentions: bool = False):
 MEM_TASKS = ("region", "followup")  # the turns answered from a `<|mem|>` prefix in their own question
 
 
-def lookups(ids: torch.Tensor, label_mask: torch.Tensor, batch: list[tuple], config):
+def lookups(ids: torch.Tensor, label_mask: torch.Tensor, batch: list[tuple], config, copied: torch.Tensor):
     """What each answer must look up: (row, query positions, key positions, kind) for every
     mask-prompt turn (kind "mem": the positions that predict its answer, its question's `<|mem|>`
-    tokens) and every PixelQA `<|seg|>` (kind "ref": the position whose next token is that seg, the
-    `<|ref|>` of the same object in its question)."""
+    tokens), every PixelQA `<|seg|>` (kind "ref": the position whose next token is that seg, the
+    `<|ref|>` of the same object in its question) and every word of `copied` that a referring
+    answer repeats from its question (kind "copy": the position that predicts it, the word there)."""
     for b, (_, conv) in enumerate(batch):
         answer = label_mask[b].nonzero()[:, 0]
         spans = torch.tensor_split(answer, (torch.diff(answer) > 1).nonzero()[:, 0] + 1)
@@ -284,6 +285,11 @@ def lookups(ids: torch.Tensor, label_mask: torch.Tensor, batch: list[tuple], con
                 own = asked[ids[b, asked] == config.mem_token_id]
                 if len(own):
                     yield b, span - 1, own, "mem"
+            elif task == "referring":
+                for query in span[torch.isin(ids[b, span], copied)] - 1:
+                    same = asked[ids[b, asked] == ids[b, query + 1]]
+                    if len(same):
+                        yield b, query[None], same, "copy"
             elif task == "pixelqa":
                 refs = asked[ids[b, asked] == config.ref_token_id]
                 segs = span[ids[b, span] == config.seg_token_id]
@@ -299,8 +305,9 @@ def lookup_attention_loss(attention: torch.Tensor, found: list[tuple]) -> torch.
     The shape word of `A red circle.` is predicted where no head looked at `<|mem|>`, and the LM loss
     alone did not teach one to: the answer ignored the `<|mem|>` embedding entirely (replacing it by
     the word embeddings of the right color and shape changed no prediction). Likewise no PixelQA seg
-    state had learned to read its `<|ref|>`. With one head held on them, the rest of the model gets
-    a path from the memory to the answer."""
+    state had learned to read its `<|ref|>`, and referring answers did not copy the shape word from
+    the question (which matters once the shape words are told apart: the seg state follows the
+    word said). With one head held on them, the rest of the model gets a path to the answer."""
     terms = [attention[b, queries][:, keys].sum(-1) for b, queries, keys, _ in found]
     if not terms:
         return None
@@ -331,12 +338,13 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
     device = model.device
     out, ids, label_mask, states = lm_forward(model, processor, batch, attentions=attend_mem > 0)
     losses = {"lm": lm_loss(out.logits, ids, label_mask)}
-    found = list(lookups(ids, label_mask, batch, model.config))
+    words = shape_word_ids(processor.tokenizer).to(ids.device)
+    found = list(lookups(ids, label_mask, batch, model.config, words))
     with torch.no_grad():  # teacher-forced accuracy of the assistant tokens and of the shape words, for the log
         right = out.logits[:, :-1].argmax(-1) == ids[:, 1:]
         keep = label_mask[:, 1:]
         losses["acc"] = right[keep].float().mean()
-        shapes = keep & torch.isin(ids[:, 1:], shape_word_ids(processor.tokenizer).to(ids.device))
+        shapes = keep & torch.isin(ids[:, 1:], words)
         from_mem = torch.zeros_like(shapes)
         for b, queries, _, kind in found:
             if kind == "mem":
@@ -796,8 +804,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fit-shape-head", action="store_true",
                         help="with --init-from: fit the LM head rows of the shape words to the states before them")
     parser.add_argument("--attend-mem", type=float, default=0.0, metavar="WEIGHT",
-                        help="pull one head's attention onto the <|mem|> tokens of mask-prompt answers and "
-                             "from each PixelQA <|seg|> onto its <|ref|>")
+                        help="pull one head's attention onto the <|mem|> tokens of mask-prompt answers, "
+                             "from each PixelQA <|seg|> onto its <|ref|> and from a referring answer's shape "
+                             "word onto the question's")
     parser.add_argument("--attend-head", type=int, nargs=2, default=(1, 2), metavar=("LAYER", "HEAD"),
                         help="the head --attend-mem pulls")
     parser.add_argument("--no-resume", action="store_true")
