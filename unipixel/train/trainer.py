@@ -277,7 +277,7 @@ def lookups(ids: torch.Tensor, label_mask: torch.Tensor, batch: list[tuple], con
     answer repeats from its question (kind "copy": the position that predicts it, the word there)."""
     for b, (_, conv) in enumerate(batch):
         answer = label_mask[b].nonzero()[:, 0]
-        spans = torch.tensor_split(answer, (torch.diff(answer) > 1).nonzero()[:, 0] + 1)
+        spans = torch.tensor_split(answer, ((torch.diff(answer) > 1).nonzero()[:, 0] + 1).tolist())
         previous_end = 0
         for task, span in zip(conv.tasks, spans):
             asked = torch.arange(previous_end, int(span[0]), device=ids.device)
@@ -498,10 +498,14 @@ def shape_states(model, processor, seed: int = 0, batches: int = 40, **draw) -> 
     return torch.cat(states), torch.cat(targets)
 
 
-def fit_shape_head(model, tokenizer, states: torch.Tensor, targets: torch.Tensor, decay: float = 0.01,
-                   steps: int = 400, lr: float = 3e-2) -> list[float]:
-    """Fit the LM head rows of the shape words to the states that predict them; returns each
-    spelling's accuracy among its five words on the last quarter of the states (held out).
+SPELLINGS = ("lowercase", "capitalized")  # ` circle` inside sentences, `Circle.` as a one-word answer
+
+
+def fit_shape_head(model, tokenizer, states: torch.Tensor, targets: torch.Tensor, spellings=SPELLINGS,
+                   decay: float = 0.01, steps: int = 400, lr: float = 3e-2) -> dict[str, float]:
+    """Fit the LM head rows of the shape words (of the `spellings` asked for) to the states that
+    predict them; returns each spelling's accuracy among its five words on the last quarter of the
+    states (held out).
 
     Once a head looks at `<|mem|>` (`--attend-mem`), a linear probe reads the shape from the state
     before the answer's shape word about half the time, yet 150 more steps of the LM loss left the
@@ -512,8 +516,10 @@ def fit_shape_head(model, tokenizer, states: torch.Tensor, targets: torch.Tensor
     decay keeps the rows small enough that no other answer token changes (measured: 97.3% of them
     right before and after)."""
     head = model.lm_head.weight
-    accuracies = []
-    for group in shape_word_ids(tokenizer).view(2, -1).to(targets.device):
+    accuracies = {}
+    for spelling, group in zip(SPELLINGS, shape_word_ids(tokenizer).view(2, -1).to(targets.device)):
+        if spelling not in spellings:
+            continue
         chosen = torch.isin(targets, group)
         x, y = states[chosen], (targets[chosen][:, None] == group[None]).float().argmax(1)
         fit = len(x) * 3 // 4
@@ -525,7 +531,7 @@ def fit_shape_head(model, tokenizer, states: torch.Tensor, targets: torch.Tensor
             loss.backward()
             optimizer.step()
         w = (w - w.mean(0)).detach()
-        accuracies.append(float(((x[fit:] @ w.T).argmax(1) == y[fit:]).float().mean()))
+        accuracies[spelling] = float(((x[fit:] @ w.T).argmax(1) == y[fit:]).float().mean())
         with torch.no_grad():
             head[group] = (head[group].mean(0) + w).to(head)
     return accuracies
@@ -617,7 +623,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            reset_llm: bool = False, untie: bool = False, hold: dict[str, int] | None = None,
            refit_seg: bool = False, fit_seg: bool = False, fresh_decoder: bool = False, color_prompts: str | Path | None = None,
            prompted: int = 4, distill: float = 0.0, ref_targets: bool = False, attend_mem: float = 0.0,
-           attend_head: tuple[int, int] = (1, 2), redraw_head: bool = False, fit_shape: bool = False, rank: int = 0, workers: int = 1) -> None:
+           attend_head: tuple[int, int] = (1, 2), redraw_head: bool = False, fit_shape: str | None = None, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     device = train_device()
@@ -643,10 +649,11 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
             if fit_shape:
                 states, targets = shape_states(model, processor, seed, video_prob=video_prob, frames=frames,
                                                qa_prob=qa_prob, turns=turns)
-                accuracies = fit_shape_head(model, processor.tokenizer, states, targets)
+                spellings = SPELLINGS if fit_shape == "all" else (fit_shape,)
+                accuracies = fit_shape_head(model, processor.tokenizer, states, targets, spellings)
                 if lead:
-                    print(f"shape-word head rows fitted on {len(states)} states: held-out accuracy "
-                          f"{accuracies[0]:.3f} (' circle'), {accuracies[1]:.3f} ('Circle')", flush=True)
+                    print(f"shape-word head rows fitted on {len(states)} states: held-out accuracy {accuracies}",
+                          flush=True)  # fmt: skip
             if fresh_decoder:
                 fresh_mask_decoder(model, seed)
             if ref_targets:
@@ -678,6 +685,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
               f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters", flush=True)  # fmt: skip
     began, meter, counts = time.time(), defaultdict(float), defaultdict(int)
     step, spent = start, 0.0
+    if steps == 0 and lead:  # only what --init-from changes (a fit, a redraw), saved as a checkpoint
+        save_checkpoint(model, processor, optimizer, 0, out_dir)
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup, spent)
@@ -801,8 +810,9 @@ def main(argv=None) -> int:
                              "(and, with --init-from, give the ref encoder SAM 2's prompt frequencies)")
     parser.add_argument("--redraw-shape-head", action="store_true",
                         help="with --init-from: give the LM head rows of the shape words distinct directions again")
-    parser.add_argument("--fit-shape-head", action="store_true",
-                        help="with --init-from: fit the LM head rows of the shape words to the states before them")
+    parser.add_argument("--fit-shape-head", nargs="?", const="all", choices=("all", *SPELLINGS), default=None,
+                        help="with --init-from: fit the LM head rows of the shape words (all, or one spelling) to "
+                             "the states before them; with --steps 0, only that")
     parser.add_argument("--attend-mem", type=float, default=0.0, metavar="WEIGHT",
                         help="pull one head's attention onto the <|mem|> tokens of mask-prompt answers, "
                              "from each PixelQA <|seg|> onto its <|ref|> and from a referring answer's shape "
