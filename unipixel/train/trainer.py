@@ -151,7 +151,6 @@ def untie_word_embeddings(model, tokenizer, words=SHAPES, seed: int = 0) -> list
     return ids
 
 
-
 def redraw_shape_head(model, tokenizer, seed: int = 0, spread: float = 0.7) -> None:
     """Give the LM head rows of the shape words (` circle`, `Circle`, ...) distinct directions again.
 
@@ -168,7 +167,7 @@ def redraw_shape_head(model, tokenizer, seed: int = 0, spread: float = 0.7) -> N
             mean = head[ids].mean(0)
             basis = torch.linalg.qr(torch.cat([mean[:, None].cpu(), torch.randn(head.shape[1], len(ids), generator=generator)], 1)).Q
             parts = spread * basis[:, 1:].T
-            head[ids] = (mean + (parts - parts.mean(0)).to(head)).to(head)  # centred: the mean row stays
+            head[ids] = mean + (parts - parts.mean(0)).to(head)  # centred: the mean row stays
 
 
 def _init_seg_head(model) -> None:
@@ -366,8 +365,8 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         if distill:
             seg_prompts.append(tokens)
             wanted.append(distill_targets(model, scene, conv, color_prompts, ref_targets).to(tokens))
-            from_ref += [ref_targets and conv.seg_refs.get(i, None) is not None and conv.seg_refs[i].frame == 0
-                         for i in range(len(conv.seg_objects))]
+            targeted = ref_targeted(conv) if ref_targets else {}
+            from_ref += [i in targeted for i in range(len(conv.seg_objects))]
         images = model.prepare_sam2_video(scene.frames, cache=False).images
         targets = torch.from_numpy(np.stack([o.masks for o in conv.seg_objects])).float().to(device)
         for k, v in track_with_grad(model, images, tokens, targets, *scene.frames.shape[1:3]).items():
@@ -399,10 +398,15 @@ def distill_targets(model, scene, conv, color_prompts: torch.Tensor, ref_targets
     """The prompt [n, k, s] each seg of `conv` is pulled toward (see `batch_losses`)."""
     wanted = color_prompts_of(conv.seg_objects, color_prompts).clone()
     if ref_targets:
-        for i, spec in conv.seg_refs.items():
-            if spec.frame == 0:
-                wanted[i] = ref_tokens(model.sam2, spec, *scene.frames.shape[1:3])
+        for i, spec in ref_targeted(conv).items():
+            wanted[i] = ref_tokens(model.sam2, spec, *scene.frames.shape[1:3])
     return wanted
+
+
+def ref_targeted(conv) -> dict:
+    """The segs `ref_targets` pulls toward SAM 2's own tokens: PixelQA segs whose `<|ref|>` is on
+    frame 0, the frame the seg tokens prompt (seg index -> its `RefSpec`)."""
+    return {i: spec for i, spec in conv.seg_refs.items() if spec.frame == 0}
 
 
 def share_prompt_frequencies(model) -> None:
@@ -468,16 +472,21 @@ def fit_seg_head(model, states: torch.Tensor, colors: torch.Tensor, color_prompt
     on states of 3-7-turn conversations).
     """
     wanted = color_prompts[colors].to(states)
-    params = list(model.seg_head.parameters())
+    return full_batch_adam(list(model.seg_head.parameters()),
+                           lambda: F.mse_loss(model.seg_head(states).view_as(wanted), wanted), steps, lr)
+
+
+def full_batch_adam(params: list[torch.Tensor], loss_fn, steps: int, lr: float) -> float:
+    """Minimise `loss_fn()` over `params` alone for `steps` Adam steps on fixed data; returns the
+    last loss. No gradient is left on `params` afterwards."""
     optimizer = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
-        loss = F.mse_loss(model.seg_head(states).view_as(wanted), wanted)
+        loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
-
 
 
 def shape_states(model, processor, seed: int = 0, batches: int = 40, **draw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,12 +533,7 @@ def fit_shape_head(model, tokenizer, states: torch.Tensor, targets: torch.Tensor
         x, y = states[chosen], (targets[chosen][:, None] == group[None]).float().argmax(1)
         fit = len(x) * 3 // 4
         w = torch.zeros(len(group), x.shape[1], device=x.device, requires_grad=True)
-        optimizer = torch.optim.Adam([w], lr=lr)
-        for _ in range(steps):
-            loss = F.cross_entropy(x[:fit] @ w.T, y[:fit]) + decay * w.pow(2).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        full_batch_adam([w], lambda: F.cross_entropy(x[:fit] @ w.T, y[:fit]) + decay * w.pow(2).sum(), steps, lr)
         w = (w - w.mean(0)).detach()
         accuracies[spelling] = float(((x[fit:] @ w.T).argmax(1) == y[fit:]).float().mean())
         with torch.no_grad():
