@@ -134,19 +134,19 @@ def held_out(tmp_path_factory):
 @needs_shipped
 def test_shipped_model_beats_an_untrained_one(held_out):
     """Floors the shipped model clears on these 30 scenes (it scores image mIoU 0.94, video J&F 0.84,
-    PixelQA IoU 0.63 (0.46 on 500 scenes), region color 0.97 and shape 0.63 (0.52 on 500 scenes),
-    follow-up color 0.77); an untrained model scores about 0 on the masks and chance on colors (1/8)
-    and shapes (1/5). Shapes are below the issue's QA floor (70%) still. See
+    PixelQA IoU 0.78 (0.70 on 500 scenes), region color 0.97 and shape 0.63 (0.51 on 500 scenes),
+    follow-up color 0.90 (0.82)); an untrained model scores about 0 on the masks and chance on colors
+    (1/8) and shapes (1/5). Shapes are below the issue's QA floor (70%) still. See
     assets/unipixel-shapes/README.md for 500 scenes."""
     m = held_out
     assert m["scenes"] == 30 and m["images"] == m["videos"] == 15
     assert all(0.0 <= v <= 1.0 for k, v in m.items() if k not in ("scenes", "images", "videos"))
     assert m["referring_image_miou"] >= 0.8
     assert m["referring_video_jf"] >= 0.7
-    assert m["pixelqa_iou"] >= 0.4
+    assert m["pixelqa_iou"] >= 0.65
     assert m["region_color_acc"] >= 0.85
     assert m["region_shape_acc"] >= 0.4
-    assert m["followup_color_acc"] >= 0.5
+    assert m["followup_color_acc"] >= 0.75
 
 
 def test_two_workers_train_like_one_process_with_accumulation(tiny_checkpoint, tmp_path):
@@ -536,10 +536,9 @@ def test_the_point_channel_attends_to_the_place_of_a_point(tiny_checkpoint, tmp_
 
 def test_ref_targets_pull_pixelqa_seg_prompts_toward_sam2s_own_tokens(tiny_model):
     """With `ref_targets`, a PixelQA seg (its `<|ref|>` on frame 0) is pulled toward SAM 2's own
-    tokens of that point or box, every other seg toward its color prompt; the ref encoder can take
-    SAM 2's prompt frequencies, so a point's place reaches the language model in SAM 2's code."""
+    tokens of that point or box, every other seg toward its color prompt."""
     from unipixel.train.sam_prompts import COLOR_NAMES, ref_tokens
-    from unipixel.train.trainer import distill_targets, share_prompt_frequencies
+    from unipixel.train.trainer import distill_targets
 
     model, processor = tiny_model
     rng = scene_rng(0, 0, 12)
@@ -554,16 +553,53 @@ def test_ref_targets_pull_pixelqa_seg_prompts_toward_sam2s_own_tokens(tiny_model
         expected = ref_tokens(model.sam2, conv.seg_refs[i], *scene.frames.shape[1:3]) if i in conv.seg_refs else colors[i]
         assert torch.allclose(wanted[i], expected)
 
-    kept = {k: v.clone() for k, v in model.state_dict().items()}
-    point = (torch.tensor([[[30.0, 50.0]]]), torch.tensor([[1]]))
-    try:
-        share_prompt_frequencies(model)
-        with torch.no_grad():
-            encoders = (model.ref_encoder, model.sam2.sam_prompt_encoder)
-            ref, sam = (e(points=point, boxes=None, masks=None)[0][0, 0] - e.point_embeddings[1].weight[0] for e in encoders)
-        assert torch.allclose(ref, sam, atol=1e-5)
-    finally:
-        model.load_state_dict(kept)
+
+def test_the_ref_route_changes_only_the_links_it_builds(tiny_checkpoint):
+    """`route_ref_place` rewrites the ref encoder's frequencies, the ref projections, layer 0's
+    values and output and `seg_head`, and nothing else; the ref encoder then gives SAM 2's place
+    numbers among its own."""
+    from unipixel import load_model
+    from unipixel.train.ref_route import route_ref_place
+    from unipixel.train.sam_prompts import place_dims
+
+    model, processor = load_model(str(tiny_checkpoint), device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = route_ref_place(model, processor, seed=1, batches=2, fit_steps=20)
+    assert report["segs"] > 0 and len(report["place_correlation"]) == 8
+    built = ("ref_encoder.pe_layer", "ref_proj", "seg_head", "model.language_model.layers.0.self_attn.v_proj",
+             "model.language_model.layers.0.self_attn.o_proj")
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(built) for k in changed)
+    assert any(k.startswith("model.language_model.layers.0.self_attn.v_proj") for k in changed)
+
+    encoders = (model.ref_encoder, model.sam2.sam_prompt_encoder)
+    point = torch.tensor([[[30.0, 50.0], [7.0, 12.0]]])
+    with torch.no_grad():
+        codes = [e.pe_layer.forward_with_coords(point, e.input_image_size)[0] for e in encoders]
+    for d in place_dims(model.sam2.sam_prompt_encoder):  # SAM 2's place numbers are among the ref encoder's
+        assert any(torch.allclose(codes[0][:, j], codes[1][:, d], atol=1e-5) for j in range(codes[0].shape[1]))
+
+
+@needs_shipped
+def test_the_shipped_seg_prompt_follows_the_place_of_a_pixelqa_ref():
+    """Stage 19 carries each `<|ref|>`'s place to its seg prompt (`route_ref_place`): on PixelQA
+    conversations it was not built from, the seg prompt's place numbers follow SAM 2's own tokens of
+    the point or box (correlation 0.82-0.88 here; at most 0.21 for stage 18), and the answers are still right
+    (teacher-forced 0.93, as for stage 18)."""
+    from unipixel import load_model
+    from unipixel.train.ref_route import _draw, _seg_data
+    from unipixel.train.sam_prompts import place_dims
+
+    model, processor = load_model(str(SHIPPED), device="cpu")
+    held = [_draw(np.random.default_rng(5), 16, 0.6) for _ in range(2)]
+    dims = place_dims(model.sam2.sam_prompt_encoder)
+    states, wanted, from_ref = _seg_data(model, processor, held)
+    with torch.no_grad():
+        got = model.seg_head(states).view(len(states), 2, -1)[from_ref][:, 0, dims]
+    due = wanted.view(len(states), 2, -1)[from_ref][:, 0, dims]
+    assert from_ref.sum() >= 8
+    assert min(torch.corrcoef(torch.stack([got[:, k], due[:, k]]))[0, 1] for k in range(len(dims))) > 0.7
+    assert float(batch_losses(model, processor, held[0])["acc"]) > 0.9
 
 
 @needs_shipped

@@ -36,7 +36,8 @@ from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import make_conversation
 from .losses import lm_loss, total_mask_loss
-from .sam_prompts import COLOR_NAMES, color_prompts_of, load_color_prompts, ref_tokens, scene_losses, track_with_grad
+from .sam_prompts import (COLOR_NAMES, color_prompts_of, load_color_prompts, place_dims, ref_tokens, scene_losses,
+                          track_with_grad)
 from .scenes import SHAPES, make_scene
 
 TRAIN_STREAM = 0  # seed-sequence tags: training scenes and held-out evaluation scenes never overlap
@@ -315,7 +316,7 @@ def lookup_attention_loss(attention: torch.Tensor, found: list[tuple]) -> torch.
 
 def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tensor | None = None,
                  distill: float = 0.0, ref_targets: bool = False, attend_mem: float = 0.0,
-                 attend_head: tuple[int, int] = (1, 2)) -> dict:
+                 attend_head: tuple[int, int] = (1, 2), place: float = 0.0) -> dict:
     """LM + mask losses of a batch of (scene, conversation) pairs.
 
     The language model runs once over the padded batch (`lm_forward`; small batches of one
@@ -380,9 +381,12 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         losses["distill"] = F.mse_loss(torch.cat(seg_prompts), torch.cat(wanted))
         if any(from_ref):  # how near the PixelQA seg prompts are to SAM 2's own tokens, for the log
             chosen = torch.tensor(from_ref, device=device)
-            losses["ref_distill"] = F.mse_loss(torch.cat(seg_prompts)[chosen], torch.cat(wanted)[chosen]).detach()
+            got, due = torch.cat(seg_prompts)[chosen], torch.cat(wanted)[chosen]
+            losses["ref_distill"] = F.mse_loss(got, due).detach()
+            dims = place_dims(model.sam2.sam_prompt_encoder)
+            losses["place"] = F.mse_loss(got[..., dims], due[..., dims])
     losses["total"] = (losses["lm"] + losses.get("mask", 0.0) + distill * losses.get("distill", 0.0)
-                       + attend_mem * losses.get("attend", 0.0))
+                       + attend_mem * losses.get("attend", 0.0) + place * losses.get("place", 0.0))
     return losses
 
 
@@ -407,15 +411,6 @@ def ref_targeted(conv) -> dict:
     """The segs `ref_targets` pulls toward SAM 2's own tokens: PixelQA segs whose `<|ref|>` is on
     frame 0, the frame the seg tokens prompt (seg index -> its `RefSpec`)."""
     return {i: spec for i, spec in conv.seg_refs.items() if spec.frame == 0}
-
-
-def share_prompt_frequencies(model) -> None:
-    """Give the `<|ref|>` encoder the frequencies of SAM 2's prompt encoder, so that the ref
-    embedding carries a prompt's place in the very code SAM 2's point tokens do (a copy, for
-    `ref_targets`, rather than a change of code)."""
-    with torch.no_grad():
-        model.ref_encoder.pe_layer.positional_encoding_gaussian_matrix.copy_(
-            model.sam2.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix)
 
 
 def seg_states(model, processor, seed: int = 0, num: int = 48, chunk: int = 32, turns: tuple[int, int] | None = None):
@@ -628,7 +623,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            refit_seg: bool = False, fit_seg: bool = False, fresh_decoder: bool = False, color_prompts: str | Path | None = None,
            prompted: int = 4, distill: float = 0.0, ref_targets: bool = False, attend_mem: float = 0.0,
            attend_head: tuple[int, int] = (1, 2), redraw_head: bool = False, fit_shape: str | None = None,
-           rank: int = 0, workers: int = 1) -> None:
+           place: float = 0.0, train_only: tuple[str, ...] = (), route_ref: float | None = None, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     device = train_device()
@@ -661,8 +656,12 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
                           flush=True)  # fmt: skip
             if fresh_decoder:
                 fresh_mask_decoder(model, seed)
-            if ref_targets:
-                share_prompt_frequencies(model)
+            if route_ref is not None:
+                from .ref_route import route_ref_place
+
+                report = route_ref_place(model, processor, seed, gain=route_ref)
+                if lead:
+                    print(f"ref place routed: {report}", flush=True)
             if refit_seg or fit_seg:
                 states, colors = seg_states(model, processor, seed, num=640 if fit_seg else 48, turns=turns)
                 share = refit_seg_head(model, states)
@@ -680,6 +679,9 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
     model.eval()
     if attend_mem:  # only eager attention hands out its probabilities
         model.set_attn_implementation("eager")
+    if train_only:  # the rest gets no gradient at all (cheaper than --hold, which still computes one)
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name.startswith(prefix) for prefix in train_only))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     if state is not None:
@@ -699,7 +701,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         for micro in range(accum):
             rng = scene_rng(TRAIN_STREAM, seed, (step * workers + rank) * accum + micro)
             batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns, pixelqa_prob)
-            losses = batch_losses(model, processor, batch, color_prompts, distill, ref_targets, attend_mem, attend_head)
+            losses = batch_losses(model, processor, batch, color_prompts, distill, ref_targets, attend_mem, attend_head,
+                                  place)
             if color_prompts is not None and prompted:
                 parts = [scene_losses(model, make_scene(rng, 1), "color", color_prompts, rng) for _ in range(prompted)]
                 losses["prompted"] = total_mask_loss({k: sum(q[k] for q in parts) / prompted for k in parts[0]})
@@ -811,8 +814,14 @@ def main(argv=None) -> int:
     parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
                         help="with --color-prompts: pull each seg prompt toward its object's color prompt")
     parser.add_argument("--ref-targets", action="store_true",
-                        help="with --distill: pull PixelQA seg prompts toward SAM 2's own tokens of their point or box "
-                             "(and, with --init-from, give the ref encoder SAM 2's prompt frequencies)")
+                        help="with --distill: pull PixelQA seg prompts toward SAM 2's own tokens of their point or box")
+    parser.add_argument("--route-ref-place", type=float, nargs="?", const=3.0, default=None, metavar="GAIN",
+                        help="with --init-from: build the route that carries a <|ref|>'s place into the seg prompt "
+                             "(unipixel/train/ref_route.py)")
+    parser.add_argument("--place", type=float, default=0.0, metavar="WEIGHT",
+                        help="with --ref-targets: that extra weight on the dimensions of the seg prompt that carry the place")
+    parser.add_argument("--train-only", nargs="+", default=[], metavar="PREFIX",
+                        help="train only the parameters whose names start with one of these")
     parser.add_argument("--redraw-shape-head", action="store_true",
                         help="with --init-from: give the LM head rows of the shape words distinct directions again")
     parser.add_argument("--fit-shape-head", nargs="?", const="all", choices=("all", *SPELLINGS), default=None,
@@ -847,7 +856,8 @@ def main(argv=None) -> int:
           fresh_decoder=args.fresh_decoder,
           color_prompts=args.color_prompts, prompted=args.prompted, distill=args.distill,
           ref_targets=args.ref_targets, attend_mem=args.attend_mem, attend_head=tuple(args.attend_head),
-          redraw_head=args.redraw_shape_head, fit_shape=args.fit_shape_head)  # fmt: skip
+          redraw_head=args.redraw_shape_head, fit_shape=args.fit_shape_head, place=args.place,
+          train_only=tuple(args.train_only), route_ref=args.route_ref_place)  # fmt: skip
     return 0
 
 

@@ -1,0 +1,194 @@
+"""A route for a PixelQA object's place, built by hand: from its `<|ref|>` to the seg prompt.
+
+The seg prompt of `[1] <|seg|>` must tell SAM 2 where the object under the point or box is, and the
+shipped SAM 2 finds an object from the place its own point tokens carry (`sam_stage
+--point-channel`: 4 numbers per token, the sine and cosine of two frequencies). Measured on stage 18:
+- the `<|ref|>` embedding carries the place only weakly: a linear probe reads those numbers with
+  R^2 0.6-0.9, and only without any ridge;
+- at the position before `<|seg|>`, nothing of it is left after layer 0 (R^2 0.00 at every layer),
+  though layer 0's head 3 puts 0.65 of its attention on that `<|ref|>`;
+- 110 CPU steps that trained the path's parameters under a loss on the place left it at R^2 0. The
+  write and the read each wait for the other, so neither gets a gradient.
+
+The route, every link linear (GELU is linear within 0.004 beyond `OFFSET`):
+1. the ref encoder gives up its two weakest frequencies for SAM 2's two, so the place comes out as
+   SAM 2's numbers;
+2. 8 ref-projection features carry them for the prompt's two tokens; the ref embedding writes them
+   along 8 directions of the layer-0 input that no token uses;
+3. 8 value dimensions of layer 0's second key-value head (the least used) read those directions;
+   head 3 writes them into 8 directions of the residual stream that the last states use least, and
+   head 2, which shares the values, drops them;
+4. 8 hidden units of `seg_head` (the least used) read those directions and write the seg prompt's
+   place dimensions.
+The rest of `seg_head` is fitted (full batch) onto SAM 2's own tokens for the PixelQA segs and onto
+its own prompts for every other seg, which weigh more: referring masks stand on them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .sam_prompts import place_dims, ref_tokens
+
+WIDTH = 8  # 4 place numbers for each of the seg prompt's 2 tokens
+OFFSET = 4.0
+HEAD, KV_HEAD = 3, 1  # layer 0's head that looks up the `<|ref|>` (`--attend-head 0 3`), and its values
+
+
+def _least(scores: torch.Tensor) -> torch.Tensor:
+    return scores.argsort()[:WIDTH]
+
+
+def _quiet_directions(x: torch.Tensor, center: bool) -> torch.Tensor:
+    """The WIDTH unit directions [d, WIDTH] along which the rows of `x` vary least."""
+    if center:
+        x = x - x.mean(0)
+    return torch.linalg.eigh(x.T @ x / len(x))[1][:, :WIDTH]
+
+
+def _draw(rng, count: int, pixelqa_prob: float):
+    from .trainer import sample
+
+    return [sample(rng, int(rng.choice((8, 12))) if rng.random() < 0.2 else 1, qa_prob=0.2, turns=(3, 7),
+                   pixelqa_prob=pixelqa_prob) for _ in range(count)]  # fmt: skip
+
+
+@torch.no_grad()
+def _statistics(model, processor, batches: list) -> dict:
+    """Layer 0's inputs and values and the last states at every token, and the ref features that
+    enter `ref_proj`'s linear layer."""
+    from .trainer import lm_forward
+
+    layer = model.model.language_model.layers[0]
+    seen = {"x": [], "v": [], "last": [], "ref": []}
+    hooks = [
+        layer.input_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0])),
+        layer.self_attn.v_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("values", out)),
+        model.ref_proj[0].register_forward_hook(lambda m, a, out: seen["ref"].append(out)),
+    ]
+    try:
+        for batch in batches:
+            _, ids, _, last = lm_forward(model, processor, batch)
+            real = ids != processor.tokenizer.pad_token_id
+            seen["x"].append(seen["in"][real])
+            seen["v"].append(seen["values"][real])
+            seen["last"].append(last[real])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {k: torch.cat(v) for k, v in seen.items() if isinstance(v, list)}
+
+
+@torch.no_grad()
+def _seg_data(model, processor, batches: list):
+    """Last states at every seg of `batches`, the prompt each must give (SAM 2's own tokens for a
+    PixelQA seg whose `<|ref|>` is on frame 0, what `seg_head` gives now for the others), and which
+    are the former."""
+    from .trainer import lm_forward, ref_targeted
+
+    states, wanted, from_ref = [], [], []
+    for batch in batches:
+        _, ids, _, last = lm_forward(model, processor, batch)
+        for b, (scene, conv) in enumerate(batch):
+            if not conv.seg_objects:
+                continue
+            here = last[b, :-1][ids[b, 1:] == model.config.seg_token_id]
+            tokens = model.seg_head(here).view(len(here), model.config.sam2_hidden_tokens, -1)
+            targeted = ref_targeted(conv)
+            for i, spec in targeted.items():
+                tokens[i] = ref_tokens(model.sam2, spec, *scene.frames.shape[1:3])
+            states.append(here)
+            wanted.append(tokens.flatten(1))
+            from_ref += [i in targeted for i in range(len(here))]
+    return torch.cat(states), torch.cat(wanted), torch.tensor(from_ref)
+
+
+def _route_ref_encoder(model, stats: dict) -> torch.Tensor:
+    """Link 1 and the ref-projection half of link 2 (module docstring); returns the 8 ref features
+    taken over, which `ref_proj`'s linear layer must then write into the residual stream."""
+    sam_encoder, s = model.sam2.sam_prompt_encoder, model.sam2.hidden_dim
+    dims = place_dims(sam_encoder)
+    frequencies = model.ref_encoder.pe_layer.positional_encoding_gaussian_matrix
+    half = frequencies.shape[1]
+    weak = frequencies.norm(dim=0).argsort()[:2]
+    frequencies[:, weak] = sam_encoder.pe_layer.positional_encoding_gaussian_matrix[:, :2]
+    source = [d for i in weak.tolist() for d in (i, half + i)]  # in `place_dims` order
+    taken = _least(model.ref_proj[1].weight[:, : 3 * s].norm(dim=0) * stats["ref"][:, : 3 * s].std(0))
+    model.ref_proj[1].bias += model.ref_proj[1].weight[:, taken] @ stats["ref"][:, taken].mean(0)
+    for proj, labels in ((model.ref_proj_single, (1, -1)), (model.ref_proj_double, (2, 3))):
+        proj.weight[taken] = 0
+        for k, feature in enumerate(taken.tolist()):
+            token, j = divmod(k, 4)
+            label = labels[token]
+            # A point's second token is the padding point: no place, SAM 2's not-a-point embedding.
+            sam_label = (sam_encoder.not_a_point_embed if label < 0 else sam_encoder.point_embeddings[label]).weight[0]
+            proj.bias[feature] = OFFSET + sam_label[dims[j]]
+            if label >= 0:
+                proj.weight[feature, token * s + source[j]] = 1.0
+                proj.bias[feature] -= model.ref_encoder.point_embeddings[label].weight[0, source[j]]
+    return taken
+
+
+@torch.no_grad()
+def route_ref_place(model, processor, seed: int = 0, gain: float = 3.0, batches: int = 24, fit_steps: int = 3000,
+                    keep: float = 5.0) -> dict:
+    """Build the route (module docstring) into `model`; returns how closely the seg prompts of the
+    fitting data follow SAM 2's place numbers (correlation per number) and the squared error of the
+    other dimensions, for the PixelQA segs and the others.
+
+    `gain` scales what head 3 writes into the residual stream. More makes the PixelQA states easier
+    for the fit to tell from the others, but the write also reaches the positions after `<|seg|>`:
+    at 12 the answers there went wrong (teacher-forced accuracy 0.93 -> 0.85), at 3 they stay."""
+    from .trainer import TRAIN_STREAM, full_batch_adam
+
+    rng = np.random.default_rng([TRAIN_STREAM, seed, 10**9 + 11])  # a stream no training step draws
+    stats = _statistics(model, processor, [_draw(rng, 16, 0.5) for _ in range(3)])
+    taken = _route_ref_encoder(model, stats)
+    x = stats["x"] / stats["x"].pow(2).mean(-1, keepdim=True).sqrt()  # what layer 0's RMSNorm sees
+    unused = _quiet_directions(x, center=False)
+    scale = float(model.ref_proj[1](stats["ref"]).pow(2).mean(-1).sqrt().mean())  # a ref embedding's RMS
+    model.ref_proj[1].weight[:, taken] = scale * unused
+    model.ref_proj[1].bias -= scale * unused.sum(1) * OFFSET
+
+    text = model.config.text_config
+    attention, head_dim = model.model.language_model.layers[0].self_attn, text.hidden_size // text.num_attention_heads
+    values = slice(KV_HEAD * head_dim, (KV_HEAD + 1) * head_dim)
+    out = attention.o_proj.weight
+    readers = [(HEAD - 1) * head_dim, HEAD * head_dim]  # the two query heads on that key-value head
+    use = stats["v"][:, values].std(0) * sum(out[:, r : r + head_dim].norm(dim=0) for r in readers)
+    channels = _least(use)
+    residual = _quiet_directions(stats["last"], center=True)
+    norm_gain = model.model.language_model.layers[0].input_layernorm.weight
+    for k, c in enumerate(channels.tolist()):
+        attention.v_proj.weight[values.start + c] = unused[:, k] / norm_gain
+        attention.v_proj.bias[values.start + c] = 0
+        out[:, readers[0] + c] = 0
+        out[:, readers[1] + c] = gain * residual[:, k]
+
+    states, wanted, from_ref = _seg_data(model, processor, [_draw(rng, 16, 0.4) for _ in range(batches)])
+    head, s = model.seg_head, model.sam2.hidden_dim
+    place = [t * s + d for t in range(model.config.sam2_hidden_tokens) for d in place_dims(model.sam2.sam_prompt_encoder)]
+    rest = torch.ones(wanted.shape[1])
+    rest[place] = 0
+    # The other segs weigh `keep` times as much: their prompts are what referring masks stand on.
+    weight = rest * torch.where(from_ref, 1.0, keep)[:, None]
+    with torch.enable_grad():
+        full_batch_adam(list(head.parameters()), lambda: ((head(states) - wanted).pow(2) * weight).mean(), fit_steps, 1e-3)
+    hidden = head[2](head[1](head[0](states)))
+    units = _least(head[3].weight.norm(dim=0) * hidden.std(0))
+    head[3].bias += head[3].weight[:, units] @ hidden[:, units].mean(0)
+    head[3].weight[:, units] = 0
+    head[3].weight[place] = 0
+    head[3].bias[place] = -OFFSET
+    size = float(states.pow(2).mean(-1).sqrt().mean())  # what the head's RMSNorm divides by
+    for k, unit in enumerate(units.tolist()):
+        head[1].weight[unit] = residual[:, k] / head[0].weight * size / gain
+        head[1].bias[unit] = OFFSET
+        head[3].weight[place[k], unit] = 1.0
+    prompts = head(states)
+    got, due = prompts[from_ref][:, place], wanted[from_ref][:, place]
+    error = ((prompts - wanted).pow(2) * rest).sum(1) / rest.sum()
+    return {"place_correlation": [round(float(torch.corrcoef(torch.stack([got[:, k], due[:, k]]))[0, 1]), 3)
+                                  for k in range(len(place))],
+            "error_pixelqa": round(float(error[from_ref].mean()), 4), "error_other": round(float(error[~from_ref].mean()), 4),
+            "segs": len(states), "pixelqa_segs": int(from_ref.sum())}  # fmt: skip
