@@ -262,6 +262,13 @@ def test_hold_keeps_modules_while_the_rest_trains(tiny_checkpoint, tmp_path):
     assert moved and not any(k.startswith(("sam2.", "seg_head.")) for k in moved)
     assert any(k.startswith("model.language_model.") for k in moved)
 
+    only = train(tmp_path / "only", 1, init_from=tiny_checkpoint, lr=1e-3, warmup=1, video_prob=0.0, turns=(2, 3),
+                 batch_size=2, train_only=("seg_head", "model.language_model.layers.0.self_attn"))  # fmt: skip
+    after = load_model(str(only), device="cpu")[0].state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert any(k.startswith("seg_head.") for k in moved)
+    assert all(k.startswith(("seg_head.", "model.language_model.layers.0.self_attn.")) for k in moved)
+
 
 def test_refit_seg_head_reads_what_varies_in_the_seg_states(tiny_checkpoint):
     """After the refit, the head's first layer ignores the states' common direction (its output
@@ -537,7 +544,7 @@ def test_the_point_channel_attends_to_the_place_of_a_point(tiny_checkpoint, tmp_
 def test_ref_targets_pull_pixelqa_seg_prompts_toward_sam2s_own_tokens(tiny_model):
     """With `ref_targets`, a PixelQA seg (its `<|ref|>` on frame 0) is pulled toward SAM 2's own
     tokens of that point or box, every other seg toward its color prompt."""
-    from unipixel.train.sam_prompts import COLOR_NAMES, ref_tokens
+    from unipixel.train.sam_prompts import COLOR_NAMES, place_dims, ref_tokens
     from unipixel.train.trainer import distill_targets
 
     model, processor = tiny_model
@@ -552,6 +559,17 @@ def test_ref_targets_pull_pixelqa_seg_prompts_toward_sam2s_own_tokens(tiny_model
     for i in range(len(conv.seg_objects)):
         expected = ref_tokens(model.sam2, conv.seg_refs[i], *scene.frames.shape[1:3]) if i in conv.seg_refs else colors[i]
         assert torch.allclose(wanted[i], expected)
+
+    # `place` weighs the dimensions of the PixelQA seg prompts that carry the place once more.
+    plain = batch_losses(model, processor, [(scene, conv)], prompts, distill=1.0, ref_targets=True)
+    placed = batch_losses(model, processor, [(scene, conv)], prompts, distill=1.0, ref_targets=True, place=3.0)
+    _, ids, _, states = lm_forward(model, processor, [(scene, conv)])
+    with torch.no_grad():
+        seg = model.seg_head(states[0, :-1][ids[0, 1:] == model.config.seg_token_id]).view_as(wanted)
+    chosen = sorted(conv.seg_refs)
+    dims = place_dims(model.sam2.sam_prompt_encoder)
+    assert torch.allclose(placed["place"], (seg[chosen][..., dims] - wanted[chosen][..., dims]).pow(2).mean(), rtol=1e-4)
+    assert torch.allclose(placed["total"], plain["total"] + 3.0 * placed["place"], rtol=1e-4)
 
 
 def test_the_ref_route_changes_only_the_links_it_builds(tiny_checkpoint):
