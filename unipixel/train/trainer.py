@@ -623,7 +623,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            refit_seg: bool = False, fit_seg: bool = False, fresh_decoder: bool = False, color_prompts: str | Path | None = None,
            prompted: int = 4, distill: float = 0.0, ref_targets: bool = False, attend_mem: float = 0.0,
            attend_head: tuple[int, int] = (1, 2), redraw_head: bool = False, fit_shape: str | None = None,
-           place: float = 0.0, train_only: tuple[str, ...] = (), route_ref: float | None = None, rank: int = 0, workers: int = 1) -> None:
+           place: float = 0.0, train_only: tuple[str, ...] = (), route_ref: float | None = None,
+           rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     device = train_device()
