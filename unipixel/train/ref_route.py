@@ -167,13 +167,15 @@ def route_ref_place(model, processor, seed: int = 0, gain: float = 3.0, batches:
 
     states, wanted, from_ref = _seg_data(model, processor, [_draw(rng, 16, 0.4) for _ in range(batches)])
     head, s = model.seg_head, model.sam2.hidden_dim
-    place = [t * s + d for t in range(model.config.sam2_hidden_tokens) for d in place_dims(model.sam2.sam_prompt_encoder)]
+    dims = place_dims(model.sam2.sam_prompt_encoder)
+    place = [t * s + d for t in range(model.config.sam2_hidden_tokens) for d in dims]
     rest = torch.ones(wanted.shape[1])
     rest[place] = 0
     # The other segs weigh `keep` times as much: their prompts are what referring masks stand on.
     weight = rest * torch.where(from_ref, 1.0, keep)[:, None]
     with torch.enable_grad():
-        full_batch_adam(list(head.parameters()), lambda: ((head(states) - wanted).pow(2) * weight).mean(), fit_steps, 1e-3)
+        full_batch_adam(list(head.parameters()), lambda: ((head(states) - wanted).pow(2) * weight).mean(),
+                        fit_steps, 1e-3)
     hidden = head[2](head[1](head[0](states)))
     units = _least(head[3].weight.norm(dim=0) * hidden.std(0))
     head[3].bias += head[3].weight[:, units] @ hidden[:, units].mean(0)
@@ -190,5 +192,6 @@ def route_ref_place(model, processor, seed: int = 0, gain: float = 3.0, batches:
     error = ((prompts - wanted).pow(2) * rest).sum(1) / rest.sum()
     return {"place_correlation": [round(float(torch.corrcoef(torch.stack([got[:, k], due[:, k]]))[0, 1]), 3)
                                   for k in range(len(place))],
-            "error_pixelqa": round(float(error[from_ref].mean()), 4), "error_other": round(float(error[~from_ref].mean()), 4),
+            "error_pixelqa": round(float(error[from_ref].mean()), 4),
+            "error_other": round(float(error[~from_ref].mean()), 4),
             "segs": len(states), "pixelqa_segs": int(from_ref.sum())}  # fmt: skip
