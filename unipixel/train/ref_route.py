@@ -61,22 +61,22 @@ def _statistics(model, processor, batches: list) -> dict:
 
     layer = model.model.language_model.layers[0]
     seen = {"x": [], "v": [], "last": [], "ref": []}
+    current = {}  # this batch's padded layer-0 tensors
     hooks = [
-        layer.input_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0])),
-        layer.self_attn.v_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("values", out)),
+        layer.input_layernorm.register_forward_pre_hook(lambda m, a: current.__setitem__("x", a[0])),
+        layer.self_attn.v_proj.register_forward_hook(lambda m, a, out: current.__setitem__("v", out)),
         model.ref_proj[0].register_forward_hook(lambda m, a, out: seen["ref"].append(out)),
     ]
     try:
         for batch in batches:
-            _, ids, _, last = lm_forward(model, processor, batch)
+            _, ids, _, current["last"] = lm_forward(model, processor, batch)
             real = ids != processor.tokenizer.pad_token_id
-            seen["x"].append(seen["in"][real])
-            seen["v"].append(seen["values"][real])
-            seen["last"].append(last[real])
+            for key in ("x", "v", "last"):
+                seen[key].append(current[key][real])
     finally:
         for hook in hooks:
             hook.remove()
-    return {k: torch.cat(v) for k, v in seen.items() if isinstance(v, list)}
+    return {k: torch.cat(v) for k, v in seen.items()}
 
 
 @torch.no_grad()
@@ -150,8 +150,8 @@ def route_ref_place(model, processor, seed: int = 0, gain: float = 3.0, batches:
     model.ref_proj[1].weight[:, taken] = scale * unused
     model.ref_proj[1].bias -= scale * unused.sum(1) * OFFSET
 
-    text = model.config.text_config
-    attention, head_dim = model.model.language_model.layers[0].self_attn, text.hidden_size // text.num_attention_heads
+    attention = model.model.language_model.layers[0].self_attn
+    head_dim = attention.head_dim
     values = slice(KV_HEAD * head_dim, (KV_HEAD + 1) * head_dim)
     out = attention.o_proj.weight
     readers = [(HEAD - 1) * head_dim, HEAD * head_dim]  # the two query heads on that key-value head
