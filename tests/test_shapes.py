@@ -578,10 +578,10 @@ def test_ref_targets_pull_pixelqa_seg_prompts_toward_sam2s_own_tokens(tiny_model
 
 def test_the_ref_route_changes_only_the_links_it_builds(tiny_checkpoint):
     """`route_ref_place` rewrites the ref encoder's frequencies, the ref projections, layer 0's
-    values and output and `seg_head`, and nothing else; the ref encoder then gives SAM 2's place
-    numbers among its own."""
+    values and output and `seg_head`, and nothing else; `calibrate_place` then only rescales the seg
+    prompt's place rows; the ref encoder gives SAM 2's place numbers among its own."""
     from unipixel import load_model
-    from unipixel.train.ref_route import route_ref_place
+    from unipixel.train.ref_route import calibrate_place, route_ref_place
     from unipixel.train.sam_prompts import place_dims
 
     model, processor = load_model(str(tiny_checkpoint), device="cpu")
@@ -594,12 +594,34 @@ def test_the_ref_route_changes_only_the_links_it_builds(tiny_checkpoint):
     assert changed and all(k.startswith(built) for k in changed)
     assert any(k.startswith("model.language_model.layers.0.self_attn.v_proj") for k in changed)
 
+    routed = {k: v.clone() for k, v in model.state_dict().items()}
+    fits = calibrate_place(model, processor, seed=1, batches=1)
+    again = calibrate_place(model, processor, seed=1, batches=1)  # the same data: nothing left to correct
+    assert len(fits) == 8
+    assert all(abs(b[0] - 1) < 0.02 and abs(b[1]) < 0.02 for a, b in zip(fits, again) if a[0] != 0)
+    assert {k for k, v in model.state_dict().items() if not torch.equal(v, routed[k])} <= {"seg_head.3.weight",
+                                                                                           "seg_head.3.bias"}
+
     encoders = (model.ref_encoder, model.sam2.sam_prompt_encoder)
     point = torch.tensor([[[30.0, 50.0], [7.0, 12.0]]])
     with torch.no_grad():
         codes = [e.pe_layer.forward_with_coords(point, e.input_image_size)[0] for e in encoders]
     for d in place_dims(model.sam2.sam_prompt_encoder):  # SAM 2's place numbers are among the ref encoder's
         assert any(torch.allclose(codes[0][:, j], codes[1][:, d], atol=1e-5) for j in range(codes[0].shape[1]))
+
+
+def _place_numbers(model, processor, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The place numbers of the first seg prompt token at each PixelQA seg of `batches` whose `<|ref|>`
+    is on frame 0, and SAM 2's own numbers for its point or box."""
+    from unipixel.train.ref_route import _seg_data
+    from unipixel.train.sam_prompts import place_dims
+
+    dims = place_dims(model.sam2.sam_prompt_encoder)
+    states, wanted, from_ref, _ = _seg_data(model, processor, batches)
+    with torch.no_grad():
+        got = model.seg_head(states).view(len(states), 2, -1)[from_ref][:, 0, dims]
+    assert from_ref.sum() >= 8
+    return got, wanted.view(len(states), 2, -1)[from_ref][:, 0, dims]
 
 
 @needs_shipped
@@ -609,19 +631,28 @@ def test_the_shipped_seg_prompt_follows_the_place_of_a_pixelqa_ref():
     the point or box (correlation 0.82-0.88 here; at most 0.21 for stage 18), and the answers are still right
     (teacher-forced 0.93, as for stage 18)."""
     from unipixel import load_model
-    from unipixel.train.ref_route import _draw, _seg_data
-    from unipixel.train.sam_prompts import place_dims
+    from unipixel.train.ref_route import _draw
 
     model, processor = load_model(str(SHIPPED), device="cpu")
     held = [_draw(np.random.default_rng(5), 16, 0.6) for _ in range(2)]
-    dims = place_dims(model.sam2.sam_prompt_encoder)
-    states, wanted, from_ref = _seg_data(model, processor, held)
-    with torch.no_grad():
-        got = model.seg_head(states).view(len(states), 2, -1)[from_ref][:, 0, dims]
-    due = wanted.view(len(states), 2, -1)[from_ref][:, 0, dims]
-    assert from_ref.sum() >= 8
-    assert min(torch.corrcoef(torch.stack([got[:, k], due[:, k]]))[0, 1] for k in range(len(dims))) > 0.7
+    got, due = _place_numbers(model, processor, held)
+    assert min(torch.corrcoef(torch.stack([got[:, k], due[:, k]]))[0, 1] for k in range(got.shape[1])) > 0.7
     assert float(batch_losses(model, processor, held[0])["acc"]) > 0.9
+
+
+@needs_shipped
+def test_the_shipped_seg_prompt_gives_the_place_at_full_size():
+    """For the playground's first `[1]` (one `<|ref|>`), the place numbers come at SAM 2's own scale:
+    least-squares slope 0.85-1.2 on each (stage 20, `calibrate_place`). Stage 19 gave 0.72-0.77 of it,
+    the share of attention its route's head puts on the `<|ref|>`."""
+    from unipixel import load_model
+    from unipixel.train.ref_route import lone_refs
+
+    model, processor = load_model(str(SHIPPED), device="cpu")
+    got, due = _place_numbers(model, processor, [lone_refs(np.random.default_rng(8), 8) for _ in range(2)])
+    got, due = got - got.mean(0), due - due.mean(0)
+    slopes = (got * due).sum(0) / got.pow(2).sum(0)
+    assert ((slopes > 0.85) & (slopes < 1.2)).all(), slopes
 
 
 @needs_shipped

@@ -130,7 +130,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         warmup: int = 20, fresh_decoder: bool = False, max_minutes: float | None = None, log_every: int = 10,
         video_prob: float = 0.0, frames=FRAMES, color_prompts: str | Path | None = None,
         kind_probs=(0.5, 0.25, 0.25), mask_memory_gain: float = 1.0, feature_scale: float = 1.0,
-        point_channel: bool = False) -> Path:  # fmt: skip
+        point_channel: bool = False, hold_encoder: bool = False) -> Path:  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = train_device()
@@ -143,7 +143,8 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         open_point_channel(model)
     model.eval()  # SAM 2's inference code paths, as in the trainer
     # With the point channel the image encoder is held: the frame features keep its dimensions clear.
-    params = [p for n, p in model.sam2.named_parameters() if not (point_channel and n.startswith("image_encoder."))]
+    hold_encoder = hold_encoder or point_channel
+    params = [p for n, p in model.sam2.named_parameters() if not (hold_encoder and n.startswith("image_encoder."))]
     if color_prompts is not None:
         color_tokens = load_color_prompts(color_prompts).to(device)
     else:
@@ -201,12 +202,15 @@ def main(argv=None) -> int:
                         help="scale SAM 2's stride-16 frame features first (see scale_frame_features)")
     parser.add_argument("--point-channel", action="store_true",
                         help="first give the mask decoder a channel for where prompts are (see open_point_channel)")
+    parser.add_argument("--hold-encoder", action="store_true",
+                        help="hold the image encoder (as --point-channel does): to train a SAM 2 that has the channel")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = run(args.init, args.out_dir, args.steps, args.batch_size, args.lr, args.warmup, args.fresh_decoder,
                args.max_minutes, video_prob=args.video_prob, frames=tuple(args.frames), color_prompts=args.color_prompts,
                kind_probs=args.kind_probs, mask_memory_gain=args.mask_memory_gain,
-               feature_scale=args.feature_scale, point_channel=args.point_channel)
+               feature_scale=args.feature_scale, point_channel=args.point_channel,
+               hold_encoder=args.hold_encoder)
     print(f"saved {path}")
     return 0
 

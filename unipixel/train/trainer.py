@@ -624,7 +624,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            prompted: int = 4, distill: float = 0.0, ref_targets: bool = False, attend_mem: float = 0.0,
            attend_head: tuple[int, int] = (1, 2), redraw_head: bool = False, fit_shape: str | None = None,
            place: float = 0.0, train_only: tuple[str, ...] = (), route_ref: float | None = None,
-           rank: int = 0, workers: int = 1) -> None:
+           calibrate: bool = False, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     device = train_device()
@@ -663,6 +663,12 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
                 report = route_ref_place(model, processor, seed, gain=route_ref)
                 if lead:
                     print(f"ref place routed: {report}", flush=True)
+            if calibrate:
+                from .ref_route import calibrate_place
+
+                fits = calibrate_place(model, processor, seed)
+                if lead:
+                    print(f"seg prompt place calibrated (scale, shift): {fits}", flush=True)
             if refit_seg or fit_seg:
                 states, colors = seg_states(model, processor, seed, num=640 if fit_seg else 48, turns=turns)
                 share = refit_seg_head(model, states)
@@ -819,6 +825,8 @@ def main(argv=None) -> int:
     parser.add_argument("--route-ref-place", type=float, nargs="?", const=3.0, default=None, metavar="GAIN",
                         help="with --init-from: build the route that carries a <|ref|>'s place into the seg prompt "
                              "(unipixel/train/ref_route.py)")
+    parser.add_argument("--calibrate-place", action="store_true",
+                        help="with --init-from: rescale the seg prompt's place numbers to SAM 2's own (calibrate_place)")
     parser.add_argument("--place", type=float, default=0.0, metavar="WEIGHT",
                         help="with --ref-targets: that extra weight on the dimensions of the seg prompt that carry the place")
     parser.add_argument("--train-only", nargs="+", default=[], metavar="PREFIX",
@@ -858,7 +866,8 @@ def main(argv=None) -> int:
           color_prompts=args.color_prompts, prompted=args.prompted, distill=args.distill,
           ref_targets=args.ref_targets, attend_mem=args.attend_mem, attend_head=tuple(args.attend_head),
           redraw_head=args.redraw_shape_head, fit_shape=args.fit_shape_head, place=args.place,
-          train_only=tuple(args.train_only), route_ref=args.route_ref_place)  # fmt: skip
+          train_only=tuple(args.train_only), route_ref=args.route_ref_place,
+          calibrate=args.calibrate_place)  # fmt: skip
     return 0
 
 
