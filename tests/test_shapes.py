@@ -647,8 +647,7 @@ def test_the_shipped_seg_prompt_is_steady_beside_the_place():
     Mean squared distance to SAM 2's mean over the dimensions that are not the place, on 24 held-out
     first-turn questions: 0.059 for 9 boxes, 0.045 for 15 points (stage 19: 0.20 and 0.26)."""
     from unipixel import load_model
-    from unipixel.train.ref_route import _seg_data, lone_refs
-    from unipixel.train.sam_prompts import place_dims
+    from unipixel.train.ref_route import _seg_data, lone_refs, prompt_place
 
     model, processor = load_model(str(SHIPPED), device="cpu")
     rng = np.random.default_rng(9)
@@ -656,8 +655,7 @@ def test_the_shipped_seg_prompt_is_steady_beside_the_place():
     with torch.no_grad():
         prompts = model.seg_head(states)
     rest = torch.ones(prompts.shape[1], dtype=torch.bool)
-    s = model.sam2.hidden_dim
-    rest[[t * s + d for t in range(2) for d in place_dims(model.sam2.sam_prompt_encoder)]] = False
+    rest[prompt_place(model)] = False
     for kind in (boxes, from_ref & ~boxes):
         assert kind.sum() >= 4
         error = (prompts[kind][:, rest] - wanted[kind][:, rest].mean(0)).pow(2).mean()

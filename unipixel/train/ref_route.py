@@ -46,6 +46,12 @@ OFFSET = 4.0
 HEAD, KV_HEAD = 3, 1  # layer 0's head that looks up the `<|ref|>` (`--attend-head 0 3`), and its values
 
 
+def prompt_place(model) -> list[int]:
+    """The place dimensions of the seg prompt, as indices into `seg_head`'s flat output (tokens x s)."""
+    s, dims = model.sam2.hidden_dim, place_dims(model.sam2.sam_prompt_encoder)
+    return [t * s + d for t in range(model.config.sam2_hidden_tokens) for d in dims]
+
+
 def _least(scores: torch.Tensor) -> torch.Tensor:
     return scores.argsort()[: WIDTH + KINDS]
 
@@ -253,9 +259,7 @@ def route_ref_place(model, processor, seed: int = 0, gain: float = 3.0, batches:
         out[:, readers[1] + c] = gain * residual[:, k]
 
     states, wanted, from_ref, boxes = _seg_data(model, processor, [_draw(rng, 16, 0.4) for _ in range(batches)])
-    head, s = model.seg_head, model.sam2.hidden_dim
-    dims = place_dims(model.sam2.sam_prompt_encoder)
-    place = [t * s + d for t in range(model.config.sam2_hidden_tokens) for d in dims]
+    head, place = model.seg_head, prompt_place(model)
     rest = torch.ones(wanted.shape[1])
     rest[place] = 0
     # Beyond the place, SAM 2 finds the object as well from the mean of its own tokens of that kind
@@ -285,8 +289,7 @@ def calibrate_place(model, processor, seed: int = 0, batches: int = 12) -> list[
 
     rng = np.random.default_rng([TRAIN_STREAM, seed, 10**9 + 13])  # a stream no training step draws
     states, wanted, from_ref, _ = _seg_data(model, processor, [lone_refs(rng, 8) for _ in range(batches)])
-    s = model.sam2.hidden_dim
-    place = [t * s + d for t in range(model.config.sam2_hidden_tokens) for d in place_dims(model.sam2.sam_prompt_encoder)]
+    place = prompt_place(model)
     last = model.seg_head[3]
     got, due = model.seg_head(states[from_ref])[:, place], wanted[from_ref][:, place]
     fits = []
