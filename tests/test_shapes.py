@@ -133,10 +133,10 @@ def held_out(tmp_path_factory):
 
 @needs_shipped
 def test_shipped_model_beats_an_untrained_one(held_out):
-    """Floors the shipped model clears on these 30 scenes (it scores image mIoU 0.94, video J&F 0.84,
-    PixelQA IoU 0.78 (0.70 on 500 scenes), region color 0.97 and shape 0.63 (0.51 on 500 scenes),
-    follow-up color 0.90 (0.82)); an untrained model scores about 0 on the masks and chance on colors
-    (1/8) and shapes (1/5). Shapes are below the issue's QA floor (70%) still. See
+    """The issue's floors on these 30 scenes (mask IoU >= 0.6, question answering >= 70%), and a few
+    more. The shipped model scores image mIoU 0.94, video J&F 0.91, PixelQA IoU 0.82 (0.78 on 500
+    scenes), region color+shape 0.83 (0.77) and follow-ups 0.83 (0.71); an untrained model scores
+    about 0 on the masks and chance on colors (1/8) and shapes (1/5). See
     assets/unipixel-shapes/README.md for 500 scenes."""
     m = held_out
     assert m["scenes"] == 30 and m["images"] == m["videos"] == 15
@@ -145,8 +145,8 @@ def test_shipped_model_beats_an_untrained_one(held_out):
     assert m["referring_video_jf"] >= 0.7
     assert m["pixelqa_iou"] >= 0.65
     assert m["region_color_acc"] >= 0.85
-    assert m["region_shape_acc"] >= 0.4
-    assert m["followup_color_acc"] >= 0.75
+    assert m["region_shape_acc"] >= 0.7 and m["region_acc"] >= 0.7
+    assert m["followup_color_acc"] >= 0.75 and m["followup_acc"] >= 0.7
 
 
 def test_two_workers_train_like_one_process_with_accumulation(tiny_checkpoint, tmp_path):
@@ -391,6 +391,18 @@ def test_the_vision_stage_moves_only_the_vision_side(tiny_checkpoint, tmp_path):
     assert all(k.startswith(("model.visual.", "msk_proj.")) for k in moved)
 
 
+def test_the_vision_stage_repeats_each_drawn_batch(tiny_checkpoint, tmp_path):
+    """`repeat` takes that many steps on each drawn batch and stops at `steps` in the middle of one:
+    the log says which pass each step was, and the second pass on a batch starts from a moved tower."""
+    from unipixel.train.vision_stage import run
+
+    out = run(tiny_checkpoint, tmp_path, steps=3, batch_size=2, warmup=1, lr=1e-2, log_every=1, repeat=2)
+    rows = [json.loads(r) for r in (tmp_path / "vision_stage_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["seen"]) for r in rows] == [(1, 0), (2, 1), (3, 0)]
+    assert rows[0]["keep"] == 0 and rows[1]["keep"] > 0
+    assert out.name == "checkpoint-3"
+
+
 def test_sharpening_scales_only_the_shape_part_of_mem_embeddings(tiny_checkpoint):
     """`sharpen_shapes` multiplies the differences between `<|mem|>` embeddings by the gain inside
     the shapes' discriminant span and leaves them as they were outside it."""
@@ -481,11 +493,11 @@ def test_export_takes_sam2_and_the_vision_side_from_other_stages(tiny_checkpoint
 
 @pytest.fixture(scope="module")
 def float32_scores():
-    """The shipped model's float32 metrics on 6 held-out scenes, shared by both half dtypes."""
+    """The shipped model's float32 evaluation of 6 held-out scenes, shared by both half dtypes."""
     from unipixel import load_model
     from unipixel.train.eval import evaluate
 
-    return evaluate(*load_model(str(SHIPPED), device="cpu", dtype=torch.float32), 6, seed=7)["metrics"]
+    return evaluate(*load_model(str(SHIPPED), device="cpu", dtype=torch.float32), 6, seed=7)
 
 
 @needs_shipped
@@ -493,21 +505,42 @@ def float32_scores():
 def test_half_precision_runs_every_token_path_like_float32(dtype, float32_scores):
     """In bfloat16 (a GPU's default) and float16 (Apple's), SAM 2 keeps float32 weights (its
     positional encodings and layer norms take float32 inputs; its memory is stored in bfloat16) and
-    the `<|ref|>`, `<|mem|>` and `<|seg|>` paths score what float32 scores on held-out scenes."""
+    every token path runs. In float16 the answers are float32's word for word and every score is
+    float32's. In bfloat16 the `<|ref|>` and tracking paths score what float32 scores, but the
+    referring masks of images do not: the offline model's hand-built `<|ref|>` route gates its seg
+    prompts on a signal that bfloat16 rounding of the last states buries (the reason its config asks
+    for float32, next test)."""
     from unipixel import load_model
     from unipixel.train.eval import evaluate
 
     half, processor = load_model(str(SHIPPED), device="cpu", dtype=dtype)
     assert {p.dtype for n, p in half.named_parameters() if n.startswith("sam2.")} == {torch.float32}
     assert half.model.language_model.embed_tokens.weight.dtype == half.ref_proj[1].weight.dtype == dtype
-    scored = [evaluate(half, processor, 6, seed=7)["metrics"], float32_scores]
+    got, due = evaluate(half, processor, 6, seed=7), float32_scores
+    scored = got["metrics"], due["metrics"]
     assert scored[1]["referring_image_miou"] > 0.5 and scored[1]["pixelqa_iou"] > 0.3
-    for key, value in scored[1].items():
-        # bfloat16 blurs the place the hand-built `<|ref|>` route carries (30 scenes: PixelQA point
-        # IoU 0.671 against 0.711 in float32, box 0.838 against 0.867); the per-kind keys average
-        # only 3 objects here.
+    if dtype == torch.float16:
+        assert got["samples"] == due["samples"]
+        keys = list(scored[1])
+    else:
+        assert scored[0]["referring_image_miou"] < scored[1]["referring_image_miou"] - 0.3  # 0.31 against 0.93
+        keys = [k for k in scored[1] if k.startswith(("pixelqa_", "referring_video_"))]
+    for key in keys:
+        # the per-kind keys average only 3 objects here
         tolerance = 0.15 if key in ("pixelqa_iou_point", "pixelqa_iou_box") else 0.1
-        assert scored[0][key] == pytest.approx(value, abs=tolerance), key
+        assert scored[0][key] == pytest.approx(scored[1][key], abs=tolerance), key
+
+
+@needs_shipped
+def test_the_offline_model_loads_in_float32_on_every_device():
+    """Its config turns off half precision, so `load_model` picks float32 where it would pick
+    bfloat16 or float16; a checkpoint that says nothing keeps the half-precision default."""
+    from unipixel.model import PixelQwen2_5_VLConfig, default_dtype
+
+    assert PixelQwen2_5_VLConfig.from_pretrained(str(SHIPPED)).half_precision is False
+    assert default_dtype("mps", half_precision=False) == default_dtype("cuda", half_precision=False) == torch.float32
+    assert default_dtype("mps") == torch.float16
+    assert PixelQwen2_5_VLConfig().half_precision is True
 
 
 def test_the_point_channel_attends_to_the_place_of_a_point(tiny_checkpoint, tmp_path):
@@ -586,8 +619,10 @@ def test_the_ref_route_changes_only_the_links_it_builds(tiny_checkpoint):
 
     model, processor = load_model(str(tiny_checkpoint), device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert model.config.half_precision
     report = route_ref_place(model, processor, seed=1, batches=2, fit_steps=20)
     assert report["segs"] > 0 and len(report["place_correlation"]) == 8
+    assert not model.config.half_precision  # the route needs float32 (see the shipped model's test)
     built = ("ref_encoder.pe_layer", "ref_proj", "seg_head", "model.language_model.layers.0.self_attn.v_proj",
              "model.language_model.layers.0.self_attn.o_proj")
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}

@@ -21,3 +21,6 @@ class PixelQwen2_5_VLConfig(Qwen2_5_VLConfig):
     sam2_batch_mode: bool = False
     sam2_enable_decoder: bool = True
     sam2_apply_postprocessing: bool = False
+    # False where the weights need float32 on every device: the offline model's hand-built `<|ref|>`
+    # route gates its seg prompts on a signal that bfloat16 rounding of the last states buries.
+    half_precision: bool = True

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoProcessor
 
 from ..errors import CheckpointError
+from .configuration import PixelQwen2_5_VLConfig
 from .modeling import PixelQwen2_5_VLForConditionalGeneration
 
 
@@ -16,8 +17,11 @@ def default_device() -> str:
     return "cpu"
 
 
-def default_dtype(device: str) -> torch.dtype:
+def default_dtype(device: str, half_precision: bool = True) -> torch.dtype:
+    """Half precision on accelerators, unless the checkpoint's config says its weights need float32."""
     device = torch.device(device).type
+    if not half_precision:
+        return torch.float32
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float16 if device == "mps" else torch.float32
@@ -28,10 +32,11 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
     device = device or default_device()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
     try:
+        config = PixelQwen2_5_VLConfig.from_pretrained(name_or_path)
+        dtype = dtype or default_dtype(device, config.half_precision)
         model, info = PixelQwen2_5_VLForConditionalGeneration.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation="sdpa", output_loading_info=True
+            name_or_path, config=config, dtype=dtype, attn_implementation="sdpa", output_loading_info=True
         )
         processor = AutoProcessor.from_pretrained(name_or_path)
     except OSError as e:
