@@ -19,9 +19,9 @@ def default_device() -> str:
 
 def default_dtype(device: str, half_precision: bool = True) -> torch.dtype:
     """Half precision on accelerators, unless the checkpoint's config says its weights need float32."""
-    device = torch.device(device).type
     if not half_precision:
         return torch.float32
+    device = torch.device(device).type
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float16 if device == "mps" else torch.float32

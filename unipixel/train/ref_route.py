@@ -268,12 +268,12 @@ def route_ref_place(model, processor, seed: int = 0, gain: float = 3.0, batches:
     for kind in (boxes, from_ref & ~boxes):
         wanted[kind] = torch.where(rest.bool(), wanted[kind].mean(0), wanted[kind])
     units = _route_seg_head(head, states, from_ref, residual, place, gain, gate, sense)
-    # The other segs weigh `keep` times as much: their prompts are what referring masks stand on.
-    _fit_around(head, units, place, states, wanted, rest * torch.where(from_ref, 1.0, keep)[:, None], fit_steps)
-    prompts = head(states)
     # The gate reads a signal of about 2 in the last state; bfloat16 rounds every direction of it by
     # about 0.17, which moves every other unit by 2.7 (float16: 8 times less).
     model.config.half_precision = False
+    # The other segs weigh `keep` times as much: their prompts are what referring masks stand on.
+    _fit_around(head, units, place, states, wanted, rest * torch.where(from_ref, 1.0, keep)[:, None], fit_steps)
+    prompts = head(states)
     got, due = prompts[from_ref][:, place], wanted[from_ref][:, place]
     error = ((prompts - wanted).pow(2) * rest).sum(1) / rest.sum()
     return {"place_correlation": [round(float(torch.corrcoef(torch.stack([got[:, k], due[:, k]]))[0, 1]), 3)
