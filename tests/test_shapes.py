@@ -404,6 +404,20 @@ def test_the_vision_stage_repeats_each_drawn_batch(tiny_checkpoint, tmp_path):
     assert out.name == "checkpoint-3"
 
 
+def test_a_continued_vision_stage_draws_new_batches(tiny_checkpoint):
+    """`first` starts the draws past the batches an earlier run took: the stream yields batch
+    `first`, `first + 1`, ... (not batch 0 again), whatever the number of loaders."""
+    from unipixel import load_model
+    from unipixel.train.vision_stage import SceneBatches
+
+    processor = load_model(str(tiny_checkpoint), device="cpu")[1]
+    draws = SceneBatches(processor, 2, batch_size=1, objects=2, first=5)
+    got = list(torch.utils.data.DataLoader(draws, batch_size=None, num_workers=2))
+    assert len(got) == 2
+    assert all(torch.equal(g["pixels"], draws.draw(k)["pixels"]) for g, k in zip(got, (5, 6)))
+    assert not torch.equal(got[0]["pixels"], draws.draw(0)["pixels"])
+
+
 def test_sharpening_scales_only_the_shape_part_of_mem_embeddings(tiny_checkpoint):
     """`sharpen_shapes` multiplies the differences between `<|mem|>` embeddings by the gain inside
     the shapes' discriminant span and leaves them as they were outside it."""

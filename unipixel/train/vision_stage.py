@@ -55,14 +55,14 @@ class SceneBatches(torch.utils.data.IterableDataset):
     object's merged-token cells and labels. Loader processes take the steps in turn, so a step's
     batch and the order of the batches do not depend on how many there are."""
 
-    def __init__(self, processor, steps: int, batch_size: int, objects: int):
-        self.processor, self.steps = processor, steps
+    def __init__(self, processor, steps: int, batch_size: int, objects: int, first: int = 0):
+        self.processor, self.steps, self.first = processor, steps, first
         self.batch_size, self.objects = batch_size, objects
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for step in range(worker, self.steps, workers):
+        for step in range(self.first + worker, self.first + self.steps, workers):
             yield self.draw(step)
 
     def draw(self, step: int) -> dict:
@@ -149,8 +149,10 @@ class Probe(torch.nn.Module):
 
 def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
         warmup: int = 20, keep: float = 1.0, objects: int = 4, max_minutes: float | None = None,
-        log_every: int = 10, loaders: int = 0, sharpen: float | None = None, repeat: int = 1) -> Path:  # fmt: skip
-    """`loaders`: processes that draw and encode the scenes (0: this one), so that a GPU is fed.
+        log_every: int = 10, loaders: int = 0, sharpen: float | None = None, repeat: int = 1,
+        first_batch: int = 0) -> Path:  # fmt: skip
+    """`first_batch`: the first batch drawn; a continued run starts past its predecessors' batches, so its
+    images are new to the model. `loaders`: processes that draw and encode the scenes (0: this one), so that a GPU is fed.
     `sharpen`: first `sharpen_shapes` by that gain (with `steps` 0, only that).
     `repeat`: optimizer steps on each drawn batch. A GPU waits on the loaders (64 images in 0.22 s
     with 14 of them); with 3, one H200 took 385 steps a minute against 274 with 1."""
@@ -170,7 +172,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
     groups = [{"params": params, "scale": 1.0}, {"params": list(probe.parameters()), "scale": 10.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     log = StageLog(out_dir / "vision_stage_log.jsonl", max_minutes)
-    draws = SceneBatches(processor, -(-steps // repeat), batch_size, objects)
+    draws = SceneBatches(processor, -(-steps // repeat), batch_size, objects, first_batch)
     batches = torch.utils.data.DataLoader(draws, batch_size=None,
                                           num_workers=loaders, prefetch_factor=4 if loaders else None,
                                           worker_init_fn=one_thread)  # fmt: skip
@@ -208,10 +210,13 @@ def main(argv=None) -> int:
     parser.add_argument("--sharpen-shapes", type=float, default=None, metavar="GAIN",
                         help="first scale the shape part of the <|mem|> embeddings by GAIN (--steps 0: only that)")
     parser.add_argument("--repeat", type=int, default=1, help="optimizer steps on each drawn batch")
+    parser.add_argument("--first-batch", type=int, default=0,
+                        help="first batch drawn (a continued run: past its predecessors', for new images)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = run(args.init, args.out_dir, args.steps, args.batch_size, args.lr, args.warmup, args.keep, args.objects,
-               args.max_minutes, loaders=args.loaders, sharpen=args.sharpen_shapes, repeat=args.repeat)
+               args.max_minutes, loaders=args.loaders, sharpen=args.sharpen_shapes, repeat=args.repeat,
+               first_batch=args.first_batch)
     print(f"saved {path}")
     return 0
 
