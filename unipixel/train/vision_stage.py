@@ -151,8 +151,9 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         warmup: int = 20, keep: float = 1.0, objects: int = 4, max_minutes: float | None = None,
         log_every: int = 10, loaders: int = 0, sharpen: float | None = None, repeat: int = 1,
         first_batch: int = 0) -> Path:  # fmt: skip
-    """`first_batch`: the first batch drawn; a continued run starts past its predecessors' batches, so its
-    images are new to the model. `loaders`: processes that draw and encode the scenes (0: this one), so that a GPU is fed.
+    """`first_batch`: the first batch drawn; a continued run starts past its predecessors' batches, so
+    its images are new to the model. `loaders`: processes that draw and encode the scenes (0: this
+    one), so that a GPU is fed.
     `sharpen`: first `sharpen_shapes` by that gain (with `steps` 0, only that).
     `repeat`: optimizer steps on each drawn batch. A GPU waits on the loaders (64 images in 0.22 s
     with 14 of them); with 3, one H200 took 385 steps a minute against 274 with 1."""
