@@ -418,6 +418,21 @@ def test_a_continued_vision_stage_draws_new_batches(tiny_checkpoint):
     assert not torch.equal(got[0]["pixels"], draws.draw(0)["pixels"])
 
 
+def test_a_continued_sam_stage_draws_new_scenes():
+    """A step's scenes depend on its index alone: the same index gives the same scenes and prompt
+    kinds, and a run continued from `first_step` meets scenes its predecessor (from step 0) did not."""
+    from unipixel.train.sam_stage import draw_step
+
+    args = (4, (0.25, 0.45, 0.3), 0.5, (4, 8))
+    kinds, scenes, rng = draw_step(5000, *args)
+    again_kinds, again, again_rng = draw_step(5000, *args)
+    assert kinds == again_kinds and len(scenes) == 4 and set(kinds) <= {"color", "point", "box"}
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(scenes, again))
+    assert rng.random() == again_rng.random()  # the prompts placed next are the same too
+    earlier = [draw_step(k, *args)[1] for k in range(3)]
+    assert not any(np.array_equal(scenes[0].frames, e[0].frames) for e in earlier)
+
+
 def test_sharpening_scales_only_the_shape_part_of_mem_embeddings(tiny_checkpoint):
     """`sharpen_shapes` multiplies the differences between `<|mem|>` embeddings by the gain inside
     the shapes' discriminant span and leaves them as they were outside it."""

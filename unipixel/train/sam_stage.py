@@ -126,11 +126,21 @@ def open_point_channel(model, freq: float = 0.45, gain: float = 7.4) -> None:
                 proj.weight[list(range(len(dims))), dims] = gain
 
 
+def draw_step(index: int, batch_size: int, kind_probs, video_prob: float, frames):
+    """The prompt kinds and scenes of step `index`, and the generator that goes on to place their
+    prompts. Seeded by the index alone, so a run continued from `first_step` meets new scenes."""
+    rng = scene_rng(TRAIN_STREAM, SAM_STAGE_SEED, index)
+    kinds = [str(k) for k in rng.choice(KINDS, size=batch_size, p=kind_probs)]
+    scenes = [make_scene(rng, int(rng.choice(frames)) if rng.random() < video_prob else 1) for _ in kinds]
+    return kinds, scenes, rng
+
+
 def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
         warmup: int = 20, fresh_decoder: bool = False, max_minutes: float | None = None, log_every: int = 10,
         video_prob: float = 0.0, frames=FRAMES, color_prompts: str | Path | None = None,
         kind_probs=(0.5, 0.25, 0.25), mask_memory_gain: float = 1.0, feature_scale: float = 1.0,
-        point_channel: bool = False, hold_encoder: bool = False) -> Path:  # fmt: skip
+        point_channel: bool = False, hold_encoder: bool = False, first_step: int = 0) -> Path:  # fmt: skip
+    """`first_step`: the step whose scenes are drawn first (a continued run: past its predecessors')."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = train_device()
@@ -158,9 +168,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup, log.spent())
-        rng = scene_rng(TRAIN_STREAM, SAM_STAGE_SEED, step)
-        kinds = [str(k) for k in rng.choice(KINDS, size=batch_size, p=kind_probs)]
-        scenes = [make_scene(rng, int(rng.choice(frames)) if rng.random() < video_prob else 1) for _ in kinds]
+        kinds, scenes, rng = draw_step(first_step + step, batch_size, kind_probs, video_prob, frames)
         parts = [scene_losses(model, scene, k, color_tokens, rng) for scene, k in zip(scenes, kinds)]
         losses = {k: sum(p[k] for p in parts) / batch_size for k in parts[0]}
         loss = total_mask_loss(losses)
@@ -204,13 +212,15 @@ def main(argv=None) -> int:
                         help="first give the mask decoder a channel for where prompts are (see open_point_channel)")
     parser.add_argument("--hold-encoder", action="store_true",
                         help="hold the image encoder (as --point-channel does): to train a SAM 2 that has the channel")
+    parser.add_argument("--first-step", type=int, default=0,
+                        help="step whose scenes are drawn first (a continued run: past its predecessors')")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = run(args.init, args.out_dir, args.steps, args.batch_size, args.lr, args.warmup, args.fresh_decoder,
                args.max_minutes, video_prob=args.video_prob, frames=tuple(args.frames), color_prompts=args.color_prompts,
                kind_probs=args.kind_probs, mask_memory_gain=args.mask_memory_gain,
                feature_scale=args.feature_scale, point_channel=args.point_channel,
-               hold_encoder=args.hold_encoder)
+               hold_encoder=args.hold_encoder, first_step=args.first_step)
     print(f"saved {path}")
     return 0
 
