@@ -433,6 +433,28 @@ def test_a_continued_sam_stage_draws_new_scenes():
     assert not any(np.array_equal(scenes[0].frames, e[0].frames) for e in earlier)
 
 
+def test_two_sam_stage_workers_share_their_gradients(tiny_checkpoint, tmp_path):
+    """In two processes the SAM stage's first process draws the scenes one process alone draws, yet
+    its step differs from that process's: the second process's gradient reached it. Still only SAM 2
+    moves, and one log row and one checkpoint come out."""
+    from safetensors.torch import load_file
+
+    from unipixel.train.sam_stage import run
+
+    options = dict(batch_size=1, warmup=1, kind_probs=(0.0, 0.5, 0.5))
+    single = run(tiny_checkpoint, tmp_path / "single", 1, **options)
+    parallel = run(tiny_checkpoint, tmp_path / "parallel", 1, workers=2, **options)
+    assert parallel.name == single.name == "checkpoint-1"
+    a, b = load_file(parallel / "model.safetensors"), load_file(single / "model.safetensors")
+    before = load_file(next(tiny_checkpoint.glob("*.safetensors")))
+    differ = {k for k in a if not torch.equal(a[k], b[k])}
+    moved = {k for k in a if k in before and not torch.equal(a[k], before[k].to(a[k].dtype))}
+    assert differ and all(k.startswith("sam2.") for k in differ | moved)
+    assert all(torch.isfinite(a[k]).all() for k in differ)
+    rows = (tmp_path / "parallel" / "sam_stage_log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1]
+
+
 def test_sharpening_scales_only_the_shape_part_of_mem_embeddings(tiny_checkpoint):
     """`sharpen_shapes` multiplies the differences between `<|mem|>` embeddings by the gain inside
     the shapes' discriminant span and leaves them as they were outside it."""

@@ -28,6 +28,7 @@ with (stages 14-15 of the model card), without which tracked frames showed every
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,9 +37,11 @@ import torch
 from ..model import load_model
 from .losses import total_mask_loss
 from .sam_prompts import COLOR_NAMES, KINDS, POINT_DIMS, load_color_prompts, place_dims, save_color_prompts, scene_losses
+from .parallel import agreed_spent, average_gradients, spawn
 from .stage_log import StageLog, stage_parser
 from .scenes import make_scene
-from .trainer import FRAMES, TRAIN_STREAM, fresh_mask_decoder, lr_at, save_checkpoint, scene_rng, train_device
+from .trainer import (FRAMES, TRAIN_STREAM, fresh_mask_decoder, latest_checkpoint, lr_at, save_checkpoint, scene_rng,
+                      train_device)
 
 SAM_STAGE_SEED = 7  # its own seed within the training stream: scenes differ from the trainer's
 
@@ -135,14 +138,28 @@ def draw_step(index: int, batch_size: int, kind_probs, video_prob: float, frames
     return kinds, scenes, rng
 
 
-def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
-        warmup: int = 20, fresh_decoder: bool = False, max_minutes: float | None = None, log_every: int = 10,
-        video_prob: float = 0.0, frames=FRAMES, color_prompts: str | Path | None = None,
-        kind_probs=(0.5, 0.25, 0.25), mask_memory_gain: float = 1.0, feature_scale: float = 1.0,
-        point_channel: bool = False, hold_encoder: bool = False, first_step: int = 0) -> Path:  # fmt: skip
-    """`first_step`: the step whose scenes are drawn first (a continued run: past its predecessors')."""
+def run(init: str | Path, out_dir: str | Path, steps: int, workers: int = 1, **options) -> Path:
+    """Train the SAM 2 of `init` into `out_dir` (options: see `_stage`). With `workers` > 1, that
+    many processes each draw `batch_size` scenes a step and average their gradients (`parallel`);
+    the log's Jaccards are the first process's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if workers == 1:
+        _stage(init, out_dir, steps, **options)
+    else:
+        spawn(_stage, workers, init, out_dir, steps, **options)
+    return latest_checkpoint(out_dir)
+
+
+def _stage(init: str | Path, out_dir: Path, steps: int, batch_size: int = 16, lr: float = 5e-4, warmup: int = 20,
+           fresh_decoder: bool = False, max_minutes: float | None = None, log_every: int = 10,
+           video_prob: float = 0.0, frames=FRAMES, color_prompts: str | Path | None = None,
+           kind_probs=(0.5, 0.25, 0.25), mask_memory_gain: float = 1.0, feature_scale: float = 1.0,
+           point_channel: bool = False, hold_encoder: bool = False, first_step: int = 0, rank: int = 0,
+           workers: int = 1) -> None:  # fmt: skip
+    """`first_step`: the step whose scenes are drawn first (a continued run: past its predecessors').
+    Process `rank` of `workers` draws the scenes of step `first_step + step * workers + rank`."""
+    lead = rank == 0  # the process that logs and saves
     device = train_device()
     model, processor = load_model(str(init), device=device, dtype=torch.float32)
     if fresh_decoder:
@@ -164,11 +181,12 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
         params.append(color_tokens)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     step, meter = 0, defaultdict(float)
-    log = StageLog(out_dir / "sam_stage_log.jsonl", max_minutes)
+    log = StageLog(out_dir / "sam_stage_log.jsonl", max_minutes) if lead else None
+    began, spent = time.time(), 0.0
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup, log.spent())
-        kinds, scenes, rng = draw_step(first_step + step, batch_size, kind_probs, video_prob, frames)
+            group["lr"] = lr_at(step, steps, lr, warmup, spent)
+        kinds, scenes, rng = draw_step(first_step + step * workers + rank, batch_size, kind_probs, video_prob, frames)
         parts = [scene_losses(model, scene, k, color_tokens, rng) for scene, k in zip(scenes, kinds)]
         losses = {k: sum(p[k] for p in parts) / batch_size for k in parts[0]}
         loss = total_mask_loss(losses)
@@ -178,19 +196,25 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
                 meter["n_" + key] += 1
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if workers > 1:
+            average_gradients(params, workers)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
-        if step % log_every == 0 or step == steps:
+        if lead and (step % log_every == 0 or step == steps):
             scores = {f"jaccard_{k}": round(meter[k] / meter["n_" + k], 4) for k in (*KINDS, "video") if meter["n_" + k]}
             log.write(step, loss, losses, **scores)
             meter.clear()
-        if log.out_of_time(step):
+        spent = agreed_spent((time.time() - began) / (60 * max_minutes) if max_minutes is not None else 0.0, workers)
+        if spent > 1:
+            if lead:
+                print(f"stopping at step {step}: {max_minutes} minutes are up", flush=True)
             break
-    log.close()
-    # Kept beside the checkpoint: prompts this SAM 2 answers to, for later stages that want them.
-    save_color_prompts(color_tokens, out_dir / "color_tokens.pt")
-    return save_checkpoint(model, processor, optimizer, step, out_dir)
+    if lead:
+        log.close()
+        # Kept beside the checkpoint: prompts this SAM 2 answers to, for later stages that want them.
+        save_color_prompts(color_tokens, out_dir / "color_tokens.pt")
+        save_checkpoint(model, processor, optimizer, step, out_dir)
 
 
 def main(argv=None) -> int:
@@ -213,11 +237,14 @@ def main(argv=None) -> int:
     parser.add_argument("--hold-encoder", action="store_true",
                         help="hold the image encoder (as --point-channel does): to train a SAM 2 that has the channel")
     parser.add_argument("--first-step", type=int, default=0,
-                        help="step whose scenes are drawn first (a continued run: past its predecessors')")
+                        help="step whose scenes are drawn first (a continued run: past its predecessors'; "
+                             "a run of S steps in W workers draws S * W steps' scenes)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="data-parallel processes of one thread each, every one drawing --batch-size scenes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = run(args.init, args.out_dir, args.steps, args.batch_size, args.lr, args.warmup, args.fresh_decoder,
-               args.max_minutes, video_prob=args.video_prob, frames=tuple(args.frames), color_prompts=args.color_prompts,
+    path = run(args.init, args.out_dir, args.steps, args.workers, batch_size=args.batch_size, lr=args.lr,
+               warmup=args.warmup, fresh_decoder=args.fresh_decoder, max_minutes=args.max_minutes, video_prob=args.video_prob, frames=tuple(args.frames), color_prompts=args.color_prompts,
                kind_probs=args.kind_probs, mask_memory_gain=args.mask_memory_gain,
                feature_scale=args.feature_scale, point_channel=args.point_channel,
                hold_encoder=args.hold_encoder, first_step=args.first_step)

@@ -36,6 +36,7 @@ from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import make_conversation
 from .losses import lm_loss, total_mask_loss
+from .parallel import agreed_spent, average_gradients, spawn
 from .sam_prompts import (COLOR_NAMES, color_prompts_of, load_color_prompts, place_dims, ref_tokens, scene_losses,
                           track_with_grad)
 from .scenes import SHAPES, make_scene
@@ -569,50 +570,14 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def train(out_dir: str | Path, steps: int, workers: int = 1, **options) -> Path:
     """Train (or resume) into `out_dir`. With `workers` > 1, that many processes of one thread each
-    train on different conversations and average their gradients every step (gloo): on a CPU, where
-    small ops leave threads idle, two processes do about 1.6x the samples of one with two threads.
-    With a GPU, every process runs its model there and makes its own data on its own core: the
-    small models are bound by kernel launches and scene drawing, so processes (12 on a 16-core H200
-    machine) are what scale."""
+    train on different conversations and average their gradients every step (see `parallel`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if workers == 1:
         _train(out_dir, steps, **options)
     else:
-        import socket
-
-        with socket.socket() as sock:  # a free port for the process group
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        torch.multiprocessing.spawn(_worker, args=(workers, port, out_dir, steps, options), nprocs=workers)
+        spawn(_train, workers, out_dir, steps, **options)
     return latest_checkpoint(out_dir)
-
-
-def _worker(rank: int, workers: int, port: int, out_dir: Path, steps: int, options: dict) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
-    try:
-        _train(out_dir, steps, rank=rank, workers=workers, **options)
-    finally:
-        dist.destroy_process_group()
-
-
-def _average_gradients(params: list[torch.nn.Parameter], workers: int) -> None:
-    """All-reduce every gradient as one flat buffer (a path a sample did not use counts as zero).
-
-    On the host: gloo, the backend that also runs without a GPU, reduces CPU tensors."""
-    import torch.distributed as dist
-
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    host = flat.cpu()
-    dist.all_reduce(host)
-    flat = host.to(flat.device) / workers
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
 
 
 def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: int = 200, accum: int = 1,
@@ -720,7 +685,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
                 counts[k] += 1
             meter["n_" + ("video" if batch[0][0].is_video else "image")] += len(batch)
         if workers > 1:
-            _average_gradients(params, workers)
+            average_gradients(params, workers)
         for name, until in hold.items():  # AdamW leaves parameters without a gradient as they are
             if step < until:
                 for p in model.get_submodule(name).parameters():
@@ -738,11 +703,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
             log.flush()
             meter.clear()
             counts.clear()
-        spent = (time.time() - began) / (60 * max_minutes) if max_minutes is not None else 0.0
-        if workers > 1:  # every process takes the same learning rate and stops at the same step
-            flag = torch.tensor([spent])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            spent = flag.item()
+        spent = agreed_spent((time.time() - began) / (60 * max_minutes) if max_minutes is not None else 0.0, workers)
         out_of_time = spent > 1
         if lead and (step % save_every == 0 or step == steps or out_of_time):
             save_checkpoint(model, processor, optimizer, step, out_dir)
