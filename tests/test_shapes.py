@@ -72,6 +72,25 @@ def test_pixelqa_conversations_open_like_the_playground():
     assert sum(c.messages[0]["content"][-1]["text"].startswith("[1] <|ref|>") for _, c in plain) < 12
 
 
+def test_mem_noise_makes_only_follow_up_memories_look_predicted():
+    """`--mem-noise 1`: a follow-up's memory mask differs from its object's true mask yet still
+    overlaps it (IoU 0.5 or more; a small shape keeps its true mask); region descriptions keep
+    (nearly) the true mask, which their evaluation gives."""
+    from unipixel.train.trainer import sample_batch
+
+    batch = sample_batch(np.random.default_rng(3), 24, 0.0, qa_prob=1.0, mem_noise=1.0)
+    overlaps = {"followup": [], "region": []}
+    for scene, conv in batch:
+        assert len(conv.tasks) == len(conv.mem_masks)  # one memory per mask-prompt turn
+        for task, mask in zip(conv.tasks, conv.mem_masks):
+            truth = max(scene.objects, key=lambda o: (o.masks & mask).sum()).masks
+            overlaps[task].append((truth & mask).sum() / (truth | mask).sum())
+    follow, region = np.array(overlaps["followup"]), np.array(overlaps["region"])
+    assert len(follow) >= 10 and len(region) >= 10
+    assert follow.min() >= 0.5 and (follow < 1).mean() > 0.6 and region.min() > 0.6
+    assert follow.mean() < region.mean() - 0.1
+
+
 def test_training_path_matches_the_inference_masks(tiny_model):
     """The differentiable SAM 2 path gives exactly the masks of `PixelSAM2VideoPredictor.segment`."""
     model, _ = tiny_model

@@ -56,30 +56,33 @@ def scene_rng(stream: int, seed: int, index: int) -> np.random.Generator:
 
 
 def sample(rng: np.random.Generator, num_frames: int = 1, qa_prob: float = 0.0, turns: tuple[int, int] | None = None,
-           pixelqa_prob: float = 0.0):
+           pixelqa_prob: float = 0.0, mem_noise: float = 0.0):
     """A scene of `num_frames` frames and a conversation about it: `turns` (lo, hi) turns, else 1-4.
     With probability `qa_prob`, a cheap one: 2-4 questions about mask-prompted objects (follow-ups
     and region descriptions), no `<|seg|>`, so no SAM 2 work. With probability `pixelqa_prob`, the
-    playground's PixelQA: `[1]` from a point or box as the first turn, then 0-2 follow-ups."""
+    playground's PixelQA: `[1]` from a point or box as the first turn, then 0-2 follow-ups.
+    `mem_noise`: how often a follow-up's memory mask looks like SAM 2's rather than the truth."""
     scene = make_scene(rng, num_frames)
     if pixelqa_prob and rng.random() < pixelqa_prob:  # no draw when off: earlier stages' data stays the same
-        return scene, make_conversation(scene, rng, tasks=["pixelqa"] + ["followup"] * int(rng.integers(0, 3)))
+        return scene, make_conversation(scene, rng, tasks=["pixelqa"] + ["followup"] * int(rng.integers(0, 3)),
+                                        mem_noise=mem_noise)
     if rng.random() < qa_prob:
         tasks = [str(t) for t in rng.choice(["followup", "region"], size=int(rng.integers(2, 5)), p=[0.6, 0.4])]
-        return scene, make_conversation(scene, rng, tasks=tasks)
+        return scene, make_conversation(scene, rng, tasks=tasks, mem_noise=mem_noise)
     num_turns = int(rng.integers(turns[0], turns[1] + 1)) if turns else None
-    return scene, make_conversation(scene, rng, num_turns=num_turns)
+    return scene, make_conversation(scene, rng, num_turns=num_turns, mem_noise=mem_noise)
 
 
 def sample_batch(rng: np.random.Generator, size: int, video_prob: float = 0.5, frames=FRAMES,
-                 qa_prob: float = 0.0, turns: tuple[int, int] | None = None, pixelqa_prob: float = 0.0) -> list[tuple]:
+                 qa_prob: float = 0.0, turns: tuple[int, int] | None = None, pixelqa_prob: float = 0.0,
+                 mem_noise: float = 0.0) -> list[tuple]:
     """`size` conversations about images, or (with probability `video_prob`) size/4 about videos of
     one frame count: one length class per batch keeps padding small."""
     if rng.random() < video_prob:
         num_frames, size = int(rng.choice(frames)), max(1, size // 4)
     else:
         num_frames = 1
-    return [sample(rng, num_frames, qa_prob, turns, pixelqa_prob) for _ in range(size)]
+    return [sample(rng, num_frames, qa_prob, turns, pixelqa_prob, mem_noise) for _ in range(size)]
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -589,7 +592,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            prompted: int = 4, distill: float = 0.0, ref_targets: bool = False, attend_mem: float = 0.0,
            attend_head: tuple[int, int] = (1, 2), redraw_head: bool = False, fit_shape: str | None = None,
            place: float = 0.0, train_only: tuple[str, ...] = (), route_ref: float | None = None,
-           calibrate: bool = False, rank: int = 0, workers: int = 1) -> None:
+           calibrate: bool = False, mem_noise: float = 0.0, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     device = train_device()
@@ -672,7 +675,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accum):
             rng = scene_rng(TRAIN_STREAM, seed, (step * workers + rank) * accum + micro)
-            batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns, pixelqa_prob)
+            batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns, pixelqa_prob, mem_noise)
             losses = batch_losses(model, processor, batch, color_prompts, distill, ref_targets, attend_mem, attend_head,
                                   place)
             if color_prompts is not None and prompted:
@@ -803,6 +806,8 @@ def main(argv=None) -> int:
                              "word onto the question's")
     parser.add_argument("--attend-head", type=int, nargs=2, default=(1, 2), metavar=("LAYER", "HEAD"),
                         help="the head --attend-mem pulls")
+    parser.add_argument("--mem-noise", type=float, default=0.0, metavar="P",
+                        help="how often a follow-up's memory mask is grown or shrunk and shifted like SAM 2's masks")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
@@ -828,7 +833,7 @@ def main(argv=None) -> int:
           ref_targets=args.ref_targets, attend_mem=args.attend_mem, attend_head=tuple(args.attend_head),
           redraw_head=args.redraw_shape_head, fit_shape=args.fit_shape_head, place=args.place,
           train_only=tuple(args.train_only), route_ref=args.route_ref_place,
-          calibrate=args.calibrate_place)  # fmt: skip
+          calibrate=args.calibrate_place, mem_noise=args.mem_noise)  # fmt: skip
     return 0
 
 
