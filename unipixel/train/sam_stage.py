@@ -25,6 +25,8 @@ the frame features SAM 2's memory reads back to the size of what they are added 
 with (stages 14-15 of the model card), without which tracked frames showed every shape at once.
 `--point-channel` gives the mask decoder a clean channel for where a point or box is (see
 `open_point_channel`), without which point prompts never got past the foreground (stage 16).
+`--workers W` runs W data-parallel processes (`parallel`): 14 on one H200 drew 41 scenes a second,
+about 11 times one 2-core CPU process.
 """
 from __future__ import annotations
 
