@@ -16,7 +16,10 @@ import torch
 
 def spawn(fn, workers: int, *args, **kwargs) -> None:
     """Run `fn(*args, rank=rank, workers=workers, **kwargs)` in `workers` processes joined in one
-    process group."""
+    process group; with one worker, here, with the threads it has."""
+    if workers == 1:
+        fn(*args, rank=0, workers=1, **kwargs)
+        return
     with socket.socket() as sock:  # a free port for the process group
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

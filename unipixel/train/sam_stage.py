@@ -30,7 +30,6 @@ about 11 times one 2-core CPU process.
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,8 +37,8 @@ import torch
 
 from ..model import load_model
 from .losses import total_mask_loss
+from .parallel import average_gradients, spawn
 from .sam_prompts import COLOR_NAMES, KINDS, POINT_DIMS, load_color_prompts, place_dims, save_color_prompts, scene_losses
-from .parallel import agreed_spent, average_gradients, spawn
 from .stage_log import StageLog, stage_parser
 from .scenes import make_scene
 from .trainer import (FRAMES, TRAIN_STREAM, fresh_mask_decoder, latest_checkpoint, lr_at, save_checkpoint, scene_rng,
@@ -146,10 +145,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, workers: int = 1, **o
     the log's Jaccards are the first process's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if workers == 1:
-        _stage(init, out_dir, steps, **options)
-    else:
-        spawn(_stage, workers, init, out_dir, steps, **options)
+    spawn(_stage, workers, init, out_dir, steps, **options)
     return latest_checkpoint(out_dir)
 
 
@@ -183,11 +179,10 @@ def _stage(init: str | Path, out_dir: Path, steps: int, batch_size: int = 16, lr
         params.append(color_tokens)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     step, meter = 0, defaultdict(float)
-    log = StageLog(out_dir / "sam_stage_log.jsonl", max_minutes) if lead else None
-    began, spent = time.time(), 0.0
+    log = StageLog(out_dir / "sam_stage_log.jsonl", max_minutes, rank, workers)
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup, spent)
+            group["lr"] = lr_at(step, steps, lr, warmup, log.spent)
         kinds, scenes, rng = draw_step(first_step + step * workers + rank, batch_size, kind_probs, video_prob, frames)
         parts = [scene_losses(model, scene, k, color_tokens, rng) for scene, k in zip(scenes, kinds)]
         losses = {k: sum(p[k] for p in parts) / batch_size for k in parts[0]}
@@ -207,13 +202,10 @@ def _stage(init: str | Path, out_dir: Path, steps: int, batch_size: int = 16, lr
             scores = {f"jaccard_{k}": round(meter[k] / meter["n_" + k], 4) for k in (*KINDS, "video") if meter["n_" + k]}
             log.write(step, loss, losses, **scores)
             meter.clear()
-        spent = agreed_spent((time.time() - began) / (60 * max_minutes) if max_minutes is not None else 0.0, workers)
-        if spent > 1:
-            if lead:
-                print(f"stopping at step {step}: {max_minutes} minutes are up", flush=True)
+        if log.out_of_time(step):
             break
+    log.close()
     if lead:
-        log.close()
         # Kept beside the checkpoint: prompts this SAM 2 answers to, for later stages that want them.
         save_color_prompts(color_tokens, out_dir / "color_tokens.pt")
         save_checkpoint(model, processor, optimizer, step, out_dir)
@@ -246,7 +238,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = run(args.init, args.out_dir, args.steps, args.workers, batch_size=args.batch_size, lr=args.lr,
-               warmup=args.warmup, fresh_decoder=args.fresh_decoder, max_minutes=args.max_minutes, video_prob=args.video_prob, frames=tuple(args.frames), color_prompts=args.color_prompts,
+               warmup=args.warmup, fresh_decoder=args.fresh_decoder, max_minutes=args.max_minutes,
+               video_prob=args.video_prob, frames=tuple(args.frames), color_prompts=args.color_prompts,
                kind_probs=args.kind_probs, mask_memory_gain=args.mask_memory_gain,
                feature_scale=args.feature_scale, point_channel=args.point_channel,
                hold_encoder=args.hold_encoder, first_step=args.first_step)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .parallel import agreed_spent
+
 
 def stage_parser(prog: str, doc: str, init_help: str, steps: int, lr: float, batch_help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
@@ -24,9 +26,14 @@ def stage_parser(prog: str, doc: str, init_help: str, steps: int, lr: float, bat
 
 
 class StageLog:
-    def __init__(self, path: Path, max_minutes: float | None = None):
-        self.file = open(path, "a")
+    """With `workers` > 1, only the first process (`rank` 0) prints and writes, and the time budget
+    is the one the slowest process has used, so all take the same learning rate and stop together."""
+
+    def __init__(self, path: Path, max_minutes: float | None = None, rank: int = 0, workers: int = 1):
+        self.lead, self.workers = rank == 0, workers
+        self.file = open(path, "a") if self.lead else None
         self.began, self.max_minutes = time.time(), max_minutes
+        self.spent = 0.0  # the share of the time budget used, as of the last `out_of_time` (0 without one)
 
     def write(self, step: int, loss: torch.Tensor, losses: dict[str, torch.Tensor], **extra) -> None:
         row = {"step": step, "elapsed_s": round(time.time() - self.began, 1), "loss": round(loss.item(), 4)}
@@ -36,15 +43,15 @@ class StageLog:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
 
-    def spent(self) -> float:
-        """The share of the time budget used so far (0 without one)."""
-        return (time.time() - self.began) / (60 * self.max_minutes) if self.max_minutes is not None else 0.0
-
     def out_of_time(self, step: int) -> bool:
-        over = self.spent() > 1
-        if over:
+        """Measure the time used (once a step: it also sets the next step's learning rate)."""
+        own = (time.time() - self.began) / (60 * self.max_minutes) if self.max_minutes is not None else 0.0
+        self.spent = agreed_spent(own, self.workers)
+        over = self.spent > 1
+        if over and self.lead:
             print(f"stopping at step {step}: {self.max_minutes} minutes are up", flush=True)
         return over
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()

@@ -576,10 +576,7 @@ def train(out_dir: str | Path, steps: int, workers: int = 1, **options) -> Path:
     train on different conversations and average their gradients every step (see `parallel`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if workers == 1:
-        _train(out_dir, steps, **options)
-    else:
-        spawn(_train, workers, out_dir, steps, **options)
+    spawn(_train, workers, out_dir, steps, **options)
     return latest_checkpoint(out_dir)
 
 

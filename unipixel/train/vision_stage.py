@@ -184,7 +184,7 @@ def run(init: str | Path, out_dir: str | Path, steps: int, batch_size: int = 16,
             kept_embeds, kept_mem = batch_embeddings(teacher, batch)
         for seen in range(min(repeat, steps - step)):
             for group in optimizer.param_groups:
-                group["lr"] = group["scale"] * lr_at(step, steps, lr, warmup, log.spent())
+                group["lr"] = group["scale"] * lr_at(step, steps, lr, warmup, log.spent)
             embeds, mem = batch_embeddings(model, batch)
             losses = probe(mem, batch["shapes"], batch["colors"])
             losses["keep"] = relative_mse(embeds, kept_embeds) + relative_mse(mem, kept_mem)
