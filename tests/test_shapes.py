@@ -91,6 +91,38 @@ def test_mem_noise_makes_only_follow_up_memories_look_predicted():
     assert follow.mean() < region.mean() - 0.1
 
 
+def test_own_masks_feed_every_follow_up_of_an_id_and_nothing_else():
+    """`own_masks`: a follow-up id's memory is what the predictor gave for it, asked once per id and
+    kept for its later follow-ups (in use an object's memory does not change between questions);
+    region descriptions keep their own masks; a None falls back to the object's (noisy) mask."""
+    from unipixel.train.trainer import sample_batch
+
+    asked = []
+
+    def shifted(scene, obj, rng):  # a stand-in prediction that no true or noisy mask equals
+        asked.append(obj)
+        return None if len(asked) % 3 == 0 else np.roll(obj.masks, 2, axis=2)
+
+    batch = sample_batch(np.random.default_rng(5), 24, 0.0, qa_prob=1.0, own_masks=shifted)
+    uses = repeats = 0
+    for scene, conv in batch:
+        per_id = {}
+        for task, message, mask in zip(conv.tasks, conv.messages[::2], conv.mem_masks):
+            truth = max(scene.objects, key=lambda o: (o.masks & mask).sum()).masks
+            text = next(c["text"] for c in message["content"] if c["type"] == "text")
+            if task == "followup":
+                i = re.findall(r"\[(\d+)\]", text)[-1]  # the id the question asks about
+                if np.array_equal(mask, np.roll(truth, 2, axis=2)):
+                    per_id.setdefault(i, []).append(mask)
+                    uses += 1
+            else:
+                assert not np.array_equal(mask, np.roll(truth, 2, axis=2))
+        for masks in per_id.values():  # a predicted id keeps its memory
+            assert all(np.array_equal(masks[0], m) for m in masks[1:])
+        repeats += sum(len(m) - 1 for m in per_id.values())
+    assert len(asked) >= 10 and uses >= len(asked) // 2 and repeats >= 3
+
+
 def test_training_path_matches_the_inference_masks(tiny_model):
     """The differentiable SAM 2 path gives exactly the masks of `PixelSAM2VideoPredictor.segment`."""
     model, _ = tiny_model
@@ -138,6 +170,30 @@ def test_one_training_sample_backpropagates(tiny_model):
 
 
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="assets/unipixel-shapes is not here")
+
+
+@needs_shipped
+def test_own_masks_are_the_shipped_models_tracks_of_the_right_object():
+    """`OwnMasks` runs the playground's path: a [T, H, W] track of the object asked about, not its
+    true mask, and None when the model picked another object or the share says so."""
+    from unipixel import load_model
+    from unipixel.train.own_masks import MIN_IOU, OwnMasks
+
+    model, processor = load_model(str(SHIPPED), device="cpu")
+    own = OwnMasks(model, processor, share=1.0)
+    rng = np.random.default_rng(2)
+    kept = 0
+    for frames in (1, 1, 8, 8):
+        scene = make_scene(rng, frames)
+        obj = scene.objects[0]
+        masks = own(scene, obj, rng)
+        if masks is not None:
+            kept += 1
+            assert masks.shape == obj.masks.shape and masks.dtype == bool
+            assert not np.array_equal(masks, obj.masks)
+            assert (masks & obj.masks).sum() >= MIN_IOU * (masks | obj.masks).sum()
+    assert kept >= 3
+    assert OwnMasks(model, processor, share=0.0)(scene, obj, rng) is None
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +403,61 @@ def test_distill_pulls_each_seg_prompt_toward_its_color_prompt(tiny_model):
         assert model.seg_head[3].weight.grad.abs().sum() > 0
     finally:
         model.zero_grad(set_to_none=True)
+
+
+def test_keep_segs_holds_seg_prompts_to_the_starting_weights(tiny_model):
+    """`--keep-segs`: each seg prompt is pulled toward the starting weights' own (a frozen teacher):
+    no pull while the weights are the teacher's, a pull once a trained layer has moved."""
+    import copy
+
+    model, processor = tiny_model
+    rng = scene_rng(0, 0, 12)
+    scene = make_scene(rng, 1, num_objects=3)
+    conv = make_conversation(scene, rng, tasks=["referring", "pixelqa"])
+    student = copy.deepcopy(model)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    same = batch_losses(student, processor, [(scene, conv)], distill=1.0, teacher=teacher)
+    assert float(same["distill"].detach()) == 0.0
+    with torch.no_grad():
+        student.model.language_model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    moved = batch_losses(student, processor, [(scene, conv)], distill=1.0, teacher=teacher)
+    _, ids, _, states = lm_forward(student, processor, [(scene, conv)])
+    _, _, _, kept = lm_forward(teacher, processor, [(scene, conv)])
+    at_segs = ids[0, 1:] == model.config.seg_token_id
+    expected = (student.seg_head(states[0, :-1][at_segs]) - teacher.seg_head(kept[0, :-1][at_segs])).pow(2).mean()
+    assert float(moved["distill"].detach()) > 0
+    assert torch.allclose(moved["distill"], expected, rtol=1e-4)
+    moved["distill"].backward()
+    assert student.model.language_model.layers[1].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_write_guard_keeps_what_trained_layers_write_along_the_seg_reads(tiny_model):
+    """`WriteGuard` undoes the part of a step that changes what an attention output or MLP down
+    projection writes along `seg_head`'s hardest-read directions, and leaves the rest of the step."""
+    import copy
+
+    from unipixel.train.keep_segs import WriteGuard, seg_read_directions
+
+    model = copy.deepcopy(tiny_model[0])
+    u = seg_read_directions(model, 2)
+    assert u.shape == (model.config.text_config.hidden_size, 2)
+    assert torch.allclose(u.T @ u, torch.eye(2), atol=1e-5)
+    layer = model.model.language_model.layers[1]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("model.language_model.layers.1."))
+    guard = WriteGuard(model, u)
+    assert len(guard.start) == 2  # o_proj and down_proj of the trained layer
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    guard()
+    for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+        change = dict(layer.named_parameters())[name] - before[name]
+        assert (u.T @ change).abs().max() < 1e-5  # nothing new along the seg reads
+        assert change.abs().max() > 1e-3  # the rest of the step stays
+    assert not torch.equal(layer.self_attn.q_proj.weight, before["self_attn.q_proj.weight"])  # readers move freely
 
 
 def test_fit_seg_head_maps_seg_states_onto_their_color_prompts(tiny_checkpoint):
@@ -792,7 +903,8 @@ def test_shipped_sam2_segments_an_object_from_its_clicks():
     from unipixel import load_model
     from unipixel.session import Session, VisualPrompt
     from unipixel.train.conversations import interior_point
-    from unipixel.train.eval import as_media, eval_scene, j_and_f
+    from unipixel.train.eval import eval_scene, j_and_f
+    from unipixel.train.own_masks import as_media
 
     model, processor = load_model(str(SHIPPED), device="cpu")
     scores = []

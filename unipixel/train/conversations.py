@@ -91,14 +91,15 @@ def ref_spec(obj: SceneObject, frame: int, kind: str, rng: np.random.Generator, 
 class ConversationBuilder:
     """Samples the turns of one conversation about one scene."""
 
-    def __init__(self, scene: Scene, rng: np.random.Generator, mem_noise: float = 0.0):
-        self.scene, self.rng, self.mem_noise = scene, rng, mem_noise
+    def __init__(self, scene: Scene, rng: np.random.Generator, mem_noise: float = 0.0, own_masks=None):
+        self.scene, self.rng, self.mem_noise, self.own_masks = scene, rng, mem_noise, own_masks
         self.video = scene.is_video
         self.grid = grid_thw(scene.num_frames, *scene.frames.shape[1:3])
         self.conv = Conversation()
         self.known: dict[int, SceneObject] = {}  # ids introduced so far ([1], [2], ...)
         self.asked: set[tuple[int, str]] = set()  # follow-up (id, kind) pairs asked so far
         self.referred: set[int] = set()  # indices of the objects already asked for by name
+        self.own: dict[int, np.ndarray | None] = {}  # ids' own predicted tracks (`own_masks`), kept as in use
 
     def _pick_unreferred(self) -> SceneObject:
         """Several referring turns about one image teach SAM 2 to tell its objects apart."""
@@ -267,7 +268,10 @@ class ConversationBuilder:
             "describe": (f"Please describe [{i}].", describe(obj, self.video)),
             "motion": (f"How does [{i}] move?", f"It {obj.motion_text()}."),
         }[kind]
-        prefix = self._mem_prefix([(i, self._mem_mask(obj, predicted=True))])
+        if self.own_masks is not None and i not in self.own:
+            self.own[i] = self.own_masks(self.scene, obj, self.rng)
+        own = self.own.get(i)
+        prefix = self._mem_prefix([(i, own if own is not None else self._mem_mask(obj, predicted=True))])
         self._add_turn("followup", prefix + question, answer)
 
 
@@ -276,10 +280,11 @@ TURNS = (0.2, 0.3, 0.3, 0.2)  # P(1, 2, 3, 4 turns): extra mask-prompt turns are
 
 
 def make_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 4, tasks=None,
-                      num_turns: int | None = None, mem_noise: float = 0.0) -> Conversation:
+                      num_turns: int | None = None, mem_noise: float = 0.0, own_masks=None) -> Conversation:
     """`num_turns` (else 1-`max_turns`) turns of tasks drawn with the TASKS weights, or the given task
-    list; `mem_noise`: how often a follow-up's memory looks like a prediction (`_predicted_like`)."""
-    b = ConversationBuilder(scene, rng, mem_noise)
+    list; `mem_noise`: how often a follow-up's memory looks like a prediction (`_predicted_like`);
+    `own_masks(scene, obj, rng)`: a follow-up object's track as the model predicts it, or None."""
+    b = ConversationBuilder(scene, rng, mem_noise, own_masks)
     if tasks is not None:
         for task in tasks:
             getattr(b, task)()

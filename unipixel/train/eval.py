@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..media import Media
 from ..model import processing as P
 from ..model.visual_prompts import mem_slots
 from .conversations import DESCRIBE, ref_spec
+from .own_masks import as_media, visual_prompt
 from .scenes import COLORS, SHAPES, Scene, make_scene
 from .trainer import EVAL_STREAM, scene_rng
 
@@ -79,12 +79,6 @@ def eval_scene(index: int, seed: int) -> Scene:
     return make_scene(rng, 1 if index % 2 == 0 else int(rng.integers(8, 17)))
 
 
-def as_media(scene: Scene) -> Media:
-    t = scene.num_frames
-    kind = "video" if t > 1 else "image"
-    return Media(scene.frames, kind, list(range(t)), [i / 2.0 for i in range(t)], 2.0 if t > 1 else None, t)
-
-
 def _generate(model, processor, vision: dict, text: str, mem_masks, max_new_tokens: int) -> str:
     inputs = P.tokenize_chat(processor, [P.user_message(text, with_video=True)], vision["video_grid_thw"])
     with torch.inference_mode():
@@ -94,7 +88,7 @@ def _generate(model, processor, vision: dict, text: str, mem_masks, max_new_toke
 
 
 def evaluate(model, processor, n: int, seed: int, max_new_tokens: int = 32, log=None) -> dict:
-    from ..session import Session, VisualPrompt
+    from ..session import Session
 
     r = {k: [] for k in ("ref_image_iou", "ref_video_j", "ref_video_f", "qa_iou_point", "qa_iou_box",
                          "qa_color", "qa_shape", "region_color", "region_shape", "region_both")}  # fmt: skip
@@ -108,10 +102,7 @@ def evaluate(model, processor, n: int, seed: int, max_new_tokens: int = 32, log=
         # PixelQA: [1] from a point or a box on frame 0, then two follow-ups about [1].
         obj = objs[rng.integers(len(objs))]
         kind = "point" if i % 4 < 2 else "box"
-        spec = ref_spec(obj, 0, kind, rng)
-        prompt = (VisualPrompt("point", frame=0, points=[(*spec.point, True)]) if kind == "point"
-                  else VisualPrompt("box", frame=0, box=spec.box))  # fmt: skip
-        added = session.add_object(prompt)
+        added = session.add_object(visual_prompt(ref_spec(obj, 0, kind, rng)))
         r[f"qa_iou_{kind}"].append(j_and_f(added.masks, obj.masks)[0])
         color = session.ask(f"What color is [{added.id}]?").answer
         shape = session.ask(f"What shape is [{added.id}]?").answer

@@ -13,6 +13,7 @@ Checkpoints are Hugging Face folders (`checkpoint-STEP/`, plus `trainer_state.pt
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import math
@@ -36,6 +37,8 @@ from ..model.sam2_video import build_sam2
 from ..model.tiny import build_processor, build_tokenizer, pixel_config
 from .conversations import make_conversation
 from .losses import lm_loss, total_mask_loss
+from .keep_segs import WriteGuard, seg_read_directions
+from .own_masks import OwnMasks
 from .parallel import agreed_spent, average_gradients, spawn
 from .sam_prompts import (COLOR_NAMES, color_prompts_of, load_color_prompts, place_dims, ref_tokens, scene_losses,
                           track_with_grad)
@@ -56,33 +59,35 @@ def scene_rng(stream: int, seed: int, index: int) -> np.random.Generator:
 
 
 def sample(rng: np.random.Generator, num_frames: int = 1, qa_prob: float = 0.0, turns: tuple[int, int] | None = None,
-           pixelqa_prob: float = 0.0, mem_noise: float = 0.0):
+           pixelqa_prob: float = 0.0, mem_noise: float = 0.0, own_masks=None):
     """A scene of `num_frames` frames and a conversation about it: `turns` (lo, hi) turns, else 1-4.
     With probability `qa_prob`, a cheap one: 2-4 questions about mask-prompted objects (follow-ups
     and region descriptions), no `<|seg|>`, so no SAM 2 work. With probability `pixelqa_prob`, the
     playground's PixelQA: `[1]` from a point or box as the first turn, then 0-2 follow-ups.
-    `mem_noise`: how often a follow-up's memory mask looks like SAM 2's rather than the truth."""
+    `mem_noise`: how often a follow-up's memory mask looks like SAM 2's rather than the truth;
+    `own_masks`: the model's own predicted tracks for follow-ups (`own_masks.OwnMasks`)."""
+    memory = {"mem_noise": mem_noise, "own_masks": own_masks}
     scene = make_scene(rng, num_frames)
     if pixelqa_prob and rng.random() < pixelqa_prob:  # no draw when off: earlier stages' data stays the same
         return scene, make_conversation(scene, rng, tasks=["pixelqa"] + ["followup"] * int(rng.integers(0, 3)),
-                                        mem_noise=mem_noise)
+                                        **memory)
     if rng.random() < qa_prob:
         tasks = [str(t) for t in rng.choice(["followup", "region"], size=int(rng.integers(2, 5)), p=[0.6, 0.4])]
-        return scene, make_conversation(scene, rng, tasks=tasks, mem_noise=mem_noise)
+        return scene, make_conversation(scene, rng, tasks=tasks, **memory)
     num_turns = int(rng.integers(turns[0], turns[1] + 1)) if turns else None
-    return scene, make_conversation(scene, rng, num_turns=num_turns, mem_noise=mem_noise)
+    return scene, make_conversation(scene, rng, num_turns=num_turns, **memory)
 
 
 def sample_batch(rng: np.random.Generator, size: int, video_prob: float = 0.5, frames=FRAMES,
                  qa_prob: float = 0.0, turns: tuple[int, int] | None = None, pixelqa_prob: float = 0.0,
-                 mem_noise: float = 0.0) -> list[tuple]:
+                 mem_noise: float = 0.0, own_masks=None) -> list[tuple]:
     """`size` conversations about images, or (with probability `video_prob`) size/4 about videos of
     one frame count: one length class per batch keeps padding small."""
     if rng.random() < video_prob:
         num_frames, size = int(rng.choice(frames)), max(1, size // 4)
     else:
         num_frames = 1
-    return [sample(rng, num_frames, qa_prob, turns, pixelqa_prob, mem_noise) for _ in range(size)]
+    return [sample(rng, num_frames, qa_prob, turns, pixelqa_prob, mem_noise, own_masks) for _ in range(size)]
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -320,7 +325,7 @@ def lookup_attention_loss(attention: torch.Tensor, found: list[tuple]) -> torch.
 
 def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tensor | None = None,
                  distill: float = 0.0, ref_targets: bool = False, attend_mem: float = 0.0,
-                 attend_head: tuple[int, int] = (1, 2), place: float = 0.0) -> dict:
+                 attend_head: tuple[int, int] = (1, 2), place: float = 0.0, teacher=None) -> dict:
     """LM + mask losses of a batch of (scene, conversation) pairs.
 
     The language model runs once over the padded batch (`lm_forward`; small batches of one
@@ -338,9 +343,15 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
     tokens prompt) is pulled instead toward SAM 2's own tokens of that point or box: a copy of
     where the object is, which a SAM 2 with `sam_stage --point-channel` answers, where the color
     target asks the language model to look up the object under the point itself.
+    With a `teacher` (the weights the stage started from, frozen), every seg is pulled instead toward
+    the teacher's own prompt for it: the seg prompts stay where they were, a hand-built route
+    (`ref_route`) included, while the rest of the language model learns.
     """
     device = model.device
     out, ids, label_mask, states = lm_forward(model, processor, batch, attentions=attend_mem > 0)
+    if teacher is not None:
+        with torch.no_grad():
+            kept = lm_forward(teacher, processor, batch)[3]
     losses = {"lm": lm_loss(out.logits, ids, label_mask)}
     words = shape_word_ids(processor.tokenizer).to(ids.device)
     found = list(lookups(ids, label_mask, batch, model.config, words))
@@ -369,7 +380,8 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         tokens = model.seg_head(hidden).view(len(conv.seg_objects), model.config.sam2_hidden_tokens, -1)
         if distill:
             seg_prompts.append(tokens)
-            wanted.append(distill_targets(model, scene, conv, color_prompts, ref_targets).to(tokens))
+            wanted.append(distill_targets(model, scene, conv, color_prompts, ref_targets) if teacher is None else
+                          teacher.seg_head(kept[b, :-1][ids[b, 1:] == seg_id]).view_as(tokens).detach())
             targeted = ref_targeted(conv) if ref_targets else {}
             from_ref += [i in targeted for i in range(len(conv.seg_objects))]
         images = model.prepare_sam2_video(scene.frames, cache=False).images
@@ -589,7 +601,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            prompted: int = 4, distill: float = 0.0, ref_targets: bool = False, attend_mem: float = 0.0,
            attend_head: tuple[int, int] = (1, 2), redraw_head: bool = False, fit_shape: str | None = None,
            place: float = 0.0, train_only: tuple[str, ...] = (), route_ref: float | None = None,
-           calibrate: bool = False, mem_noise: float = 0.0, rank: int = 0, workers: int = 1) -> None:
+           calibrate: bool = False, mem_noise: float = 0.0, mem_own: float = 0.0, keep_segs: int = 0,
+           rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     device = train_device()
@@ -655,6 +668,9 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         for name, p in model.named_parameters():
             p.requires_grad_(any(name.startswith(prefix) for prefix in train_only))
     params = [p for p in model.parameters() if p.requires_grad]
+    own_masks = OwnMasks(model, processor, mem_own) if mem_own else None
+    teacher = copy.deepcopy(model).requires_grad_(False) if keep_segs else None
+    guard = WriteGuard(model, seg_read_directions(model, keep_segs)) if keep_segs else None
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -672,9 +688,9 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accum):
             rng = scene_rng(TRAIN_STREAM, seed, (step * workers + rank) * accum + micro)
-            batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns, pixelqa_prob, mem_noise)
+            batch = sample_batch(rng, batch_size, video_prob, frames, qa_prob, turns, pixelqa_prob, mem_noise, own_masks)
             losses = batch_losses(model, processor, batch, color_prompts, distill, ref_targets, attend_mem, attend_head,
-                                  place)
+                                  place, teacher)
             if color_prompts is not None and prompted:
                 parts = [scene_losses(model, make_scene(rng, 1), "color", color_prompts, rng) for _ in range(prompted)]
                 losses["prompted"] = total_mask_loss({k: sum(q[k] for q in parts) / prompted for k in parts[0]})
@@ -692,6 +708,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
                     p.grad = None
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if guard is not None:
+            guard()
         step += 1
         meter["steps"] += 1
         if lead and (step % log_every == 0 or step == steps):
@@ -805,6 +823,13 @@ def main(argv=None) -> int:
                         help="the head --attend-mem pulls")
     parser.add_argument("--mem-noise", type=float, default=0.0, metavar="P",
                         help="how often a follow-up's memory mask is grown or shrunk and shifted like SAM 2's masks")
+    parser.add_argument("--keep-segs", type=int, default=0, metavar="K",
+                        help="with --distill: pull every seg prompt toward that of the starting weights (no "
+                             "--color-prompts needed) and keep the trained layers from writing along the K "
+                             "directions seg_head reads hardest, so training keeps the route and the referring prompts")
+    parser.add_argument("--mem-own", type=float, default=0.0, metavar="P",
+                        help="how often a follow-up's memory is the model's own track of the object from a point or "
+                             "box (made by the weights being trained, as the playground makes it)")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
@@ -813,7 +838,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vision-from", type=Path, default=None, metavar="CHECKPOINT",
                         help="with --export: take the vision tower and <|mem|> projector from this checkpoint")
     args = parser.parse_args(argv)
-    if (args.distill or args.fit_seg_head) and args.color_prompts is None:
+    if ((args.distill and not args.keep_segs) or args.fit_seg_head) and args.color_prompts is None:
         parser.error("--distill and --fit-seg-head need the SAM stage's --color-prompts")
     torch.set_num_threads(args.threads)
     if args.export is not None:
@@ -830,7 +855,8 @@ def main(argv=None) -> int:
           ref_targets=args.ref_targets, attend_mem=args.attend_mem, attend_head=tuple(args.attend_head),
           redraw_head=args.redraw_shape_head, fit_shape=args.fit_shape_head, place=args.place,
           train_only=tuple(args.train_only), route_ref=args.route_ref_place,
-          calibrate=args.calibrate_place, mem_noise=args.mem_noise)  # fmt: skip
+          calibrate=args.calibrate_place, mem_noise=args.mem_noise, mem_own=args.mem_own,
+          keep_segs=args.keep_segs)  # fmt: skip
     return 0
 
 
