@@ -29,14 +29,11 @@ class WriteGuard:
     along `directions` (an orthonormal [d, k]): those matrices write there what they did at the start."""
 
     def __init__(self, model, directions: torch.Tensor):
-        self.u = directions
-        self.start = {name: p.detach().clone() for name, p in model.named_parameters()
-                      if p.requires_grad and name.endswith(WRITERS)}  # fmt: skip
-        self.params = dict(model.named_parameters())
+        self.start = [(p, p.detach().clone()) for name, p in model.named_parameters()
+                      if p.requires_grad and name.endswith(WRITERS)]  # fmt: skip
+        self.u = directions.to(self.start[0][0]) if self.start else directions
 
     @torch.no_grad()
     def __call__(self) -> None:
-        for name, start in self.start.items():
-            p = self.params[name]
-            change = p - start
-            p -= self.u.to(p) @ (self.u.T.to(p) @ change)
+        for p, start in self.start:
+            p -= self.u @ (self.u.T @ (p - start))

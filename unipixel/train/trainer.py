@@ -349,9 +349,7 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
     """
     device = model.device
     out, ids, label_mask, states = lm_forward(model, processor, batch, attentions=attend_mem > 0)
-    if teacher is not None:
-        with torch.no_grad():
-            kept = lm_forward(teacher, processor, batch)[3]
+    kept = teacher_seg_prompts(teacher, processor, batch) if teacher is not None and distill else {}
     losses = {"lm": lm_loss(out.logits, ids, label_mask)}
     words = shape_word_ids(processor.tokenizer).to(ids.device)
     found = list(lookups(ids, label_mask, batch, model.config, words))
@@ -380,8 +378,8 @@ def batch_losses(model, processor, batch: list[tuple], color_prompts: torch.Tens
         tokens = model.seg_head(hidden).view(len(conv.seg_objects), model.config.sam2_hidden_tokens, -1)
         if distill:
             seg_prompts.append(tokens)
-            wanted.append(distill_targets(model, scene, conv, color_prompts, ref_targets) if teacher is None else
-                          teacher.seg_head(kept[b, :-1][ids[b, 1:] == seg_id]).view_as(tokens).detach())
+            wanted.append(distill_targets(model, scene, conv, color_prompts, ref_targets) if teacher is None
+                          else kept[b].view_as(tokens))
             targeted = ref_targeted(conv) if ref_targets else {}
             from_ref += [i in targeted for i in range(len(conv.seg_objects))]
         images = model.prepare_sam2_video(scene.frames, cache=False).images
@@ -411,6 +409,18 @@ def shape_word_ids(tokenizer) -> torch.Tensor:
     """The first token of each shape word as answers write it (`A red circle.`, `Circle.`)."""
     forms = [f" {s}" for s in SHAPES] + [s.capitalize() for s in SHAPES]
     return torch.tensor([tokenizer.encode(w, add_special_tokens=False)[0] for w in forms])
+
+
+@torch.no_grad()
+def teacher_seg_prompts(teacher, processor, batch: list[tuple]) -> dict:
+    """The teacher's seg prompts [segs, tokens * s] of each conversation that has segs (batch index ->
+    prompts); the teacher runs over those conversations only (a batch is often half follow-ups)."""
+    rows = [b for b, (_, conv) in enumerate(batch) if conv.seg_objects]
+    if not rows:
+        return {}
+    _, ids, _, states = lm_forward(teacher, processor, [batch[b] for b in rows])
+    at_segs = ids[:, 1:] == teacher.config.seg_token_id
+    return {b: teacher.seg_head(states[k, :-1][at_segs[k]]) for k, b in enumerate(rows)}
 
 
 @torch.no_grad()
