@@ -345,6 +345,12 @@ def test_hold_keeps_modules_while_the_rest_trains(tiny_checkpoint, tmp_path):
     assert any(k.startswith("seg_head.") for k in moved)
     assert all(k.startswith(("seg_head.", "model.language_model.layers.0.self_attn.")) for k in moved)
 
+    # Training SAM 2 alone on conversations without a seg: nothing to learn, nothing moves.
+    no_segs = train(tmp_path / "no_segs", 1, init_from=tiny_checkpoint, lr=1e-3, warmup=1, video_prob=0.0,
+                    qa_prob=1.0, turns=(1, 1), batch_size=2, train_only=("sam2.sam_mask_decoder",))  # fmt: skip
+    after = load_model(str(no_segs), device="cpu")[0].state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in after)
+
 
 def test_refit_seg_head_reads_what_varies_in_the_seg_states(tiny_checkpoint):
     """After the refit, the head's first layer ignores the states' common direction (its output
@@ -1015,3 +1021,57 @@ def test_the_shape_word_rows_are_redrawn_and_fitted_alone():
     fitted = head.detach().clone()
     assert set(fit_shape_head(model, processor.tokenizer, synthetic[:40], words[labels[:40]], ("capitalized",))) == {"capitalized"}
     assert torch.equal(head[words[:5]], fitted[words[:5]]) and not torch.equal(head[words[5:]], fitted[words[5:]])
+
+
+def test_discriminant_directions_find_what_separates_the_classes():
+    """Fisher's directions ignore a wide dimension that is the same for every class and find the
+    narrow one the classes differ along, scaled to unit variance."""
+    from unipixel.train.identity_read import discriminant_directions
+
+    g = torch.Generator().manual_seed(0)
+    labels = np.repeat(np.arange(3), 200)
+    feats = torch.randn(600, 6, generator=g) * torch.tensor([50.0, 1, 1, 1, 1, 0])  # one dimension always 0
+    feats[:, 2] += torch.from_numpy(labels).float() * 3
+    d = discriminant_directions(feats, labels, 1)
+    assert d.shape == (1, 6)
+    assert abs(float(d[0, 2] / d[0].norm())) > 0.99
+    assert abs(float(((feats - feats.mean(0)) @ d.T).std()) - 1) < 1e-4
+
+
+@needs_shipped
+def test_identity_read_changes_the_shipped_sam2_only_by_its_two_idle_heads():
+    """Before training, the opened heads add nothing (their output projection is zero), so SAM 2's
+    masks are those of the shipped model with those two heads removed; they attend exactly like the
+    place head, and what they read names the color of the object under a point (chance 1/8)."""
+    from unipixel import load_model
+    from unipixel.train.conversations import ref_spec
+    from unipixel.train.eval import eval_scene
+    from unipixel.train.identity_read import HEADS, PLACE_HEAD, open_identity_read
+    from unipixel.train.sam_prompts import ref_tokens
+
+    model, _ = load_model(str(SHIPPED), device="cpu")
+    sam = model.sam2
+    attention = sam.sam_mask_decoder.transformer.layers[0].cross_attn_token_to_image
+    size = attention.internal_dim // attention.num_heads
+    scenes = [eval_scene(i, 5) for i in range(0, 12, 2)]
+    specs = [ref_spec(s.objects[0], 0, kind, np.random.default_rng(i)) for i, (s, kind) in
+             enumerate(zip(scenes, ["point", "box"] * 3))]  # fmt: skip
+
+    def masks():
+        out = []
+        for scene, spec in zip(scenes, specs):
+            tokens = ref_tokens(sam, spec, *scene.frames.shape[1:3])[None]
+            out.append(sam.segment(model.prepare_sam2_video(scene.frames), tokens))
+        return out
+
+    with torch.no_grad():
+        for h in HEADS:
+            attention.out_proj.weight[:, h * size : (h + 1) * size] = 0
+    without_heads = masks()
+    report = open_identity_read(model, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(masks(), without_heads))
+    place = slice(PLACE_HEAD * size, (PLACE_HEAD + 1) * size)
+    for h in HEADS:
+        for proj in (attention.q_proj, attention.k_proj):
+            assert torch.equal(proj.weight[h * size : (h + 1) * size], proj.weight[place])
+    assert report["color_probe"] >= 0.6

@@ -612,7 +612,7 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
            attend_head: tuple[int, int] = (1, 2), redraw_head: bool = False, fit_shape: str | None = None,
            place: float = 0.0, train_only: tuple[str, ...] = (), route_ref: float | None = None,
            calibrate: bool = False, mem_noise: float = 0.0, mem_own: float = 0.0, keep_segs: int = 0,
-           rank: int = 0, workers: int = 1) -> None:
+           identity_read: bool = False, rank: int = 0, workers: int = 1) -> None:
     lead = rank == 0  # the process that logs and saves
     hold = hold or {}
     device = train_device()
@@ -657,6 +657,12 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
                 fits = calibrate_place(model, processor, seed)
                 if lead:
                     print(f"seg prompt place calibrated (scale, shift): {fits}", flush=True)
+            if identity_read:
+                from .identity_read import open_identity_read
+
+                report = open_identity_read(model, seed)
+                if lead:
+                    print(f"SAM 2's prompt tokens read the object under them: {report}", flush=True)
             if refit_seg or fit_seg:
                 states, colors = seg_states(model, processor, seed, num=640 if fit_seg else 48, turns=turns)
                 share = refit_seg_head(model, states)
@@ -705,7 +711,8 @@ def _train(out_dir: Path, steps: int, seed: int = 0, lr: float = 1e-3, warmup: i
                 parts = [scene_losses(model, make_scene(rng, 1), "color", color_prompts, rng) for _ in range(prompted)]
                 losses["prompted"] = total_mask_loss({k: sum(q[k] for q in parts) / prompted for k in parts[0]})
                 losses["total"] = losses["total"] + losses["prompted"]
-            (losses["total"] / accum).backward()
+            if losses["total"].requires_grad:  # with --train-only, a batch without segs may give nothing to learn
+                (losses["total"] / accum).backward()
             for k, v in losses.items():
                 meter[k] += float(v.detach())
                 counts[k] += 1
@@ -840,6 +847,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mem-own", type=float, default=0.0, metavar="P",
                         help="how often a follow-up's memory is the model's own track of the object from a point or "
                              "box (made by the weights being trained, as the playground makes it)")
+    parser.add_argument("--identity-read", action="store_true",
+                        help="with --init-from: two more heads of SAM 2's first token-to-image attention read "
+                             "the object under a point or box (identity_read.py)")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="instead of training, write the latest checkpoint of OUT_DIR to DIR in float16")
@@ -866,7 +876,7 @@ def main(argv=None) -> int:
           redraw_head=args.redraw_shape_head, fit_shape=args.fit_shape_head, place=args.place,
           train_only=tuple(args.train_only), route_ref=args.route_ref_place,
           calibrate=args.calibrate_place, mem_noise=args.mem_noise, mem_own=args.mem_own,
-          keep_segs=args.keep_segs)  # fmt: skip
+          keep_segs=args.keep_segs, identity_read=args.identity_read)  # fmt: skip
     return 0
 
 
