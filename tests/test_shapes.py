@@ -1075,12 +1075,11 @@ def test_identity_read_changes_the_shipped_sam2_only_by_its_two_idle_heads():
     specs = [ref_spec(s.objects[0], 0, kind, np.random.default_rng(i)) for i, (s, kind) in
              enumerate(zip(scenes, ["point", "box"] * 3))]  # fmt: skip
 
+    videos = [model.prepare_sam2_video(scene.frames) for scene in scenes]  # frame features encoded once
+    tokens = [ref_tokens(sam, spec, *scene.frames.shape[1:3])[None] for scene, spec in zip(scenes, specs)]
+
     def masks():
-        out = []
-        for scene, spec in zip(scenes, specs):
-            tokens = ref_tokens(sam, spec, *scene.frames.shape[1:3])[None]
-            out.append(sam.segment(model.prepare_sam2_video(scene.frames), tokens))
-        return out
+        return [sam.segment(video, t) for video, t in zip(videos, tokens)]
 
     with torch.no_grad():
         for h in HEADS:

@@ -73,7 +73,7 @@ def j_and_f(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
 def touches(mask: np.ndarray, others: list[np.ndarray], gap: int = 3) -> bool:
     """Whether `mask` comes within `gap` pixels of any of `others` (where PixelQA masks go wrong:
     SAM 2 takes the touching object too)."""
-    near = F.max_pool2d(torch.from_numpy(mask).float()[None, None], 2 * gap + 1, 1, gap)[0, 0].numpy() > 0
+    near = _dilate(torch.from_numpy(mask), gap).numpy()
     return any((near & o).any() for o in others)
 
 

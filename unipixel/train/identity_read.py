@@ -104,7 +104,7 @@ def open_identity_read(model, seed: int, heads=HEADS) -> dict:
         attention.v_proj.bias[rows] = -center[j * size : (j + 1) * size].to(attention.v_proj.bias)
         attention.out_proj.weight[:, rows] = 0
     # How much of the object the new heads' values name, as a least-squares probe on held-out cells.
-    values = (feats - feats.mean(0)) @ directions.T
+    values = feats @ directions.T - center
     return {"cells": len(labels), "color_probe": _probe(values, labels // len(SHAPES)),
             "shape_probe": _probe(values, labels % len(SHAPES))}  # fmt: skip
 
