@@ -72,9 +72,10 @@ def discriminant_directions(feats: torch.Tensor, labels: np.ndarray, k: int) -> 
     between = torch.zeros_like(within)
     for c in np.unique(labels):
         xc = x[torch.from_numpy(labels == c)]
-        centered = xc - xc.mean(0)
+        class_mean = xc.mean(0)
+        centered = xc - class_mean
         within += centered.T @ centered
-        between += len(xc) * torch.outer(xc.mean(0) - mean, xc.mean(0) - mean)
+        between += len(xc) * torch.outer(class_mean - mean, class_mean - mean)
     within += 1e-7 * within.trace() / len(within) * torch.eye(len(within), dtype=torch.float64)
     # Solve the generalised problem through the whitening of `within`.
     evals, evecs = torch.linalg.eigh(within)
