@@ -73,9 +73,9 @@ def discriminant_directions(feats: torch.Tensor, labels: np.ndarray, k: int) -> 
     for c in np.unique(labels):
         xc = x[torch.from_numpy(labels == c)]
         class_mean = xc.mean(0)
-        centered = xc - class_mean
+        centered, offset = xc - class_mean, class_mean - mean
         within += centered.T @ centered
-        between += len(xc) * torch.outer(class_mean - mean, class_mean - mean)
+        between += len(xc) * torch.outer(offset, offset)
     within += 1e-7 * within.trace() / len(within) * torch.eye(len(within), dtype=torch.float64)
     # Solve the generalised problem through the whitening of `within`.
     evals, evecs = torch.linalg.eigh(within)
