@@ -18,7 +18,7 @@ def tiny_checkpoint(request):
     """Path of the tiny checkpoint (published layout), rebuilt when the cache is missing."""
     from unipixel.model.tiny import build_tiny_checkpoint
 
-    path = request.config.cache.mkdir("unipixel-tiny") / f"seed{TINY_SEED}"
+    path = request.config.cache.mkdir("unipixel-tiny") / f"seed{TINY_SEED}-published-layout"
     if not (path / "config.json").exists():
         build_tiny_checkpoint(path, seed=TINY_SEED)
     return path

@@ -188,7 +188,7 @@ class Session:
             grid = vision["video_grid_thw"]
             mem_objects = [(i, mem_slots(torch.from_numpy(self.bank.get(i).masks), grid[0])) for i in mentioned]
             prefix = P.mem_prefix(mem_objects, self.media.num_frames) if mentioned else ""
-            user = P.user_message(prefix + text, with_video=not self._messages)
+            user = P.user_message(prefix + P.typed(text), with_video=not self._messages)
             mem_masks = self._mem_masks + [torch.from_numpy(self.bank.get(i).masks) for i in mentioned]
             inputs = P.tokenize_chat(self.processor, self._messages + [user], grid)
             _report(progress, 0.2, "generating the answer")

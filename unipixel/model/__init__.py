@@ -2,6 +2,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLProcessor
 
 from .configuration import PixelQwen2_5_VLConfig
+from .layout import register_published_layout
 from .loading import default_device, default_dtype, load_model
 from .modeling import PixelGenerateOutput, PixelQwen2_5_VLForConditionalGeneration, VideoFeatures
 from .sam2_video import SAM2Video
@@ -11,6 +12,7 @@ AutoConfig.register(PixelQwen2_5_VLConfig.model_type, PixelQwen2_5_VLConfig, exi
 AutoModel.register(PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PixelQwen2_5_VLConfig, Qwen2_5_VLProcessor, exist_ok=True)
+register_published_layout(PixelQwen2_5_VLForConditionalGeneration.__name__)
 
 __all__ = [
     "PixelGenerateOutput",

@@ -36,12 +36,17 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
         config = PixelQwen2_5_VLConfig.from_pretrained(name_or_path)
         dtype = dtype or default_dtype(device, config.half_precision)
         model, info = PixelQwen2_5_VLForConditionalGeneration.from_pretrained(
-            name_or_path, config=config, dtype=dtype, attn_implementation="sdpa", output_loading_info=True
+            name_or_path,
+            config=config,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported in `info` and refused below, with the names
         )
         processor = AutoProcessor.from_pretrained(name_or_path)
     except OSError as e:
         raise CheckpointError(f"cannot load a UniPixel checkpoint from {name_or_path!r}: {e}") from e
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") and v}
     if bad:
         raise CheckpointError(f"{name_or_path!r} does not match the UniPixel architecture: {bad}")
     return model.to(device).eval(), processor

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
 from sam2.modeling.sam.prompt_encoder import PromptEncoder
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
@@ -42,6 +43,50 @@ class PixelGenerateOutput(ModelOutput):
     masks: torch.Tensor | None = None  # [n, T, H, W] bool: input `<|seg|>` first, then generated
 
 
+class PixelQwen2_5_VLModel(Qwen2_5_VLModel):
+    """Qwen2.5-VL with the reference's 3-D positions (UniPixel spec §3)."""
+
+    def mm_token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """0 text, 1 image, 2 video, read from the placeholder tokens as the reference did."""
+        image = (input_ids == self.config.image_token_id).long()
+        return image + 2 * (input_ids == self.config.video_token_id).long()
+
+    def get_rope_index(
+        self,
+        input_ids,
+        mm_token_type_ids=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        attention_mask=None,
+        **kwargs,
+    ):
+        """transformers 4.53's rule: text after a media starts at the largest id any axis of that
+        media used, plus one (5.x advances by the spatial side only, which the weights never saw)."""
+        if mm_token_type_ids is None:
+            mm_token_type_ids = self.mm_token_types(input_ids)
+        merge = self.config.vision_config.spatial_merge_size
+        tokens_per_second = self.config.vision_config.tokens_per_second
+        grids = {1: iter(image_grid_thw if image_grid_thw is not None else []), 2: iter(video_grid_thw)}
+        seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+        position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+        deltas = []
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(input_ids[b], dtype=torch.bool)
+            pieces, start = [], 0
+            for kind, group in itertools.groupby(mm_token_type_ids[b][keep].tolist()):
+                if kind == 0:
+                    ids = torch.arange(len(list(group)), device=input_ids.device).expand(3, -1) + start
+                else:
+                    interval = tokens_per_second * next(seconds, 1.0) if kind == 2 else 1
+                    ids = self.get_vision_position_ids(start, next(grids[kind]), 1, merge, interval, input_ids.device)
+                pieces.append(ids)
+                start = int(ids.max()) + 1
+            position_ids[:, b, keep] = torch.cat(pieces, dim=1).to(position_ids)
+            deltas.append(start - int(keep.sum()))
+        return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
 class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     config_class = PixelQwen2_5_VLConfig
     _prompt_kwargs = ("ref_prompts", "mem_masks", "video_features")
@@ -51,6 +96,8 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
 
     def __init__(self, config: PixelQwen2_5_VLConfig):
         super().__init__(config)
+        # Same modules, only the position rule differs: re-class rather than build the LLM twice.
+        self.model.__class__ = PixelQwen2_5_VLModel
         d = config.text_config.hidden_size
         v = config.vision_config.hidden_size * config.vision_config.spatial_merge_size**2
         size = config.sam2_image_size
@@ -72,6 +119,12 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         self.tem_proj = nn.Linear(s, 3 * s)
         self.msk_proj = nn.Sequential(nn.Linear(v, v), nn.GELU(), nn.Linear(v, d))
         self.post_init()
+
+    def save_pretrained(self, *args, **kwargs):
+        """Always in the published layout (spec §2 "On disk"): transformers would otherwise re-save a
+        checkpoint read in the in-memory names in those names, which the authors' code cannot load."""
+        self.__dict__.pop("_weight_conversions", None)
+        return super().save_pretrained(*args, **kwargs)
 
     # ---- vision features -------------------------------------------------------------------
     def encode_video(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> VideoFeatures:
@@ -209,6 +262,8 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         )
         if pixel_values_videos is not None and video_features is None:
             video_features = self.encode_video(pixel_values_videos, video_grid_thw)
+        if mm_token_type_ids is None and input_ids is not None:
+            mm_token_type_ids = self.model.mm_token_types(input_ids)  # spec §3: without them, 1-D positions
         if video_features is not None:
             # `generate` hands over an empty dict (and drops video_grid_thw) once it has encoded.
             mm_encoder_outputs = {"video": BaseModelOutputWithPooling(pooler_output=(video_features.embeds,))}
@@ -261,6 +316,8 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         kwargs["return_dict_in_generate"] = True
         input_ids = self._on_device(input_ids)
         kwargs = {k: self._on_device(v) for k, v in kwargs.items()}
+        if kwargs.get("mm_token_type_ids") is None:
+            kwargs["mm_token_type_ids"] = self.model.mm_token_types(input_ids)
         if kwargs.get("pixel_values_videos") is not None and kwargs.get("video_features") is None:
             # Encode here, not in `generate`, so the `<|mem|>` path gets the merger inputs too.
             kwargs["video_features"] = self.encode_video(kwargs.pop("pixel_values_videos"), kwargs["video_grid_thw"])

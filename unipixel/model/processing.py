@@ -15,6 +15,8 @@ SEG = "<|seg|>"
 REF = "<|ref|>"
 MEM = "<|mem|>"
 PIXELQA_SUFFIX = " Please localize the relevant objects with IDs."
+# Private-use marks around text a user typed: inside them special tokens are plain characters.
+_TYPED = re.compile("\ue000(.*?)\ue001", re.S)
 
 
 def max_pixels(num_frames: int) -> int:
@@ -52,13 +54,23 @@ def tokenize_chat(processor, messages: list[dict], grid_thw: torch.Tensor, add_g
     """Chat template -> input_ids with the video placeholder expanded (batch of one)."""
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     text = text.replace(VIDEO_PAD, VIDEO_PAD * num_video_tokens(grid_thw), 1)
-    ids = processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    # Even pieces are ours (control tokens allowed), odd pieces were typed (spec §3: typed is text).
+    # Typed text sits between a newline or special token and `<|im_end|>`, so the cut changes no merge.
+    ids: list[int] = []
+    for k, piece in enumerate(_TYPED.split(text)):
+        ids += processor.tokenizer(piece, add_special_tokens=False, split_special_tokens=k % 2 == 1)["input_ids"]
+    ids = torch.tensor([ids])
     video_id = processor.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "mm_token_type_ids": (ids == video_id).long() * 2,  # 0 text, 1 image, 2 video
     }
+
+
+def typed(text: str) -> str:
+    """Mark text a user typed, so that `tokenize_chat` reads any special token in it as characters."""
+    return "\ue000" + text.replace("\ue000", "").replace("\ue001", "") + "\ue001"
 
 
 def user_message(text: str, with_video: bool) -> dict:
