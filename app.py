@@ -28,10 +28,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=None, help="address to listen on, e.g. 0.0.0.0 (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--cache-gb", type=float, default=None,
+                        help="memory for the features all sessions keep (default: a quarter of the GPU, 4 on CPU); "
+                             "past it the least recently used sessions recompute theirs")
     return parser.parse_args(argv)
 
 
-def create_demo(model_name: str | None = None, device: str | None = None, dtype: str | None = None):
+def create_demo(model_name: str | None = None, device: str | None = None, dtype: str | None = None,
+                cache_gb: float | None = None):
     """Resolve and load the model (the offline model when the hub is out of reach), build the UI."""
     import unipixel
     from demo import build_demo
@@ -43,7 +47,8 @@ def create_demo(model_name: str | None = None, device: str | None = None, dtype:
     model, processor = unipixel.load_model(resolved.path, device=device, dtype=dtype)
     shown_name = "offline model" if resolved.offline else (model_name or resolved.path)
     return build_demo(model, processor, model_name=shown_name, offline=resolved.offline, device=model.device,
-                      dtype=model.dtype, offline_reason=resolved.reason)
+                      dtype=model.dtype, offline_reason=resolved.reason,
+                      cache_bytes=None if cache_gb is None else int(cache_gb * 1024**3))
 
 
 def launch(demo, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
@@ -61,7 +66,7 @@ def launch(demo, *, host: str | None = None, port: int | None = None, share: boo
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    demo = create_demo(args.model, args.device, args.dtype)
+    demo = create_demo(args.model, args.device, args.dtype, args.cache_gb)
     launch(demo, host=args.host, port=args.port, share=args.share)
 
 

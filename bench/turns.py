@@ -29,6 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unipixel import load_model  # noqa: E402
+from unipixel.calls import media_cache  # noqa: E402
 from unipixel.media import media_from_frames  # noqa: E402
 from unipixel.model import PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration  # noqa: E402
 from unipixel.model import processing as P  # noqa: E402
@@ -124,12 +125,11 @@ def timed(fn, device) -> tuple[float, object]:
 
 
 def encode_media(session: Session, cache_sam2: bool) -> None:
-    """What Session._encoded computes once per media; here recomputed on demand (reference style)."""
+    """What a session computes once per media; here recomputed on demand (reference style)."""
     with torch.inference_mode():
-        vision = P.encode_frames(session.processor, session.media.frames)
-        features = session.model.encode_video(vision.pop("pixel_values_videos"), vision["video_grid_thw"])
-    session._vision = {**vision, "video_features": features}
-    session._sam2_video = session.model.prepare_sam2_video(session.media.frames, cache=cache_sam2)
+        cache = media_cache(session.model, session.processor, session.media.frames, None)
+    cache.sam2 = session.model.prepare_sam2_video(session.media.frames, cache=cache_sam2)
+    session.cache = cache
 
 
 # ---- (a) turns ---------------------------------------------------------------------------------
@@ -172,7 +172,9 @@ def reference_turns(model, processor, media, device, history) -> dict:
 # ---- (b) 1 vs 3 objects ------------------------------------------------------------------------
 def decode_answer(model, processor, session: Session, answer: str, mode: str, device) -> float:
     """Teacher-forced prefill of `answer` and its masks; mode: warm / cold cache, or reference."""
-    vision, warm_video = session._encoded(None)
+    with torch.inference_mode():
+        cache = media_cache(model, processor, session.media.frames, session.cache)
+    vision, warm_video = cache.vision, cache.sam2
     messages = [
         P.user_message("Please segment the squares.", with_video=True),
         {"role": "assistant", "content": [{"type": "text", "text": answer}]},

@@ -19,6 +19,7 @@ import gradio as gr
 import numpy as np
 
 from unipixel import MediaError, UniPixelError
+from unipixel.cache_budget import CacheBudget, default_cache_bytes
 from unipixel.export import export_masks_zip, export_overlay, export_rle_json
 from unipixel.media import Media, load_media
 from unipixel.memory import color_for
@@ -61,8 +62,12 @@ class PlaygroundState:
 
 
 def delete_state(state: PlaygroundState | None) -> None:
-    """gr.State delete_callback: remove the session's files when the session ends."""
-    if isinstance(state, PlaygroundState) and state.workdir:
+    """gr.State delete_callback: free the session's cached features and files when it ends."""
+    if not isinstance(state, PlaygroundState):
+        return
+    if state.session is not None:
+        state.session.close()
+    if state.workdir:
         shutil.rmtree(state.workdir, ignore_errors=True)
 
 
@@ -113,10 +118,12 @@ def _object_id(value: Any) -> int:
 class Playground:
     """The handlers of one app, sharing one model; per-user data lives in PlaygroundState only."""
 
-    def __init__(self, model, processor, *, max_objects: int = 32):
+    def __init__(self, model, processor, *, max_objects: int = 32, cache_bytes: int | None = None):
         self.model = model
         self.processor = processor
         self.max_objects = max_objects
+        gpu.bind(model, processor)
+        self.budget = CacheBudget(cache_bytes if cache_bytes is not None else default_cache_bytes(model.device))
         # Session dirs live here; removed at exit even when sessions never end cleanly (a killed server).
         self.root = tempfile.mkdtemp(prefix="unipixel-playground-")
         atexit.register(shutil.rmtree, self.root, True)
@@ -208,8 +215,10 @@ class Playground:
         except ValueError as err:  # a bad setting, e.g. frames to sample < 1
             raise gr.Error(str(err)) from err
         max_new_tokens = int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+        if st.session is not None:
+            st.session.close()
         st.session = Session(self.model, self.processor, media, max_new_tokens=max_new_tokens,
-                             max_objects=self.max_objects)
+                             max_objects=self.max_objects, runner=gpu.runner, budget=self.budget)
         st.media_key, st.frame, st.draft, st.chat, st.colors = key, 0, CanvasDraft(), [], {}
         if st.workdir:  # downloads of the previous media
             shutil.rmtree(st.workdir, ignore_errors=True)
@@ -336,7 +345,7 @@ class Playground:
                 raise UniPixelError("The box needs its second corner: click the opposite corner first.")
             raise UniPixelError("Nothing is drawn yet: click the object (or two corners of a box), "
                                 "then press Add as object.")
-        obj = gpu.add_object(session, prompt, (name or "").strip() or None, _progress(progress))
+        obj = session.add_object(prompt, name=(name or "").strip() or None, progress=_progress(progress))
         st.draft = CanvasDraft(frame=st.frame)
         gr.Info(f"Added {obj.label} ({obj.source}).", duration=3)
         return {**self._canvas_views(st), **self._bank_views(st, selected=obj.id), "state": st, "new_name": ""}
@@ -348,7 +357,7 @@ class Playground:
         st = self._state(state)
         session = self._need_session(st)
         session.max_new_tokens = int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
-        result = gpu.ask(session, question, _progress(progress))
+        result = session.ask(question, progress=_progress(progress))
         st.colors.update({obj.id: obj.color for obj in session.bank})
         answer = colorize(result.answer, session.bank, result.targets, st.colors)
         if not result.answer.strip():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from unipixel.calls import media_cache
 from unipixel.errors import ObjectNotFoundError, PromptError, TooManyObjectsError
 from unipixel.media import media_from_frames
 from unipixel.memory import ObjectMemoryBank
@@ -165,7 +166,8 @@ def test_seg_tokens_in_a_generated_answer_become_objects(tiny_model, video):
     model, processor = tiny_model
     # Model level: the real generate, steered to answer with two `<|seg|>` (spec §5 PixelQA answer).
     session = session_for(tiny_model, video)
-    vision, sam2_video = session._encoded(None)
+    cache = media_cache(model, processor, video.frames, None)
+    vision, sam2_video = cache.vision, cache.sam2
     inputs = P.tokenize_chat(processor, [P.user_message("Please segment the square.", with_video=True)], vision["video_grid_thw"])
     with torch.inference_mode():
         out = model.generate(

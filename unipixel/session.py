@@ -6,6 +6,7 @@ Everything computed for the media (vision tokens, SAM 2 frame features) is compu
 """
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -15,16 +16,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .cache_budget import CacheBudget
+from .calls import AskCall, CallResult, MediaCache, ObjectCall, PackedMasks, Progress, report, run_call
 from .errors import PromptError, TooManyObjectsError
 from .media import Media
 from .memory import MemoryObject, ObjectMemoryBank
 from .model import RefPrompt, mem_slots
 from .model import processing as P
 
-Progress = Callable[[float, str], None]
+Runner = Callable[[object, "Progress | None"], CallResult]
 _MENTION = re.compile(r"\[(\d+)\]")
 _SEG_TARGET = re.compile(r"(\[(\d+)\]\s*)?<\|seg\|>")  # an optional "[k] " naming the mask's object
-_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 @dataclass
@@ -60,13 +62,14 @@ class TurnResult:
     seconds: float
 
 
-def _report(progress: Progress | None, fraction: float, text: str) -> None:
-    if progress is not None:
-        progress(fraction, text)
-
-
 class Session:
-    """One user's conversation over one media and one model. Thread-safe: calls never interleave."""
+    """One user's conversation over one media. Thread-safe: calls on one session never interleave.
+
+    Model work goes through `runner(call, progress) -> CallResult` (`unipixel.calls`): in this
+    process by default, in a GPU worker on ZeroGPU Spaces. The session sends plain data and applies
+    what comes back, so the bank, chat and history only change here. `budget` (a `CacheBudget`)
+    bounds the features all sessions keep; a session whose cache it dropped recomputes it.
+    """
 
     def __init__(
         self,
@@ -77,6 +80,8 @@ class Session:
         max_new_tokens: int = 512,
         max_objects: int = 32,
         generate_kwargs: dict | None = None,
+        runner: Runner | None = None,
+        budget: CacheBudget | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -85,26 +90,35 @@ class Session:
         self.generate_kwargs = dict(generate_kwargs or {})  # e.g. sampling or logits processors
         self.bank = ObjectMemoryBank(max_objects=max_objects)
         self.turns: list[TurnResult] = []
+        self.runner = runner or functools.partial(run_call, model, processor)
+        self.budget = budget
+        self.cache: MediaCache | None = None  # vision tokens + SAM 2 frame features of the media
         self._lock = threading.RLock()
-        self._vision: dict | None = None  # processor outputs + VideoFeatures, per media
-        self._sam2_video = None  # SAM 2 frames + frame-feature cache, per media
         self._messages: list[dict] = []
-        self._mem_masks: list[torch.Tensor] = []  # every `<|mem|>` of the history, in order
+        self._mem_masks: list[PackedMasks] = []  # every `<|mem|>` of the history, in order
 
-    # ---- per-media caches ----------------------------------------------------------------------
-    def _encoded(self, progress: Progress | None) -> tuple[dict, object]:
-        if self._vision is None:
-            _report(progress, 0.05, "encoding frames")
-            with torch.inference_mode():
-                vision = P.encode_frames(self.processor, self.media.frames)
-                features = self.model.encode_video(vision.pop("pixel_values_videos"), vision["video_grid_thw"])
-            self._vision = {**vision, "video_features": features}
-            self._sam2_video = self.model.prepare_sam2_video(self.media.frames)
-        return self._vision, self._sam2_video
+    # ---- model calls -----------------------------------------------------------------------------
+    def _run(self, call, progress: Progress | None) -> CallResult:
+        call.cache = self.cache
+        result = self.runner(call, progress)
+        self.cache = result.cache
+        if self.budget is not None:
+            self.budget.charge(self, result.cache.nbytes)
+        return result
+
+    def close(self) -> None:
+        """The session ends: its features leave the budget now rather than when it is collected."""
+        self.drop_cache()
+        if self.budget is not None:
+            self.budget.release(self)
+
+    def drop_cache(self) -> None:
+        """Forget the computed features (the budget's eviction); the next call recomputes them."""
+        self.cache = None
 
     @property
     def grid_thw(self) -> torch.Tensor:
-        return self._encoded(None)[0]["video_grid_thw"]
+        return P.video_grid(self.processor, self.media.frames.shape)
 
     # ---- objects -------------------------------------------------------------------------------
     def add_object(self, prompt: VisualPrompt, *, name: str | None = None, progress: Progress | None = None):
@@ -118,11 +132,13 @@ class Session:
             if prompt.kind == "mask":
                 masks = self._brush_masks(prompt)
             elif prompt.kind in ("point", "box"):
-                masks = self._prefill_object(prompt, progress)
+                ref, clicks = self._ref_prompt(prompt)
+                call = ObjectCall(self.media.frames, f"[{self.bank.next_id}]", ref, clicks)
+                masks = self._run(call, progress).masks[0]
             else:
                 raise PromptError(f"unknown prompt kind {prompt.kind!r}: use point, box or mask")
             obj = self.bank.add(masks, prompt.kind, name=name, source_frame=prompt.frame)
-            _report(progress, 1.0, f"added {obj.label}")
+            report(progress, 1.0, f"added {obj.label}")
             return obj
 
     def _check_frame(self, frame: int) -> None:
@@ -158,23 +174,6 @@ class Session:
         labels = torch.tensor([int(positive) for _, _, positive in prompt.points])
         return ref, (prompt.frame, coords, labels)
 
-    def _prefill_object(self, prompt: VisualPrompt, progress: Progress | None) -> np.ndarray:
-        """PixelQA memory pre-filling with the known answer `[id] <|seg|>` in one prefill pass."""
-        ref, clicks = self._ref_prompt(prompt)
-        vision, video = self._encoded(progress)
-        label = f"[{self.bank.next_id}]"
-        messages = [
-            P.user_message(f"{label} {P.REF}{P.PIXELQA_SUFFIX}", with_video=True),
-            {"role": "assistant", "content": [{"type": "text", "text": f"{label} {P.SEG}"}]},
-        ]
-        inputs = P.tokenize_chat(self.processor, messages, vision["video_grid_thw"], add_generation_prompt=False)
-        _report(progress, 0.3, "locating the object")
-        with torch.inference_mode():
-            out = self.model(**inputs, **vision, ref_prompts=[ref], logits_to_keep=1)
-            _report(progress, 0.6, "propagating the mask")
-            masks = self.model.decode_seg_masks(out.seg_hidden, video, clicks=[clicks])
-        return masks[0].numpy()
-
     # ---- questions -----------------------------------------------------------------------------
     def ask(self, text: str, *, progress: Progress | None = None) -> TurnResult:
         """Answer a question; `[id]` mentions inject those objects, each `<|seg|>` becomes an object."""
@@ -184,27 +183,15 @@ class Session:
                 raise PromptError("the question is empty: type a question or an instruction")
             start = time.perf_counter()
             mentioned = self._mentions(text)  # validates ids before any model work
-            vision, video = self._encoded(progress)
-            grid = vision["video_grid_thw"]
+            grid = self.grid_thw
             mem_objects = [(i, mem_slots(torch.from_numpy(self.bank.get(i).masks), grid[0])) for i in mentioned]
             prefix = P.mem_prefix(mem_objects, self.media.num_frames) if mentioned else ""
             user = P.user_message(prefix + P.typed(text), with_video=not self._messages)
-            mem_masks = self._mem_masks + [torch.from_numpy(self.bank.get(i).masks) for i in mentioned]
-            inputs = P.tokenize_chat(self.processor, self._messages + [user], grid)
-            _report(progress, 0.2, "generating the answer")
-            with torch.inference_mode():
-                out = self.model.generate(
-                    **inputs,
-                    **vision,
-                    mem_masks=mem_masks or None,
-                    sam2_video=video,
-                    decode_input_segs=False,
-                    max_new_tokens=self.max_new_tokens,
-                    progress=lambda f, t: _report(progress, 0.6 + 0.4 * f, t),
-                    **self.generate_kwargs,
-                )
-            answer = self._decode(out.sequences[0, inputs["input_ids"].shape[1] :])
-            result = self._record_turn(text, answer, out.masks, start)
+            mem_masks = self._mem_masks + [PackedMasks.pack(self.bank.get(i).masks) for i in mentioned]
+            call = AskCall(self.media.frames, self._messages + [user], mem_masks, self.max_new_tokens,
+                           self.generate_kwargs)  # fmt: skip
+            out = self._run(call, progress)
+            result = self._record_turn(text, out.answer, out.masks, start)
             self._messages += [user, {"role": "assistant", "content": [{"type": "text", "text": result.raw_answer}]}]
             self._mem_masks = mem_masks
             return result
@@ -215,12 +202,6 @@ class Session:
             self.bank.get(i)  # ObjectNotFoundError names the known ids
         return ids
 
-    def _decode(self, tokens: torch.Tensor) -> str:
-        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=False)
-        for end in _END_TOKENS:
-            text = text.split(end)[0]
-        return text.strip()
-
     def _record_turn(self, question: str, text: str, masks, start: float) -> TurnResult:
         """Each `<|seg|>` becomes a new object shown as its label; a "[k] " before it stays only
         when k is a remembered object (else it would name an object that does not exist)."""
@@ -228,7 +209,7 @@ class Session:
         answer, targets, new_objects, last = "", [], [], 0
         for k, match in enumerate(_SEG_TARGET.finditer(text)):
             named = match.group(1) if match.group(2) and int(match.group(2)) in self.bank else ""
-            obj = self.bank.add(masks[k].numpy(), "answer", turn=turn)
+            obj = self.bank.add(masks[k], "answer", turn=turn)
             answer += text[last : match.start()] + named
             targets.append(Target(obj.id, len(answer), len(answer) + len(obj.label)))
             new_objects.append(obj)

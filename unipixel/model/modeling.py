@@ -28,6 +28,9 @@ class VideoFeatures:
     merger_inputs: torch.Tensor  # [N, v] merger MLP input, window order (spec §4 `<|mem|>`)
     grid_thw: torch.Tensor  # [1, 3]
 
+    def to(self, device) -> VideoFeatures:
+        return VideoFeatures(self.embeds.to(device), self.merger_inputs.to(device), self.grid_thw.to(device))
+
 
 @dataclass
 class PixelCausalLMOutput(CausalLMOutputWithPast):

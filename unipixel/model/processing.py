@@ -33,6 +33,14 @@ def llm_frames(frames: np.ndarray) -> list[Image.Image]:
     return out
 
 
+def video_grid(processor, frames_shape: tuple[int, ...]) -> torch.Tensor:
+    """`video_grid_thw` [1, 3] that `encode_frames` gives frames of this shape, without encoding them."""
+    t, h, w = frames_shape[:3]
+    rh, rw = smart_resize(h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=max_pixels(t))
+    video = processor.video_processor
+    return torch.tensor([[(t + t % 2) // video.temporal_patch_size, rh // video.patch_size, rw // video.patch_size]])
+
+
 def encode_frames(processor, frames: np.ndarray) -> dict:
     """Vision inputs of one media: pixel_values_videos, video_grid_thw, second_per_grid_ts."""
     # Frames are already resized (spec §3), so no per-frame pixel cap applies.

@@ -1,0 +1,115 @@
+"""ZeroGPU emulation: the playground's model calls run in a forked worker that receives its arguments
+and returns its result through pickling, as the `spaces` package does (spaces/zero/wrappers.py), and
+the playground ends up exactly where it does with the calls in process."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from demo import gpu
+from demo.canvas import BOX, POINT
+from demo.handlers import Playground, delete_state
+from demo.layout import ASSETS
+from test_session import forcing
+
+VIDEO = str(ASSETS / "moving_shapes.mp4")
+MB = 1024**2
+
+
+def _in_child(payload: bytes) -> bytes:
+    (call,) = pickle.loads(payload)
+    return pickle.dumps(gpu.in_worker(call))
+
+
+class ForkedGPU:
+    """Stands in for a `spaces.GPU` function on ZeroGPU: every call in a new forked process, its
+    arguments and result pickled. Records each call's pickled size beside its frames' bytes."""
+
+    def __init__(self):
+        self.sizes: list[tuple[int, int]] = []
+
+    def __call__(self, call):
+        payload = pickle.dumps((call,))
+        self.sizes.append((len(payload), call.frames.nbytes))
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            return pickle.loads(pool.apply(_in_child, (payload,)))
+
+
+def downloads(views: dict) -> dict:
+    files = {k: Path(views[f"dl_{k}"]) for k in ("masks", "rle", "bank")}
+    with zipfile.ZipFile(files["masks"]) as z:
+        pngs = {name: z.read(name) for name in z.namelist()}
+    rle = json.loads(files["rle"].read_text())
+    bank = json.loads(files["bank"].read_text())
+    bank.pop("created", None)
+    return {"pngs": pngs, "rle": rle, "bank": bank}
+
+
+def playground_run(tiny_model, processor) -> dict:
+    """A point, a box and a brush object, an `[id]` follow-up and an answer with `<|seg|>`."""
+    app = Playground(*tiny_model)
+    st = app.load_media(None, VIDEO, 4, 8)["state"]
+    try:
+        app.add_point(st, 90, 200, True)
+        app.add_object(st, POINT, None, "ball")
+        app.set_frame(st, 2)
+        app.set_box(st, 20, 20, 120, 120)
+        app.add_object(st, BOX, None, "")
+        mask = np.zeros((st.media.height, st.media.width), np.uint8)
+        mask[40:90, 60:140] = 255
+        app.set_mask(st, mask)
+        app.add_object(st, POINT, None, "painted")
+        app.ask(st, "What is [1] doing?", 8)
+        st.session.generate_kwargs = {"logits_processor": forcing(processor, "It is [2] <|seg|> .")}
+        views = app.ask(st, "Please segment [2].", 8)
+        bank = st.session.bank
+        return {
+            "objects": [(o.id, o.name, o.source, o.source_frame, o.turn) for o in bank],
+            "masks": [o.masks.copy() for o in bank],
+            "chat": list(st.chat),
+            "chips": views["chips"],
+            "downloads": downloads(views),
+            "turns": [(t.question, t.raw_answer) for t in st.session.turns],
+        }
+    finally:
+        delete_state(st)
+
+
+def test_model_calls_cross_a_forked_process_boundary(tiny_model, monkeypatch):
+    model, processor = tiny_model
+    here = playground_run(tiny_model, processor)
+
+    forked = ForkedGPU()
+    monkeypatch.setattr(gpu, "ZERO_GPU", True)
+    monkeypatch.setattr(gpu, "remote", forked)
+    there = playground_run(tiny_model, processor)
+
+    assert len(forked.sizes) == 4  # point, box, two questions (a brush object needs no model)
+    assert there["objects"] == here["objects"] and len(here["objects"]) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(there["masks"], here["masks"]))
+    assert [o[2] for o in here["objects"]] == ["point", "box", "mask", "answer"]
+    assert there["turns"] == here["turns"] and here["turns"][1][1].startswith("It is [2]<|seg|>")
+    assert there["chat"] == here["chat"] and there["chips"] == here["chips"]
+    assert there["downloads"] == here["downloads"]
+    # No weights travel: beyond the frames, a call carries prompts, chat, packed masks, vision tokens.
+    assert all(size - frames < 2 * MB for size, frames in forked.sizes), forked.sizes
+
+
+def test_a_user_error_in_the_worker_comes_back_as_itself(tiny_model, monkeypatch):
+    from unipixel.calls import ObjectCall
+    from unipixel.errors import PromptError
+    from unipixel.model import RefPrompt
+
+    monkeypatch.setattr(gpu, "ZERO_GPU", True)
+    monkeypatch.setattr(gpu, "remote", ForkedGPU())
+    gpu.bind(*tiny_model)
+    frames = np.zeros((2, 64, 64, 3), np.uint8)
+    bad = ObjectCall(frames, "[1]", RefPrompt.from_pixels(9, 64, 64, 128, point=(3, 3)), None)  # frame 9 of 2
+    with pytest.raises(PromptError, match="outside"):
+        gpu.runner(bad)

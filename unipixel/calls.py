@@ -1,0 +1,180 @@
+"""A session's model work as plain calls: picklable requests in, picklable results out.
+
+A `Session` keeps the conversation (bank, chat, history) and hands each model call to a runner. In
+one process the runner calls `run_call` directly; on ZeroGPU Spaces it runs in a forked worker that
+inherits the model, so a call carries no model, lock or callback, and its result carries everything
+the call changed (UniPixel spec §4-§5 for what is computed).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .model import RefPrompt
+from .model import processing as P
+from .model.sam2_video import SAM2Video
+
+Progress = Callable[[float, str], None]
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.Lock:
+    """One lock per model: its forward hooks capture per call, so two calls must never overlap."""
+    with _LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.Lock())
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif hasattr(value, "__dataclass_fields__"):
+        for name in value.__dataclass_fields__:
+            yield from _tensors(getattr(value, name))
+
+
+def _to(vision: dict, device) -> dict:
+    """The vision part of a cache (tensors and a `VideoFeatures`) on `device`."""
+    return {k: v.to(device) for k, v in vision.items()}
+
+
+def nbytes(value) -> int:
+    """Bytes held by the tensors in `value`, each storage once (views share their base's)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(value)}
+    return sum(storages.values())
+
+
+@dataclass
+class MediaCache:
+    """What the model computed for one media: the vision tokens, and SAM 2's frames and frame features."""
+
+    vision: dict  # video_grid_thw, second_per_grid_ts, video_features (spec §3)
+    sam2: SAM2Video | None  # None: rebuilt from the frames on the next call
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes((self.vision, self.sam2))
+
+    def portable(self) -> MediaCache:
+        """A copy for another process: the vision tokens on the CPU. SAM 2's frames and features
+        (most of the bytes: three feature levels per frame) are cheaper to recompute than to ship."""
+        return MediaCache(_to(self.vision, "cpu"), None)
+
+
+@dataclass
+class PackedMasks:
+    """Boolean masks [..., H, W] stored 8 pixels a byte, so that they cross processes cheaply."""
+
+    shape: tuple[int, ...]
+    bits: np.ndarray
+
+    @classmethod
+    def pack(cls, masks: np.ndarray) -> PackedMasks:
+        return cls(tuple(masks.shape), np.packbits(np.asarray(masks, dtype=bool), axis=None))
+
+    def unpack(self) -> np.ndarray:
+        return np.unpackbits(self.bits, count=int(np.prod(self.shape))).reshape(self.shape).astype(bool)
+
+
+@dataclass
+class ObjectCall:
+    """Memory pre-filling of one drawn point or box: the known answer `[id] <|seg|>` in one prefill."""
+
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    label: str  # "[k]", the id the object will get
+    ref: RefPrompt
+    clicks: tuple | None  # SAM 2 clicks (frame, coords in [0, 1], labels), or None
+    cache: MediaCache | None = None
+
+
+@dataclass
+class AskCall:
+    """One generated answer to the last user message of `messages`."""
+
+    frames: np.ndarray
+    messages: list[dict]  # the whole chat, the new user message last
+    mem_masks: list[PackedMasks]  # every `<|mem|>` of the chat, in order
+    max_new_tokens: int
+    generate_kwargs: dict = field(default_factory=dict)
+    cache: MediaCache | None = None
+
+
+@dataclass
+class CallResult:
+    masks: np.ndarray | None  # [n, T, H, W] bool, one per `<|seg|>`
+    cache: MediaCache
+    answer: str = ""  # the raw decoded answer of an AskCall
+
+
+def report(progress: Progress | None, fraction: float, text: str) -> None:
+    if progress is not None:
+        progress(fraction, text)
+
+
+def media_cache(model, processor, frames: np.ndarray, cache: MediaCache | None, progress=None) -> MediaCache:
+    """The call's cache on the model's device, computing what is missing."""
+    if cache is None:
+        report(progress, 0.05, "encoding frames")
+        vision = P.encode_frames(processor, frames)
+        features = model.encode_video(vision.pop("pixel_values_videos"), vision["video_grid_thw"])
+        cache = MediaCache({**vision, "video_features": features}, None)
+    elif cache.vision["video_features"].embeds.device != model.device:
+        cache = replace(cache, vision=_to(cache.vision, model.device))
+    if cache.sam2 is None:
+        cache.sam2 = model.prepare_sam2_video(frames)
+    return cache
+
+
+def _segment_object(model, processor, call: ObjectCall, progress) -> CallResult:
+    cache = media_cache(model, processor, call.frames, call.cache, progress)
+    messages = [
+        P.user_message(f"{call.label} {P.REF}{P.PIXELQA_SUFFIX}", with_video=True),
+        {"role": "assistant", "content": [{"type": "text", "text": f"{call.label} {P.SEG}"}]},
+    ]
+    inputs = P.tokenize_chat(processor, messages, cache.vision["video_grid_thw"], add_generation_prompt=False)
+    report(progress, 0.3, "locating the object")
+    out = model(**inputs, **cache.vision, ref_prompts=[call.ref], logits_to_keep=1)
+    report(progress, 0.6, "propagating the mask")
+    masks = model.decode_seg_masks(out.seg_hidden, cache.sam2, clicks=[call.clicks])
+    return CallResult(masks.numpy(), cache)
+
+
+def _answer(model, processor, call: AskCall, progress) -> CallResult:
+    cache = media_cache(model, processor, call.frames, call.cache, progress)
+    inputs = P.tokenize_chat(processor, call.messages, cache.vision["video_grid_thw"])
+    mem_masks = [torch.from_numpy(m.unpack()) for m in call.mem_masks]
+    report(progress, 0.2, "generating the answer")
+    out = model.generate(
+        **inputs,
+        **cache.vision,
+        mem_masks=mem_masks or None,
+        sam2_video=cache.sam2,
+        decode_input_segs=False,
+        max_new_tokens=call.max_new_tokens,
+        progress=lambda f, t: report(progress, 0.6 + 0.4 * f, t),
+        **call.generate_kwargs,
+    )
+    text = processor.tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
+    for end in _END_TOKENS:
+        text = text.split(end)[0]
+    masks = None if out.masks is None else out.masks.numpy()
+    return CallResult(masks, cache, text.strip())
+
+
+def run_call(model, processor, call: ObjectCall | AskCall, progress: Progress | None = None) -> CallResult:
+    """Run one call on `model`, never at the same time as another call on it."""
+    work = _segment_object if isinstance(call, ObjectCall) else _answer
+    with model_lock(model), torch.inference_mode():
+        return work(model, processor, call, progress)
