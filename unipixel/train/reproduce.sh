@@ -31,6 +31,23 @@ with torch.no_grad():
 save_color_prompts(torch.stack([tokens[colors == k].mean(0) for k in range(8)]), sys.argv[2])
 EOF
 }
+fitted() {  # fitted OUT FROM SEED: the shape words' LM head rows fitted to the states before them
+  train "$1" --init-from "$2" --fit-shape-head --seed "$3" --steps 0 $TALK
+  train "$1" --export "$1-ship"
+}
+language() {  # language OUT FROM SEED LR MINUTES: a CPU language stage on a held vision side and SAM 2
+  train "$1" $CPU $LANG --init-from "$2" --seed "$3" --lr "$4" --max-minutes "$5"
+  train "$1" --export "$1-ship"
+}
+# new_images N VISION LANGUAGE FIRST_BATCH MINUTES SEED: VISION's tower trained on images no earlier run
+# drew, put into LANGUAGE's model, the shape rows fitted (sNf-ship)
+new_images() {
+  ship "$(last "$2")" "$2-ship"
+  vision "$2-ship" "s$1v" --steps 100000 --batch-size 32 --loaders 1 --lr 4e-4 --warmup 10 --keep 1 --repeat 2 \
+    --first-batch "$4" --max-minutes "$5"
+  ship "$3" "s$1l0" "$(last "s$1v")"
+  fitted "s$1f" "s$1l0" "$6"
+}
 CPU="--workers 2 --batch-size 8"
 TALK="--video-prob 0.2 --qa-prob 0.5 --frames 8 8 12 16 --turns 3 7 --save-every 20"
 HOLD="--prompted 0 --distill 5 --hold sam2=100000"
@@ -104,31 +121,15 @@ ship "$(last s22v)" s22v-ship
 vision s22v-ship s23v --steps 100000 --batch-size 64 --loaders 14 --lr 6e-4 --warmup 10 --keep 1 --repeat 3 \
   --max-minutes 3.1
 ship s22l-ship s23l "$(last s23v)"
-train s23f --init-from s23l --fit-shape-head --seed 3 --steps 0 $TALK
-train s23f --export s23f-ship
+fitted s23f s23l 3
 # 24-28 (CPU, 3.4 h): language stages on the vision side, the vision tower twice more on new images
-train s24l $CPU $LANG --init-from s23f-ship --seed 4 --lr 3e-4 --max-minutes 30
-train s24l --export s24l-ship
-train s25l $CPU $LANG --init-from s24l-ship --seed 5 --lr 2e-4 --max-minutes 21
-train s25l --export s25l-ship
-ship "$(last s23v)" s23v-ship
-vision s23v-ship s26v --steps 100000 --batch-size 32 --loaders 1 --lr 4e-4 --warmup 10 --keep 1 --repeat 2 \
-  --first-batch 600 --max-minutes 34
-ship s25l-ship s26l0 "$(last s26v)"
-train s26f --init-from s26l0 --fit-shape-head --seed 6 --steps 0 $TALK
-train s26f --export s26f-ship
-train s26l $CPU $LANG --init-from s26f-ship --seed 6 --lr 2.5e-4 --max-minutes 38
-train s26l --export s26l-ship
-train s27l $CPU $LANG --init-from s26l-ship --seed 8 --lr 1.5e-4 --max-minutes 13
-train s27l --export s27l-ship
-ship "$(last s26v)" s26v-ship
-vision s26v-ship s28v --steps 100000 --batch-size 32 --loaders 1 --lr 4e-4 --warmup 10 --keep 1 --repeat 2 \
-  --first-batch 1000 --max-minutes 40
-ship s27l-ship s28l0 "$(last s28v)"
-train s28f --init-from s28l0 --fit-shape-head --seed 9 --steps 0 $TALK
-train s28f --export s28f-ship
-train s28l $CPU $LANG --init-from s28f-ship --seed 9 --lr 2.5e-4 --max-minutes 30
-train s28l --export s28l-ship
+language s24l s23f-ship 4 3e-4 30
+language s25l s24l-ship 5 2e-4 21
+new_images 26 s23v s25l-ship 600 34 6
+language s26l s26f-ship 6 2.5e-4 38
+language s27l s26l-ship 8 1.5e-4 13
+new_images 28 s26v s27l-ship 1000 40 9
+language s28l s28f-ship 9 2.5e-4 30
 # 29-31 (CPU, 67 min): SAM 2 on points and boxes on new scenes, then the PixelQA route built by hand
 sam s28l-ship s29s --color-prompts s21-color_tokens.pt $POINTS --kind-probs 0.25 0.45 0.3 --lr 3e-4 --max-minutes 28 \
   --first-step 5000
