@@ -14,7 +14,7 @@ from .conversations import make_conversation
 from .data import TRAIN_STREAM
 from .scenes import SHAPES, make_scene
 
-SAM_SIZE = 192
+SAM_SIZE = 192  # SAM 2's input size from scratch (stage 36 raised the shipped model's to 256 in its config)
 
 
 def shapes_tokenizer(vocab_size: int = 640):
