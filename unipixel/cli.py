@@ -96,8 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny", help="write the tiny offline checkpoint (random weights, for tests)")
     tiny.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     tiny.add_argument("--seed", type=int, default=0)
-    # Listed for --help; `main` hands its arguments to unipixel.train.eval before this parser runs.
-    commands.add_parser("eval-shapes", help="score a model on held-out synthetic shape scenes (--model PATH [--n N] [--seed S])")
 
     infer = commands.add_parser(
         "infer",
@@ -300,12 +298,8 @@ def run_tiny(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv) if argv[:1] != ["eval-shapes"] else None
+    args = build_parser().parse_args(argv)
     try:
-        if args is None:
-            from .train.eval import main as eval_shapes
-
-            return eval_shapes(argv[1:])
         return {"tiny": run_tiny, "infer": run_infer}[args.command](args)
     except UniPixelError as err:
         print(f"error: {err}", file=sys.stderr)

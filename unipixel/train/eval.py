@@ -1,4 +1,4 @@
-"""`python -m unipixel eval-shapes --model PATH [--n N] [--seed S]`: score a model on held-out scenes.
+"""`python -m unipixel.train.eval --model PATH [--n N] [--seed S]`: score a model on held-out scenes.
 
 Scenes come from the evaluation seed stream, which training never draws from; even-numbered scenes
 are images, odd-numbered ones videos of 8-16 frames. Everything goes through the real inference
@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from ..model import processing as P
 from ..model.visual_prompts import mem_slots
 from .conversations import DESCRIBE, ref_spec
+from .data import EVAL_STREAM, scene_rng
 from .own_masks import as_media, visual_prompt
 from .scenes import COLORS, SHAPES, Scene, make_scene
-from .trainer import EVAL_STREAM, scene_rng
 
 
-OK_TRACK = 0.8  # a PixelQA track this good is named nearly as well as the true mask (model card)
+OK_TRACK = 0.8  # a PixelQA track this good is named nearly as well as the true mask (NOTES.md)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def format_table(m: dict, seed: int, seconds: float) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unipixel eval-shapes", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m unipixel.train.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint folder, e.g. assets/unipixel-shapes")
     parser.add_argument("--n", type=int, default=500, help="number of held-out scenes (default 500)")
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed (its own stream, never trained on)")

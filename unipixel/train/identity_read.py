@@ -13,7 +13,7 @@ features at object cells, one class per color and shape). Their output projectio
 so the model is unchanged but for those two heads; training then learns to use what they read.
 SAM 2's prompt encoder is not touched, so the PixelQA route (`ref_route`) stays valid.
 
-Tried as stage 35 (model card): 30 minutes of the mask decoder on the CPU after it left PixelQA
+Tried as stage 35 (NOTES.md): 30 minutes of the mask decoder on the CPU after it left PixelQA
 level (0.807 on 500 scenes, stage 34 0.805; touching objects 0.61 -> 0.63 on frame 0). Not shipped.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .conversations import interior_point
+from .data import TRAIN_STREAM, scene_rng
 from .scenes import COLORS, SHAPES, make_scene
-from .trainer import TRAIN_STREAM, scene_rng
 
 HEADS = (4, 5)  # the heads of layer 0's token-to-image attention that nothing used (stage 34)
 PLACE_HEAD = 0  # the head `open_point_channel` made attend by place

@@ -38,7 +38,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .data import TRAIN_STREAM, sample
+from .fits import full_batch_adam
 from .sam_prompts import place_dims, ref_tokens
+from .steps import lm_forward, ref_targeted
 
 WIDTH = 8  # 4 place numbers for each of the seg prompt's 2 tokens
 KINDS = 2  # and whether the `<|ref|>` is a point or a box
@@ -69,8 +72,6 @@ def _quiet_directions(x: torch.Tensor, center: bool, also: torch.Tensor | None =
 
 
 def _draw(rng, count: int, pixelqa_prob: float):
-    from .trainer import sample
-
     return [sample(rng, int(rng.choice((8, 12))) if rng.random() < 0.2 else 1, qa_prob=0.2, turns=(3, 7),
                    pixelqa_prob=pixelqa_prob) for _ in range(count)]  # fmt: skip
 
@@ -79,8 +80,6 @@ def _draw(rng, count: int, pixelqa_prob: float):
 def _statistics(model, processor, batches: list) -> dict:
     """Layer 0's inputs and values and the last states at every token, and the ref features that
     enter `ref_proj`'s linear layer."""
-    from .trainer import lm_forward
-
     layer = model.model.language_model.layers[0]
     seen = {"x": [], "v": [], "last": [], "ref": [], "seg": []}
     current = {}  # this batch's padded layer-0 tensors
@@ -104,8 +103,6 @@ def _statistics(model, processor, batches: list) -> dict:
 
 def lone_refs(rng, count: int) -> list:
     """`count` PixelQA conversations that open on one `<|ref|>` on frame 0 (images and 8 or 12 frames)."""
-    from .trainer import sample
-
     drawn = []
     while len(drawn) < count:
         scene, conv = sample(rng, int(rng.choice((8, 12))) if rng.random() < 0.5 else 1, pixelqa_prob=1.0)
@@ -119,8 +116,6 @@ def _seg_data(model, processor, batches: list):
     """Last states at every seg of `batches`, the prompt each must give (SAM 2's own tokens for a
     PixelQA seg whose `<|ref|>` is on frame 0, what `seg_head` gives now for the others), which are
     the former, and which of those come from a box."""
-    from .trainer import lm_forward, ref_targeted
-
     states, wanted, from_ref, boxes = [], [], [], []
     for batch in batches:
         _, ids, _, last = lm_forward(model, processor, batch)
@@ -203,8 +198,6 @@ def _route_seg_head(head, states, from_ref, residual, place: list[int], gain: fl
 def _fit_around(head, units, place: list[int], states, wanted, weight, steps: int) -> None:
     """Fit `seg_head` (full batch) to `wanted` under squared error x `weight`; the route's own
     parameters get zero gradient, so Adam leaves them as built."""
-    from .trainer import full_batch_adam
-
     fixed_rows = torch.zeros(head[1].out_features, 1, dtype=torch.bool)
     fixed_rows[units] = True
     fixed_out = torch.zeros_like(head[3].weight, dtype=torch.bool)
@@ -231,8 +224,6 @@ def route_ref_place(model, processor, seed: int = 0, gain: float = 3.0, batches:
     `gain` scales what head 3 writes into the residual stream. More makes the PixelQA states easier
     for the fit to tell from the others, but the write also reaches the positions after `<|seg|>`:
     at 12 the answers there went wrong (teacher-forced accuracy 0.93 -> 0.85), at 3 they stay."""
-    from .trainer import TRAIN_STREAM
-
     rng = np.random.default_rng([TRAIN_STREAM, seed, 10**9 + 11])  # a stream no training step draws
     stats = _statistics(model, processor, [_draw(rng, 16, 0.5) for _ in range(3)])
     taken = _route_ref_encoder(model, stats)
@@ -288,8 +279,6 @@ def calibrate_place(model, processor, seed: int = 0, batches: int = 12) -> list[
     """Scale and shift each place number of the seg prompt (the rows of `seg_head`'s last layer) so that,
     on first-turn PixelQA questions about one object on frame 0 (the playground's first `[1]`), it
     matches SAM 2's own tokens in least squares. Returns each number's (scale, shift)."""
-    from .trainer import TRAIN_STREAM
-
     rng = np.random.default_rng([TRAIN_STREAM, seed, 10**9 + 13])  # a stream no training step draws
     states, wanted, from_ref, _ = _seg_data(model, processor, [lone_refs(rng, 8) for _ in range(batches)])
     place = prompt_place(model)

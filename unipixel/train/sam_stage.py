@@ -22,7 +22,7 @@ tracks the rest with its memory, which image scenes never train. `--color-prompt
 color prompts of an earlier SAM stage and keeps them fixed: a language model already distilled
 toward them keeps its seg prompts valid while SAM 2 learns to track; `--feature-scale` first brings
 the frame features SAM 2's memory reads back to the size of what they are added to and compared
-with (stages 14-15 of the model card), without which tracked frames showed every shape at once.
+with (stages 14-15 in NOTES.md), without which tracked frames showed every shape at once.
 `--point-channel` gives the mask decoder a clean channel for where a point or box is (see
 `open_point_channel`), without which point prompts never got past the foreground (stage 16).
 `--workers W` runs W data-parallel processes (`parallel`): 14 on one H200 drew 41 scenes a second,
@@ -36,13 +36,15 @@ from pathlib import Path
 import torch
 
 from ..model import load_model
+from .checkpoints import latest_checkpoint, save_checkpoint
+from .data import FRAMES, TRAIN_STREAM, scene_rng
 from .losses import total_mask_loss
 from .parallel import average_gradients, spawn
 from .sam_prompts import COLOR_NAMES, KINDS, POINT_DIMS, load_color_prompts, place_dims, save_color_prompts, scene_losses
-from .stage_log import StageLog, stage_parser
 from .scenes import make_scene
-from .trainer import (FRAMES, TRAIN_STREAM, fresh_mask_decoder, latest_checkpoint, lr_at, save_checkpoint, scene_rng,
-                      train_device)
+from .stage_log import StageLog, stage_parser
+from .stages import fresh_mask_decoder
+from .trainer import lr_at, train_device
 
 SAM_STAGE_SEED = 7  # its own seed within the training stream: scenes differ from the trainer's
 

@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from ..model import load_model
 from ..model import processing as P
 from ..model.visual_prompts import mem_slot_cells
+from .checkpoints import save_checkpoint
+from .data import TRAIN_STREAM, scene_rng
 from .sam_prompts import COLOR_NAMES
 from .scenes import SHAPES, make_scene
 from .stage_log import StageLog, stage_parser
-from .trainer import TRAIN_STREAM, lr_at, save_checkpoint, scene_rng, train_device
+from .trainer import lr_at, train_device
 
 VISION_STAGE_SEED = 11  # its own seed within the training stream
 SHARPEN_STEPS = 10**6  # `sharpen_shapes` measures on steps of that seed no run reaches
