@@ -1,4 +1,4 @@
-"""Bounded media inputs (issue 34): aspect ratio, bounded video decoding, cut videos."""
+"""Bounded media inputs (issue 34): pixel limit on mask images, aspect ratio, bounded video decoding, cut videos."""
 
 import subprocess
 from pathlib import Path
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unipixel.errors import MediaError
+from demo.canvas import mask_from_editor, mask_from_image
+from unipixel.errors import MediaError, PromptError
 from unipixel.media import MAX_ASPECT_RATIO, load_media, media_from_frames
 from unipixel.model.processing import llm_frames
 
@@ -30,6 +31,45 @@ def _cut(path: Path, fraction: float, name: str) -> Path:
     out = path.with_name(name)
     out.write_bytes(data[: int(len(data) * fraction)])
     return out
+
+
+# ---------------------------------------------------------------- mask images
+
+
+def test_mask_file_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    Image.new("L", (300, 200), 255).save(tmp_path / "big.png")
+    for value in (tmp_path / "big.png", str(tmp_path / "big.png"), {"path": str(tmp_path / "big.png")}):
+        with pytest.raises(PromptError, match=r"big.png.*300x200 = 60000 pixels is over the 59999 pixel limit"):
+            mask_from_image(value, 20, 30, max_pixels=300 * 200 - 1)
+    mask = mask_from_image({"path": str(tmp_path / "big.png")}, 20, 30, max_pixels=300 * 200)
+    assert mask.shape == (20, 30) and mask.all()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, below its error level
+def test_mask_file_bomb_never_decodes(tmp_path, monkeypatch):
+    Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")  # ~20 KB on disk, 144 M pixels
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded the pixels"))
+    with pytest.raises(PromptError, match="pixel limit; scale it down"):
+        mask_from_image(tmp_path / "bomb.png", 10, 10)
+
+
+def test_mask_array_over_the_pixel_limit_or_misshapen_is_refused():
+    with pytest.raises(PromptError, match="mask image: 20x10 = 200 pixels is over the 199 pixel limit"):
+        mask_from_image(np.zeros((10, 20, 3), np.uint8), 10, 20, max_pixels=199)
+    for bad in (np.zeros(5, np.uint8), np.zeros((0, 4), np.uint8), np.zeros((2, 2, 2, 2), np.uint8)):
+        with pytest.raises(PromptError, match="expected an"):
+            mask_from_image(bad, 10, 20)
+    layer = np.zeros((10, 20, 4), np.uint8)
+    with pytest.raises(PromptError, match="painted layer: 20x10 = 200 pixels"):
+        mask_from_editor({"layers": [layer]}, 10, 20, max_pixels=199)
+
+
+def test_mask_upload_without_a_usable_file(tmp_path):
+    with pytest.raises(PromptError, match="names no file"):
+        mask_from_image({"url": "http://example.com/m.png"}, 10, 10)
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(PromptError, match="notes.png.*corrupt or not a supported format"):
+        mask_from_image(tmp_path / "notes.png", 10, 10)
 
 
 # ---------------------------------------------------------------- aspect ratio
