@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
 
+from unipixel.errors import MediaError, PromptError
+from unipixel.media import DEFAULT_MAX_PIXELS, read_image, size_problem
 from unipixel.render import draw_prompt
 from unipixel.session import VisualPrompt
 
@@ -124,13 +127,27 @@ class CanvasDraft:
         return "Click the frame to place a point, or two corners of a box; or paint with the brush."
 
 
-def mask_from_editor(value: dict | None, height: int, width: int) -> np.ndarray | None:
+def _checked_array(image, what: str, max_pixels: int) -> np.ndarray:
+    """An [H,W] or [H,W,C] image array within the media pixel limit, or a PromptError naming `what`."""
+    image = np.asarray(image)
+    if image.ndim not in (2, 3) or 0 in image.shape:
+        raise PromptError(f"Cannot use the {what}: expected an [H,W] or [H,W,C] image, got shape {image.shape}.")
+    problem = size_problem(image.shape[1], image.shape[0], max_pixels)
+    if problem:  # a mask prompt has no aspect-ratio limit: only the pixel limit applies
+        raise PromptError(f"Cannot use the {what}: {problem}.")
+    return image
+
+
+def mask_from_editor(value: dict | None, height: int, width: int,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
     """The painted pixels of a gr.ImageEditor value (numpy RGBA layers), at media size; None if unpainted."""
     if not value:
         return None
-    layers = [np.asarray(layer) for layer in value.get("layers") or [] if layer is not None]
     painted = None
-    for layer in layers:
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        layer = _checked_array(layer, "painted layer", max_pixels)
         if layer.ndim != 3 or layer.shape[-1] != 4:
             continue
         alpha = layer[..., 3] > 0
@@ -142,11 +159,24 @@ def mask_from_editor(value: dict | None, height: int, width: int) -> np.ndarray 
     return painted
 
 
-def mask_from_image(image: np.ndarray | None, height: int, width: int) -> np.ndarray | None:
-    """A mask from an uploaded image: bright (or opaque) pixels are the object."""
+def mask_from_image(image, height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """A mask from an uploaded image: bright (or opaque) pixels are the object.
+
+    `image` is a decoded array, a file path, or a dict with a "path" (gradio FileData). A file is
+    refused from its header when over `max_pixels`, before its pixels are decoded.
+    """
     if image is None:
         return None
-    image = np.asarray(image)
+    if isinstance(image, dict):
+        if not image.get("path"):
+            raise PromptError("Cannot use the mask image: the upload names no file.")
+        image = image["path"]
+    if isinstance(image, (str, Path)):
+        try:
+            image = read_image(image, max_pixels=max_pixels)
+        except MediaError as err:  # a prompt problem for the caller: the media itself is fine
+            raise PromptError(f"Mask image: {err}") from err
+    image = _checked_array(image, "mask image", max_pixels)
     if image.ndim == 3 and image.shape[-1] == 4 and (image[..., 3] < 255).any():
         mask = image[..., 3] > 127
     else:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -19,6 +21,14 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mov", ".mkv", ".avi")
 DEFAULT_MAX_FILE_BYTES = 200 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_DURATION_S = 600.0
+# The Qwen2-VL processor (transformers' smart_resize) refuses frames whose long side is over 200x the short one.
+MAX_ASPECT_RATIO = 200
+# A stream whose header gives no frame rate is counted up to the duration limit at this rate.
+_MAX_PLAUSIBLE_FPS = 60.0
+# A safety net only: counts and decodes stop at the duration limit long before this.
+_FFMPEG_TIMEOUT_S = 120
+# Demuxer messages for data cut short (mov 'partial file', Matroska 'ended prematurely', 'Packet corrupt').
+_DAMAGE = re.compile(rb"^\[.*(partial file|ended prematurely|corrupt)", re.M | re.I)
 
 # Browsers play GIF frame delays this short at 100 ms, so we time them the same way.
 _MIN_GIF_DELAY_MS, _BROWSER_GIF_DELAY_MS = 20, 100
@@ -34,6 +44,7 @@ class Media:
     fps: float | None  # source fps, None for images
     num_source_frames: int
     path: str | None = None
+    warnings: list[str] = field(default_factory=list)  # loaded, but the user should know (e.g. a cut video)
 
     @property
     def num_frames(self) -> int:
@@ -104,6 +115,9 @@ def media_from_frames(frames: np.ndarray | list[np.ndarray], fps: float | None =
         raise MediaError(f"Cannot use the frames: expected [H,W,3] or [T,H,W,3] RGB, got shape {array.shape}")
     if array.dtype != np.uint8:
         raise MediaError(f"Cannot use the frames: expected dtype uint8, got {array.dtype}")
+    problem = size_problem(array.shape[2], array.shape[1], max_pixels=None)  # in memory already: only the shape
+    if problem:
+        raise MediaError(f"Cannot use the frames: {problem}.")
     indices = list(range(array.shape[0]))
     return Media(
         frames=np.ascontiguousarray(array),
@@ -152,9 +166,21 @@ def _family_from_extension(ext: str) -> str | None:
     return None
 
 
-def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise _error(path, f"frames are {width}x{height} = {width * height} pixels, over the {max_pixels} pixel limit")
+def size_problem(width: int, height: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why a picture of this size cannot be used (over the pixel limit, or too thin for the model), or None."""
+    if max_pixels is not None and width * height > max_pixels:
+        return f"{width}x{height} = {width * height} pixels is over the {max_pixels} pixel limit; scale it down"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        ratio = max(width, height) / min(width, height)
+        return (f"{width}x{height} has an aspect ratio of {ratio:.0f}:1, over the model's limit of "
+                f"{MAX_ASPECT_RATIO}:1; crop or pad it")
+    return None
+
+
+def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+    problem = size_problem(width, height, max_pixels)
+    if problem:
+        raise _error(path, problem)
 
 
 def _check_duration(path: Path, seconds: float, max_duration_s: float) -> None:
@@ -175,19 +201,36 @@ def _timestamps(indices: list[int], fps: float | None) -> list[float]:
 # ---------------------------------------------------------------- images (and animated GIF/WebP)
 
 
-def _load_pil(path: Path, num_frames: int, max_pixels: int, max_duration_s: float) -> Media:
+@contextmanager
+def _open_image(path: Path, max_pixels: int):
+    """PIL reads only the header on open, so the size is checked before any pixel is decoded."""
     try:
         with Image.open(path) as im:
-            _check_pixels(path, *im.size, max_pixels)
-            n = getattr(im, "n_frames", 1)
-            if n == 1:
-                return Media(np.array(_to_rgb(im))[None], "image", [0], [0.0], None, 1, str(path))
-            return _load_animation(path, im, n, num_frames, max_duration_s)
-    except Image.DecompressionBombError as err:  # raised by PIL itself, far above our own pixel limit
-        raise _error(path, f"the image has too many pixels ({err})") from err
+            _check_size(path, *im.size, max_pixels)
+            yield im
+    except Image.DecompressionBombError as err:  # PIL refuses to open it at all: far above our own limit
+        raise _error(path, f"the image has far more pixels than the {max_pixels} pixel limit; scale it down") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         # PIL reports unknown, truncated and corrupt data with these types (UnidentifiedImageError is an OSError).
         raise _error(path, f"the image data is corrupt or not a supported format{_detail(path, err)}") from err
+
+
+def read_image(
+    path: str | Path, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """An image file's first frame as upright RGBA uint8 [H,W,4], refused before decoding when over the limits."""
+    path = Path(path)
+    _check_file(path, max_file_bytes)
+    with _open_image(path, max_pixels) as im:
+        return np.array(ImageOps.exif_transpose(im).convert("RGBA"))
+
+
+def _load_pil(path: Path, num_frames: int, max_pixels: int, max_duration_s: float) -> Media:
+    with _open_image(path, max_pixels) as im:
+        n = getattr(im, "n_frames", 1)
+        if n == 1:
+            return Media(np.array(_to_rgb(im))[None], "image", [0], [0.0], None, 1, str(path))
+        return _load_animation(path, im, n, num_frames, max_duration_s)
 
 
 def _load_animation(path: Path, im: Image.Image, n: int, num_frames: int, max_duration_s: float) -> Media:
@@ -231,21 +274,35 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def _load_video(path: Path, num_frames: int, max_pixels: int, max_duration_s: float) -> Media:
     meta = _probe(path)
     width, height = meta["size"]
-    _check_pixels(path, width, height, max_pixels)
+    _check_size(path, width, height, max_pixels)
     _check_duration(path, meta["duration"], max_duration_s)
     fps = meta["fps"] or None
 
-    n = _count_packets(path) or round(meta["duration"] * (fps or 0)) or _count_decoded(path)
+    # Counting stops one frame past the duration limit, so a stream whose header gives no duration
+    # (a raw H.264 stream) is refused without reading it to its end.
+    cap = math.ceil(max_duration_s * (fps or _MAX_PLAUSIBLE_FPS))
+    n, damaged = _count_frames(path, cap, decode=False)
+    if not n:  # the demuxer could not count: count decoded frames instead
+        n, damaged = _count_frames(path, cap, decode=True)
+    if n > cap:
+        rate = f"{fps:g} fps" if fps else f"up to {_MAX_PLAUSIBLE_FPS:g} fps"
+        raise _error(path, f"it has over {cap} frames, longer than the {max_duration_s:g} s limit at {rate}")
     wanted, frames = _decode_sample(path, n, num_frames)
     if len(frames) != len(wanted):
-        # The container's frame count differs from what decodes: count decoded frames and sample again.
-        n = _count_decoded(path)
+        # Fewer frames decode than the container holds: count decoded frames and sample again.
+        n, decode_damaged = _count_frames(path, cap, decode=True)
+        damaged = damaged or decode_damaged
         wanted, frames = _decode_sample(path, n, num_frames)
         if len(frames) != len(wanted):
             raise _error(path, f"decoding gave {len(frames)} of the {len(wanted)} sampled frames; the file is damaged")
-    if fps and not meta["duration"]:  # duration missing from the header: check it from the frame count
-        _check_duration(path, n / fps, max_duration_s)
-    return Media(np.stack(frames), "video", wanted, _timestamps(wanted, fps), fps, n, str(path))
+    warnings = [_cut_short_warning(n, fps, meta["duration"])] if damaged else []
+    return Media(np.stack(frames), "video", wanted, _timestamps(wanted, fps), fps, n, str(path), warnings)
+
+
+def _cut_short_warning(n: int, fps: float | None, header_s: float) -> str:
+    read = f"{n} frames ({n / fps:.1f} s)" if fps else f"{n} frames"
+    header = f" of the {header_s:.1f} s its header announces" if header_s else ""
+    return f"The video is cut short or damaged: only the first {read}{header} could be read."
 
 
 def _ffmpeg_failure(path: Path, err: Exception) -> MediaError:
@@ -265,32 +322,31 @@ def _probe(path: Path) -> dict:
         frames.close()
 
 
-def _count_packets(path: Path) -> int | None:
-    """Exact frame count for nearly every file, by demuxing without decoding (fast)."""
+def _count_frames(path: Path, cap: int, decode: bool) -> tuple[int, bool]:
+    """Frames in the first video stream, counted up to cap + 1, and whether the demuxer met cut or corrupt data.
+
+    Without decoding (stream copy) the count is exact for nearly every file and fast; 0 when it fails.
+    """
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)]
-    cmd += ["-map", "0:v:0", "-c", "copy", "-f", "null", "-"]
+    cmd += ["-map", "0:v:0", "-frames:v", str(cap + 1), *([] if decode else ["-c", "copy"]), "-f", "null", "-"]
     try:
-        result = subprocess.run(cmd, capture_output=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        return None
+        result = subprocess.run(cmd, capture_output=True, timeout=_FFMPEG_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise _error(path, f"reading it took over {_FFMPEG_TIMEOUT_S} s") from err
     counts = re.findall(rb"frame=\s*(\d+)", result.stderr)
-    return int(counts[-1]) if result.returncode == 0 and counts else None
-
-
-def _count_decoded(path: Path) -> int:
-    try:
-        n, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-    except RuntimeError as err:
-        raise _ffmpeg_failure(path, err) from err
-    if not n:
+    n = int(counts[-1]) if result.returncode == 0 and counts else 0
+    if decode and result.returncode:
+        raise _ffmpeg_failure(path, RuntimeError(result.stderr.decode(errors="replace")))
+    if decode and not n:
         raise _error(path, "no frame could be decoded")
-    return n
+    return n, bool(_DAMAGE.search(result.stderr))
 
 
 def _decode_sample(path: Path, n: int, k: int) -> tuple[list[int], list[np.ndarray]]:
     """Sample k of n frames; ffmpeg drops the others, so only sampled frames reach Python."""
     wanted = sample_indices(n, k)
-    params = ["-map", "0:v:0", "-fps_mode", "passthrough"]
+    # Decoding stops at the last sampled frame rather than reading the stream to its end.
+    params = ["-map", "0:v:0", "-fps_mode", "passthrough", "-frames:v", str(len(wanted))]
     if len(wanted) < n:
         params += ["-vf", "select='" + "+".join(f"eq(n,{i})" for i in wanted) + "'"]
     reader = imageio_ffmpeg.read_frames(str(path), output_params=params)
