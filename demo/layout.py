@@ -46,14 +46,16 @@ def example_rows() -> list[list[str]]:
 
 def build_demo(model, processor, *, model_name: str, offline: bool, device, dtype,
                offline_reason: str | None = None, max_objects: int = 32,
-               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, cache_bytes: int | None = None) -> gr.Blocks:
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, cache_bytes: int | None = None,
+               session_ttl: int = 1800) -> gr.Blocks:
     """The whole playground as one gr.Blocks (queue and launch it as app.py does).
 
     `cache_bytes`: the features all sessions keep, together (default: a quarter of a GPU, 4 GB elsewhere)."""
     app = Playground(model, processor, max_objects=max_objects, cache_bytes=cache_bytes)
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 6 * 3600)) as demo:  # Gradio's copies of our files too
-        state = gr.State(PlaygroundState(), delete_callback=delete_state, time_to_live=6 * 3600)
+        # An idle session (closed tab, finished API client) is deleted after `session_ttl` seconds.
+        state = gr.State(PlaygroundState(), delete_callback=delete_state, time_to_live=session_ttl)
 
         # ---- header and status
         gr.Markdown(f"# {TITLE}\n{INTRO}")
