@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test test-fast browser tiny
+.PHONY: run test test-fast browser tiny load
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -26,3 +26,7 @@ test-fast: $(VENV)/.installed
 
 tiny: $(VENV)/.installed
 	$(PY) -m unipixel tiny checkpoints/unipixel-tiny
+
+# Eight gradio_client users at once against a real server: latencies, isolation, memory given back.
+load: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) bench/load.py $(ARGS)

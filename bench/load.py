@@ -48,7 +48,8 @@ def start_server(model: str, port: int, tmp: Path, ttl: int) -> subprocess.Popen
     env = {**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     cmd = [sys.executable, str(ROOT / "app.py"), "--model", model, "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--session-ttl", str(ttl)]  # fmt: skip
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp / "server.log"  # a file, not a pipe: a full pipe would block the server's logging
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -56,7 +57,7 @@ def start_server(model: str, port: int, tmp: Path, ttl: int) -> subprocess.Popen
             return server
         except OSError:
             if server.poll() is not None:
-                raise RuntimeError(f"the server exited: {server.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
             time.sleep(0.5)
     server.kill()
     raise RuntimeError("the server did not start in 180 s")

@@ -29,6 +29,7 @@ from unipixel.session import Session
 from . import gpu
 from .canvas import BOX, BRUSH, NEGATIVE, POINT, CanvasDraft, mask_from_editor, mask_from_image
 from .chips import chips_html, colorize, object_choices, rgb
+from .expiry import IdleSweeper
 
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -50,6 +51,7 @@ class PlaygroundState:
     colors: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # of every object shown in the chat
     workdir: str | None = None  # per-session dir for the downloads
     root: str | None = None  # the app's temp dir, where the session dir is made
+    expired: bool = False  # ended after sitting idle past the app's session TTL
 
     @property
     def media(self) -> Media | None:
@@ -62,13 +64,19 @@ class PlaygroundState:
 
 
 def delete_state(state: PlaygroundState | None) -> None:
-    """gr.State delete_callback: free the session's cached features and files when it ends."""
+    """gr.State delete_callback (and idle expiry): free the session's media, features and files."""
     if not isinstance(state, PlaygroundState):
         return
     if state.session is not None:
         state.session.close()
     if state.workdir:
         shutil.rmtree(state.workdir, ignore_errors=True)
+    state.session, state.media_key, state.workdir, state.chat, state.draft = None, None, None, [], CanvasDraft()
+
+
+def _expire(state: PlaygroundState) -> None:
+    delete_state(state)
+    state.expired = True
 
 
 def user_errors(fn):
@@ -118,12 +126,14 @@ def _object_id(value: Any) -> int:
 class Playground:
     """The handlers of one app, sharing one model; per-user data lives in PlaygroundState only."""
 
-    def __init__(self, model, processor, *, max_objects: int = 32, cache_bytes: int | None = None):
+    def __init__(self, model, processor, *, max_objects: int = 32, cache_bytes: int | None = None,
+                 session_ttl: float = 1800):
         self.model = model
         self.processor = processor
         self.max_objects = max_objects
         gpu.bind(model, processor)
         self.budget = CacheBudget(cache_bytes if cache_bytes is not None else default_cache_bytes(model.device))
+        self.sweeper = IdleSweeper(session_ttl, _expire)
         # Session dirs live here; removed at exit even when sessions never end cleanly (a killed server).
         self.root = tempfile.mkdtemp(prefix="unipixel-playground-")
         atexit.register(shutil.rmtree, self.root, True)
@@ -132,10 +142,14 @@ class Playground:
     def _state(self, state: PlaygroundState | None) -> PlaygroundState:
         st = state if isinstance(state, PlaygroundState) else PlaygroundState()
         st.root = st.root or self.root
+        self.sweeper.touch(st)
         return st
 
-    @staticmethod
-    def _need_session(st: PlaygroundState) -> Session:
+    def _need_session(self, st: PlaygroundState) -> Session:
+        if st.session is None and st.expired:
+            minutes = self.sweeper.ttl_s / 60
+            raise NoMediaError(f"This session sat idle for over {minutes:g} minutes and was cleared to free memory: "
+                               "load the media again.")
         if st.session is None:
             raise NoMediaError("Load an image or a video first: upload one or pick an example.")
         return st.session
@@ -219,7 +233,7 @@ class Playground:
             st.session.close()
         st.session = Session(self.model, self.processor, media, max_new_tokens=max_new_tokens,
                              max_objects=self.max_objects, runner=gpu.runner, budget=self.budget)
-        st.media_key, st.frame, st.draft, st.chat, st.colors = key, 0, CanvasDraft(), [], {}
+        st.media_key, st.frame, st.draft, st.chat, st.colors, st.expired = key, 0, CanvasDraft(), [], {}, False
         if st.workdir:  # downloads of the previous media
             shutil.rmtree(st.workdir, ignore_errors=True)
             st.workdir = None

@@ -51,7 +51,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
     """The whole playground as one gr.Blocks (queue and launch it as app.py does).
 
     `cache_bytes`: the features all sessions keep, together (default: a quarter of a GPU, 4 GB elsewhere)."""
-    app = Playground(model, processor, max_objects=max_objects, cache_bytes=cache_bytes)
+    app = Playground(model, processor, max_objects=max_objects, cache_bytes=cache_bytes, session_ttl=session_ttl)
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 6 * 3600)) as demo:  # Gradio's copies of our files too
         # An idle session (closed tab, finished API client) is deleted after `session_ttl` seconds.

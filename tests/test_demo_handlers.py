@@ -258,3 +258,20 @@ def test_draft_kinds_frames_and_undo():
     assert draft.undo() and draft.corner == (5, 5) and draft.frame == 0
     assert draft.undo() and draft.points == [(1.0, 2.0, True)]
     assert draft.undo() and draft.empty and not draft.undo()
+
+
+def test_an_idle_session_is_ended_and_says_so(tiny_model):
+    app = Playground(*tiny_model, session_ttl=3600)
+    st = app.load_media(None, IMAGE, 16, TOKENS)["state"]
+    app.add_point(st, *RED_CIRCLE)
+    app.add_object(st, POINT, None, "")
+    workdir = Path(st.workdir)
+    assert app.sweeper.sweep() == 0 and st.session is not None  # not idle yet
+
+    app.sweeper.ttl_s = 0.0
+    assert app.sweeper.sweep() == 1
+    assert st.session is None and st.expired and not workdir.exists() and app.budget.used_bytes == 0
+    with pytest.warns(UserWarning, match="idle for over 0 minutes"):
+        assert app.set_frame(st, 0) == {}
+    app.sweeper.ttl_s = 3600
+    assert app.load_media(st, IMAGE, 16, TOKENS)["state"].session is not None and not st.expired
