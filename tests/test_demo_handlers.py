@@ -230,10 +230,11 @@ def test_sessions_are_isolated(app):
         app.add_object(a, POINT, None, "")
         assert len(a.session.bank) == 1 and len(b.session.bank) == 0 and b.draft.empty
         assert a.workdir != b.workdir and Path(a.workdir).parent == Path(app.root)
+        workdir = Path(a.workdir)
     finally:
         delete_state(a)
         delete_state(b)
-    assert not Path(a.workdir).exists()
+    assert not workdir.exists() and a.session is None and a.chat == []
 
 
 # ---- pure UI pieces ---------------------------------------------------------------------------

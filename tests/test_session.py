@@ -76,11 +76,27 @@ def steered_answers(session, processor, text: str):
 
 @contextlib.contextmanager
 def model_inputs(model):
-    """input_ids and mem_masks of every forward call of the model (the first of an ask is its prefill)."""
+    """The whole prompt (input_ids) of every `generate` call, and the `<|mem|>` masks it was given
+    (those of the tokens not already in the conversation's keys and values)."""
     calls = []
-    hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append((kwargs["input_ids"].clone(), kwargs.get("mem_masks"))), with_kwargs=True
-    )
+    generate = model.generate
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["input_ids"].clone(), kwargs.get("mem_masks")))
+        return generate(*args, **kwargs)
+
+    model.generate = recording
+    try:
+        yield calls
+    finally:
+        del model.generate
+
+
+@contextlib.contextmanager
+def prefills(model):
+    """input_ids of every forward call (the first of a turn is its prefill)."""
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: calls.append(kw["input_ids"]), with_kwargs=True)
     try:
         yield calls
     finally:
@@ -142,10 +158,11 @@ def test_mentions_put_one_mem_token_per_present_slot_in_the_prompt(tiny_model, v
     with model_inputs(model) as calls:
         session.ask("Compare [1] with [3], then [1] again.")
     ids, mem_masks = calls[0]
-    # History keeps turn 1's token; [1] is injected once however often it is mentioned.
+    # History keeps turn 1's token; [1] is injected once however often it is mentioned. Turn 1's
+    # mask is in the conversation's keys and values already: only the new ones are encoded.
     expected = 1 + 1 + expected_mem_tokens(point.masks)
     assert int((ids == mem_id).sum()) == expected
-    assert len(mem_masks) == 3 and torch.equal(mem_masks[2], torch.from_numpy(point.masks))
+    assert len(mem_masks) == 2 and torch.equal(mem_masks[1], torch.from_numpy(point.masks))
     assert "[1]: <1>-<2> <|mem|>\n[3]: " in processor.tokenizer.decode(ids[0])
 
 
@@ -308,3 +325,37 @@ def test_bank_json_round_trip(tiny_model, video, tmp_path):
                 b.id, b.name, b.color, b.source, b.source_frame, b.turn, b.visible,
             )  # fmt: skip
             assert np.array_equal(a.masks, b.masks)
+
+
+# ---- the conversation's keys and values ------------------------------------------------------------
+def _conversation(session, processor, reuse: bool):
+    """Turns with `[id]` mentions (`<|mem|>`), a `<|seg|>` answer and a reset; each turn's answer,
+    masks, and how many tokens its prefill fed the model."""
+    out = []
+    session.add_object(brush(1))
+    steps = [("What is [1] doing?", None), ("Please segment it.", "It is [1] <|seg|> ."),
+             ("Compare [1] and [2].", None), ("reset", None), ("What is in the video?", None)]  # fmt: skip
+    for question, answer in steps:
+        if question == "reset":
+            session.reset()
+            continue
+        if not reuse and session.cache is not None:
+            session.cache.kv = None
+        with prefills(session.model) as calls, contextlib.ExitStack() as stack:
+            if answer:
+                stack.enter_context(steered_answers(session, processor, answer))
+            turn = session.ask(question)
+        out.append((turn.raw_answer, [o.masks.copy() for o in turn.new_objects], calls[0].shape[1]))
+    return out
+
+
+def test_later_turns_prefill_only_their_new_tokens_with_the_same_answers(tiny_model, video):
+    _, processor = tiny_model
+    reused = _conversation(session_for(tiny_model, video), processor, reuse=True)
+    full = _conversation(session_for(tiny_model, video), processor, reuse=False)
+    for (answer, masks, fed), (answer_full, masks_full, fed_full) in zip(reused, full):
+        assert answer == answer_full
+        assert len(masks) == len(masks_full) and all(np.array_equal(a, b) for a, b in zip(masks, masks_full))
+    fed, fed_full = [r[2] for r in reused], [r[2] for r in full]
+    assert fed[0] == fed_full[0]  # the first turn has nothing to reuse
+    assert all(a < b / 2 for a, b in zip(fed[1:], fed_full[1:])), (fed, fed_full)  # the video is never fed again

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from .model import RefPrompt
 from .model import processing as P
@@ -40,9 +41,38 @@ def _tensors(value):
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _tensors(v)
+    elif isinstance(value, DynamicCache):
+        for layer in value.layers:
+            yield from (t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
     elif hasattr(value, "__dataclass_fields__"):
         for name in value.__dataclass_fields__:
             yield from _tensors(getattr(value, name))
+
+
+@dataclass
+class ConversationKV:
+    """Keys and values of a conversation's tokens so far, so that a turn prefills only its new ones."""
+
+    ids: torch.Tensor  # [1, L] the tokens `cache` holds
+    cache: DynamicCache
+    mem_objects: int  # how many `<|mem|>` masks (objects) those tokens injected
+
+    def reusable(self, ids: torch.Tensor, mem_id: int, mem_objects: int) -> tuple[int, int]:
+        """(tokens to reuse, masks they injected) for a conversation now reading `ids`.
+
+        Reuse stops where the tokens first differ (an earlier answer re-tokenized, a reset), before
+        the last token (something must be prefilled), and before the first `<|mem|>` unless the
+        prefix holds every `<|mem|>` this cache injected, from the same masks: equal token ids do
+        not mean equal embeddings there."""
+        n = min(self.ids.shape[1], ids.shape[1] - 1)
+        same = self.ids[0, :n].cpu() == ids[0, :n].cpu()
+        length = n if bool(same.all()) else int(same.int().argmin())
+        mem = ids[0, :length].cpu() == mem_id
+        if not mem.any():
+            return length, 0
+        if int(mem.sum()) == int((self.ids == mem_id).sum()) and mem_objects >= self.mem_objects:
+            return length, self.mem_objects
+        return int(mem.int().argmax()), 0
 
 
 def _to(vision: dict, device) -> dict:
@@ -62,14 +92,16 @@ class MediaCache:
 
     vision: dict  # video_grid_thw, second_per_grid_ts, video_features (spec §3)
     sam2: SAM2Video | None  # None: rebuilt from the frames on the next call
+    kv: ConversationKV | None = None  # the conversation's keys and values
 
     @property
     def nbytes(self) -> int:
-        return nbytes((self.vision, self.sam2))
+        return nbytes((self.vision, self.sam2, self.kv))
 
     def portable(self) -> MediaCache:
         """A copy for another process: the vision tokens on the CPU. SAM 2's frames and features
-        (most of the bytes: three feature levels per frame) are cheaper to recompute than to ship."""
+        (most of the bytes: three feature levels per frame) and the conversation's keys and values
+        are cheaper to recompute than to ship."""
         return MediaCache(_to(self.vision, "cpu"), None)
 
 
@@ -154,11 +186,18 @@ def _segment_object(model, processor, call: ObjectCall, progress) -> CallResult:
 def _answer(model, processor, call: AskCall, progress) -> CallResult:
     cache = media_cache(model, processor, call.frames, call.cache, progress)
     inputs = P.tokenize_chat(processor, call.messages, cache.vision["video_grid_thw"])
-    mem_masks = [torch.from_numpy(m.unpack()) for m in call.mem_masks]
+    reused, covered = (0, 0)
+    if cache.kv is not None:
+        reused, covered = cache.kv.reusable(inputs["input_ids"], model.config.mem_token_id, len(call.mem_masks))
+    past = cache.kv.cache if reused else DynamicCache(config=model.config)
+    if reused:
+        past.crop(reused - past.get_seq_length())  # a negative count: the tokens to drop from the end
+    mem_masks = [torch.from_numpy(m.unpack()) for m in call.mem_masks[covered:]]
     report(progress, 0.2, "generating the answer")
     out = model.generate(
         **inputs,
         **cache.vision,
+        past_key_values=past,
         mem_masks=mem_masks or None,
         sam2_video=cache.sam2,
         decode_input_segs=False,
@@ -169,6 +208,7 @@ def _answer(model, processor, call: AskCall, progress) -> CallResult:
     text = processor.tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
     for end in _END_TOKENS:
         text = text.split(end)[0]
+    cache.kv = ConversationKV(out.sequences[:, : past.get_seq_length()], past, len(call.mem_masks))
     masks = None if out.masks is None else out.masks.numpy()
     return CallResult(masks, cache, text.strip())
 

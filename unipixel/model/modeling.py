@@ -268,9 +268,11 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         if mm_token_type_ids is None and input_ids is not None:
             mm_token_type_ids = self.model.mm_token_types(input_ids)  # spec §3: without them, 1-D positions
         if video_features is not None:
-            # `generate` hands over an empty dict (and drops video_grid_thw) once it has encoded.
-            mm_encoder_outputs = {"video": BaseModelOutputWithPooling(pooler_output=(video_features.embeds,))}
             video_grid_thw = video_features.grid_thw
+            # `generate` hands over an empty dict once it has encoded; a prefill after cached keys and
+            # values (a later turn) holds no video token, so there is nothing to scatter.
+            if input_ids is None or (input_ids == self.config.video_token_id).any():
+                mm_encoder_outputs = {"video": BaseModelOutputWithPooling(pooler_output=(video_features.embeds,))}
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.build_inputs_embeds(input_ids, video_features, ref_prompts, mem_masks)
         with self._record_prenorm() as states:
@@ -321,6 +323,15 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         kwargs = {k: self._on_device(v) for k, v in kwargs.items()}
         if kwargs.get("mm_token_type_ids") is None:
             kwargs["mm_token_type_ids"] = self.model.mm_token_types(input_ids)
+        grid = kwargs.get("video_grid_thw")
+        if kwargs.get("position_ids") is None and grid is not None:
+            # Positions of the whole sequence, from it alone: a prefix in `past_key_values` and other
+            # conversations' calls (the model's shared `rope_deltas`) cannot shift them.
+            mask = kwargs.get("attention_mask")
+            rope, _ = self.model.get_rope_index(input_ids, kwargs["mm_token_type_ids"], video_grid_thw=grid,
+                                                second_per_grid_ts=kwargs.get("second_per_grid_ts"), attention_mask=mask)  # fmt: skip
+            text = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else torch.arange(input_ids.shape[1])[None]
+            kwargs["position_ids"] = torch.cat([text[None].to(rope), rope])
         if kwargs.get("pixel_values_videos") is not None and kwargs.get("video_features") is None:
             # Encode here, not in `generate`, so the `<|mem|>` path gets the merger inputs too.
             kwargs["video_features"] = self.encode_video(kwargs.pop("pixel_values_videos"), kwargs["video_grid_thw"])
