@@ -194,6 +194,7 @@ def _answer(model, processor, call: AskCall, progress) -> CallResult:
         past.crop(reused - past.get_seq_length())  # a negative count: the tokens to drop from the end
     mem_masks = [torch.from_numpy(m.unpack()) for m in call.mem_masks[covered:]]
     report(progress, 0.2, "generating the answer")
+    cache.kv = None  # `past` grows in place: a call that fails midway must not leave it half-written
     out = model.generate(
         **inputs,
         **cache.vision,
