@@ -58,7 +58,7 @@ def mem_slot_cells(mask: torch.Tensor, grid_thw) -> torch.Tensor:
     LLM frame size and max-pooled by 28. An all-empty object covers the whole frame.
     """
     grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
-    m = mask.float()
+    m = mask.to(torch.uint8)  # bytes, not floats, at full resolution: this runs on every mention
     if m.shape[0] % 2:
         m = torch.cat([m, m[-1:]])
     if not m.any():
@@ -67,7 +67,7 @@ def mem_slot_cells(mask: torch.Tensor, grid_thw) -> torch.Tensor:
     if m.shape[0] != grid_t:
         raise PromptError(f"mask has {mask.shape[0]} frames but the video has {grid_t * 2} (padded)")
     m = F.interpolate(m[:, None], size=(grid_h * 14, grid_w * 14), mode="nearest")
-    return F.max_pool2d(m, kernel_size=28)[:, 0] > 0
+    return F.max_pool2d(m.float(), kernel_size=28)[:, 0] > 0
 
 
 def mem_slots(mask: torch.Tensor, grid_thw) -> list[int]:
