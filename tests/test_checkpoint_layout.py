@@ -210,3 +210,10 @@ def test_typed_text_without_special_tokens_tokenizes_as_before(tiny_model):
     text = text.replace(P.VIDEO_PAD, P.VIDEO_PAD * P.num_video_tokens(grid))
     whole = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert marked["input_ids"][0].tolist() == whole
+
+
+@pytest.mark.parametrize("frames, budget", [(1, 16), (8, 2), (16, 1), (17, 1), (64, 1)])
+def test_frame_pixel_budget_never_reaches_zero(frames, budget):
+    """Spec §3: int(S / n) with n <= S; with a fixed 16, 17 or more frames gave 0 (a crash)."""
+    assert P.max_pixels(frames) == 256 * 28 * 28 * budget
+    assert P.max_pixels(20, requested=64) == 256 * 28 * 28 * 3

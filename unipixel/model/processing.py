@@ -19,8 +19,12 @@ PIXELQA_SUFFIX = " Please localize the relevant objects with IDs."
 _TYPED = re.compile("\ue000(.*?)\ue001", re.S)
 
 
-def max_pixels(num_frames: int) -> int:
-    return 256 * 28 * 28 * int(16 / num_frames)
+def max_pixels(num_frames: int, requested: int = 16) -> int:
+    """Pixel budget of one LLM frame: 256*28*28*int(S / n) for S frames asked and n sampled (spec §3).
+
+    n <= S always (a video is sampled to at most S), so the factor is at least 1; a media that
+    does not say what was asked counts as S = max(16, n), the default setting or more."""
+    return 256 * 28 * 28 * int(max(requested, num_frames) / num_frames)
 
 
 def llm_frames(frames: np.ndarray) -> list[Image.Image]:
