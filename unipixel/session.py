@@ -114,7 +114,7 @@ class Session:
         """Run `call`; a set `cancel` stops it at its next progress report (token or frame)."""
         call.cache = self.cache
         result = self.runner(call, _cancellable(progress, cancel))
-        self.cache = result.cache  # the features are right whatever happens to the call's answer
+        self.cache = result.cache  # right even when the answer is dropped
         if self.budget is not None:
             self.budget.charge(self, result.cache.nbytes)
         if cancel is not None and cancel.is_set():
