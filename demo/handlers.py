@@ -416,7 +416,7 @@ class Playground:
         return result
 
     @user_errors
-    def add_object(self, state, tool, editor, name="", progress=gr.Progress(), cancel=None):
+    def add_object(self, state, tool, editor, name="", progress=gr.Progress(), *, cancel=None):
         """Segment the drawn prompt (or the brush strokes) and store it as the next [id].
         `cancel` (set when the request is cancelled) stops the model call; nothing is added."""
         st = self._state(state)
@@ -442,7 +442,7 @@ class Playground:
 
     # ---- chat -------------------------------------------------------------------------------------
     @user_errors
-    def ask(self, state, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress(), cancel=None):
+    def ask(self, state, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress(), *, cancel=None):
         """Ask about the media; [id] mentions refer to objects, segmented targets become new objects.
         `cancel` (set when the request is cancelled) stops the model call; nothing is recorded."""
         st = self._state(state)
