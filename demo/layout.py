@@ -46,7 +46,7 @@ EXAMPLE_LABELS = [
 
 
 SESSION_TTL = 30 * 60  # seconds an idle session keeps its media and objects (API clients never say goodbye)
-WAITING_MODEL_CALLS = 8  # sessions whose model call may wait for the model at once (it runs one at a time)
+WAITING_MODEL_CALLS = 16  # sessions whose model call may wait for the model at once (it runs one at a time)
 MEDIA_DECODERS = 4  # uploads decoded at once, apart from the model's calls
 
 
@@ -193,6 +193,9 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         # (unipixel.session), so a session flooding requests gets "busy" rather than a place in line.
         model_work = {"concurrency_id": "model", "concurrency_limit": WAITING_MODEL_CALLS}
         media_work = {"concurrency_id": "media", "concurrency_limit": MEDIA_DECODERS}
+        # Values as sent: Gradio's Number and Slider fail with a bare "Error" on a string such as "inf";
+        # these handlers check each value themselves (finite numbers, files by path).
+        raw = {"preprocess": False}
 
         def adapt(fn: Callable, names: list[str]) -> Callable:
             """`fn` returns a dict of view names; Gradio wants a tuple in output order (skip = unchanged)."""
@@ -220,7 +223,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
 
         # ---- events, in the same order
         on(media_file.upload, app.load_media, [state, media_file, num_frames, max_new_tokens],
-           all_views, "load_media", show_progress_on=[canvas, media_info], **media_work)
+           all_views, "load_media", show_progress_on=[canvas, media_info], **media_work, **raw)
         example_views = [*all_views, "question", "tool"]
         examples.load_input_event.then(  # the example's inputs are filled first, then its media is opened
             adapt(app.load_example, example_views),
@@ -229,22 +232,23 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
             api_name="load_example_media",
             show_progress_on=[canvas, media_info],
             **media_work,
+            **raw,
         )
         on(frame.change, app.set_frame, [state, frame], [*canvas_views, "editor"], "set_frame",
-           trigger_mode="always_last")
+           trigger_mode="always_last", **raw)
         on(tool.change, app.set_tool, [tool], ["canvas", "editor", "polarity"], "set_tool")
         on(canvas.select, app.click_canvas, [state, tool, polarity], canvas_views, "click_canvas",
            trigger_mode="multiple", api_visibility="undocumented")  # clients use add_point / set_box
-        on(point_btn.click, app.add_point, [state, px, py, positive], canvas_views, "add_point")
-        on(box_btn.click, app.set_box, [state, bx1, by1, bx2, by2], canvas_views, "set_box")
-        on(mask_btn.click, app.set_mask, [state, mask_image], canvas_views, "set_mask")
+        on(point_btn.click, app.add_point, [state, px, py, positive], canvas_views, "add_point", **raw)
+        on(box_btn.click, app.set_box, [state, bx1, by1, bx2, by2], canvas_views, "set_box", **raw)
+        on(mask_btn.click, app.set_mask, [state, mask_image], canvas_views, "set_mask", **raw)
         on(undo_btn.click, app.undo, [state], canvas_views, "undo_prompt")
         on(clear_btn.click, app.clear, [state], [*canvas_views, "editor"], "clear_prompt")
         on(add_btn.click, cancellable(app.add_object), [state, tool, editor, new_name],
            [*canvas_views, "editor", *bank_views, "new_name"], "add_object",
            show_progress_on=[canvas, editor, chips], **model_work)
         on([send_btn.click, question.submit], cancellable(app.ask), [state, question, max_new_tokens],
-           [*bank_views, "chat", "question"], "ask", show_progress_on=[chatbot], **model_work)
+           [*bank_views, "chat", "question"], "ask", show_progress_on=[chatbot], **model_work, **raw)
         on(reset_btn.click, app.reset, [state], all_views, "reset")
         on(objects.input, app.select_object, [state, objects], ["name", "toggle"], "select_object")
         on([rename_btn.click, name.submit], app.rename_object, [state, objects, name], bank_views, "rename_object")
