@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test test-fast browser tiny
+.PHONY: run test test-fast browser tiny hostile
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -26,3 +26,7 @@ test-fast: $(VENV)/.installed
 
 tiny: $(VENV)/.installed
 	$(PY) -m unipixel tiny checkpoints/unipixel-tiny
+
+# Hostile and careless clients against a real server on the tiny model (bench/hostile.py, ~3 min).
+hostile: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) bench/hostile.py $(ARGS)
