@@ -16,21 +16,12 @@ from gradio_client import Client, handle_file
 import app as app_module
 from demo import gpu
 from demo.layout import ASSETS
-from test_app_client import call
+from test_app_client import call, server  # noqa: F401 - `server`: this module's own app
 
 IMAGE = str(ASSETS / "shapes.png")
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = 8
 LONG = 2048  # an answer that takes far longer than the test: it must be stopped
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, free_port):
-    demo = app_module.create_demo(str(tiny_checkpoint), device="cpu")
-    port = free_port()
-    app_module.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    yield demo, f"http://127.0.0.1:{port}/"
-    demo.close()
 
 
 @pytest.fixture

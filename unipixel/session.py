@@ -114,11 +114,11 @@ class Session:
         """Run `call`; a set `cancel` stops it at its next progress report (token or frame)."""
         call.cache = self.cache
         result = self.runner(call, _cancellable(progress, cancel))
-        self.cache = result.cache  # right even when the answer is dropped
+        if cancel is not None and cancel.is_set():  # e.g. the session was closed meanwhile: keep nothing
+            raise _cancelled()
+        self.cache = result.cache
         if self.budget is not None:
             self.budget.charge(self, result.cache.nbytes)
-        if cancel is not None and cancel.is_set():
-            raise _cancelled()
         return result
 
     def close(self) -> None:
