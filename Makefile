@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test test-fast browser tiny load
+.PHONY: run test test-fast browser tiny load hostile
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -30,3 +30,7 @@ tiny: $(VENV)/.installed
 # Eight gradio_client users at once against a real server: latencies, isolation, memory given back.
 load: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) bench/load.py $(ARGS)
+
+# Hostile and careless clients against a real server on the tiny model (bench/hostile.py, ~3 min).
+hostile: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) bench/hostile.py $(ARGS)

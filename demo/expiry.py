@@ -1,4 +1,4 @@
-"""Ends playground sessions that sat idle past their time to live, and gives the memory back.
+"""Ends playground sessions that sat idle past their time to live.
 
 Gradio deletes a State `time_to_live` after its last change only while its session is open; once
 the tab or API client has gone, it keeps the state an hour whatever the TTL. Media frames and
@@ -6,20 +6,10 @@ features are too big for that, so the playground ends idle sessions itself.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import threading
 import time
 import weakref
 from collections.abc import Callable
-
-
-def return_memory_to_os() -> None:
-    """glibc keeps freed pages for reuse; trimming hands them back, so RSS drops after sessions end."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 class IdleSweeper:
@@ -53,8 +43,6 @@ class IdleSweeper:
         ended = [state for ref in idle if (state := ref()) is not None]
         for state in ended:
             self._end(state)
-        if ended:
-            return_memory_to_os()
         return len(ended)
 
     def _run(self) -> None:

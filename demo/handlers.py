@@ -7,10 +7,15 @@ the session stays as it was. A file that cannot be loaded raises gr.Error, so AP
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
+import gc
 import hashlib
+import math
+import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from unipixel import MediaError, UniPixelError
+from unipixel import CallCancelled, MediaError, UniPixelError
 from unipixel.cache_budget import CacheBudget, default_cache_bytes
 from unipixel.export import export_masks_zip, export_overlay, export_rle_json
 from unipixel.media import Media, load_media
@@ -33,6 +38,7 @@ from .expiry import IdleSweeper
 
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_MAX_NEW_TOKENS = 512
+_OBJECT_ID = re.compile(r"\[?\s*(\d+)\s*(\].*)?", re.DOTALL)  # "3", "[3]" or "[3] name"
 
 
 class NoMediaError(UniPixelError):
@@ -52,6 +58,7 @@ class PlaygroundState:
     workdir: str | None = None  # per-session dir for the downloads
     root: str | None = None  # the app's temp dir, where the session dir is made
     expired: bool = False  # ended after sitting idle past the app's session TTL
+    call: threading.Event | None = None  # cancels the running model call, whose result would be stale
 
     @property
     def media(self) -> Media | None:
@@ -64,19 +71,41 @@ class PlaygroundState:
 
 
 def delete_state(state: PlaygroundState | None) -> None:
-    """gr.State delete_callback (and idle expiry): free the session's media, features and files."""
+    """gr.State delete_callback (and idle expiry): stop the session's call, free its media, features and files."""
     if not isinstance(state, PlaygroundState):
         return
+    _stop_call(state)
     if state.session is not None:
         state.session.close()
+        state.session = None  # Gradio may hold the state a while longer: let its frames go now
     if state.workdir:
         shutil.rmtree(state.workdir, ignore_errors=True)
-    state.session, state.media_key, state.workdir, state.chat, state.draft = None, None, None, [], CanvasDraft()
+    state.media_key, state.workdir, state.chat, state.draft = None, None, [], CanvasDraft()
+    return_memory()
 
 
 def _expire(state: PlaygroundState) -> None:
     delete_state(state)
     state.expired = True
+
+
+def _stop_call(st: PlaygroundState) -> None:
+    """The media or chat the running call works for is going: it stops and commits nothing."""
+    if st.call is not None:
+        st.call.set()
+
+
+try:  # glibc keeps freed pages of large arrays mapped; malloc_trim hands them back to the OS
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # another libc (macOS, Windows, musl): it returns them itself or not at all
+    _malloc_trim = None
+
+
+def return_memory() -> None:
+    """Collect what an ended session leaves behind and give the freed memory back to the OS."""
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def user_errors(fn):
@@ -109,18 +138,41 @@ def _file_key(path: str, num_frames: int) -> str:
 
 
 def _object_id(value: Any) -> int:
-    """An id from the dropdown or an API caller: 3, "3", "[3]" or "[3] name"."""
+    """An id from the dropdown or an API caller: 3, "3", "[3]" or "[3] name"; integers only."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise UniPixelError("Select an object first.")
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         return int(value)
-    text = str(value).strip()
-    if text.startswith("["):
-        text = text[1 : text.find("]")] if "]" in text else text[1:]
+    match = _OBJECT_ID.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise UniPixelError(f"{value!r} is not an object id; use a whole number such as 1 or [1].")
+    return int(match.group(1))
+
+
+def _number(value: Any, what: str) -> float:
+    """A finite number from a widget or an API caller, or a message naming `what` was wrong."""
     try:
-        return int(float(text))
-    except ValueError:
-        raise UniPixelError(f"'{value}' is not an object id; use a number such as 1 or [1].") from None
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise UniPixelError(f"{what} must be a finite number, not {value!r}.")
+    return number
+
+
+def _count(value: Any, what: str, default: int) -> int:
+    """A whole number setting; empty or 0 means `default`."""
+    return int(_number(value, what)) or default if value not in (None, "") else default
+
+
+def _example_point(text: str) -> tuple[float, float] | None:
+    """An example's "x,y" point (empty: none)."""
+    if not text or not str(text).strip():
+        return None
+    parts = str(text).split(",")
+    if len(parts) != 2:
+        raise UniPixelError(f"The example point {text!r} must be two numbers: x,y.")
+    return _number(parts[0], "The example point's x"), _number(parts[1], "The example point's y")
 
 
 class Playground:
@@ -216,45 +268,65 @@ class Playground:
         st = self._state(state)
         if not file:
             return {}
+        media, key = self._read_media(st, file, num_frames, max_new_tokens, progress)
+        return {"state": st} if media is None else self._open(st, media, key, max_new_tokens)
+
+    def _read_media(self, st: PlaygroundState, file, num_frames, max_new_tokens, progress) -> tuple[Media | None, str]:
+        """The media in `file` and its key, changing nothing; None when it is the media already open."""
         path = file if isinstance(file, str) else getattr(file, "path", None) or file.get("path")
-        num_frames = int(num_frames or DEFAULT_NUM_FRAMES)
+        try:
+            num_frames = _count(num_frames, "Frames to sample", DEFAULT_NUM_FRAMES)
+            _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
+        except UniPixelError as err:
+            raise gr.Error(str(err)) from err
         key = _file_key(path, num_frames)
         if st.session is not None and key == st.media_key:
-            return {"state": st}  # the same media again (e.g. its example picked twice): keep the session
+            return None, key  # the same media again (e.g. its example picked twice): keep the session
         progress(0.1, desc="reading the media")
         try:
-            media = load_media(path, num_frames=num_frames)
+            return load_media(path, num_frames=num_frames), key
         except MediaError as err:
             raise gr.Error(str(err), title="Cannot load this file") from err
         except ValueError as err:  # a bad setting, e.g. frames to sample < 1
             raise gr.Error(str(err)) from err
-        max_new_tokens = int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+
+    def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens) -> dict:
+        """Replace the session's media: a call still running for the old one commits nothing."""
+        _stop_call(st)
         if st.session is not None:
             st.session.close()
-        st.session = Session(self.model, self.processor, media, max_new_tokens=max_new_tokens,
+        st.session = Session(self.model, self.processor, media,
+                             max_new_tokens=_count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS),
                              max_objects=self.max_objects, runner=gpu.runner, budget=self.budget)
         st.media_key, st.frame, st.draft, st.chat, st.colors, st.expired = key, 0, CanvasDraft(), [], {}, False
         if st.workdir:  # downloads of the previous media
             shutil.rmtree(st.workdir, ignore_errors=True)
             st.workdir = None
+        for warning in media.warnings:
+            gr.Warning(warning)
         views = self._all_views(st)
         views["frame"] = gr.update(value=0, maximum=max(media.num_frames - 1, 1), visible=media.is_video)
         views["video"] = gr.update(value=None, visible=media.is_video)
-        views["media_info"] = _media_info(media)
+        views["media_info"] = " · ".join([_media_info(media), *media.warnings])
         return views
 
     @user_errors
     def load_example(self, state, file, question, point, num_frames=DEFAULT_NUM_FRAMES,
                      max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress()):
-        """An example: its media (kept if already open), its question, and its point drawn on frame 0."""
-        views = self.load_media(state, file, num_frames, max_new_tokens, progress)
-        st = views.get("state", self._state(state))
+        """An example: its media (kept if already open), its question, and its point drawn on frame 0.
+        Everything is checked before the open media is replaced."""
+        st = self._state(state)
+        point = _example_point(point)
+        media, key = self._read_media(st, file, num_frames, max_new_tokens, progress) if file else (None, None)
+        if point is not None:
+            shown = media or self._need_session(st).media
+            _check_inside(shown, *point)
+        views = {"state": st} if media is None else self._open(st, media, key, max_new_tokens)
         views["question"] = question or ""
-        if point and st.session is not None:
-            x, y = (float(v) for v in str(point).split(","))
+        if point is not None:
             st.frame = 0
             st.draft = CanvasDraft()
-            st.draft.click(POINT, 0, x, y, True)
+            st.draft.click(POINT, 0, *point, True)
             views.update(self._canvas_views(st), state=st, tool=POINT)
             views.setdefault("frame", gr.update(value=0))  # a new media's slider update already says frame 0
         return views
@@ -265,7 +337,7 @@ class Playground:
         """Show another sampled frame on the canvas and in the mask viewer."""
         st = self._state(state)
         session = self._need_session(st)
-        st.frame = int(np.clip(int(frame or 0), 0, session.media.num_frames - 1))
+        st.frame = int(np.clip(round(_number(frame or 0, "The frame")), 0, session.media.num_frames - 1))
         return {**self._canvas_views(st), "state": st}
 
     @staticmethod
@@ -287,25 +359,23 @@ class Playground:
     def add_point(self, state, x, y, positive=True):
         """A positive or negative point on the current frame, in image pixels."""
         st = self._state(state)
-        self._check_xy(st, x, y)
-        st.draft.click(POINT, st.frame, float(x), float(y), bool(positive))
+        x, y = self._check_xy(st, x, y)
+        st.draft.click(POINT, st.frame, x, y, bool(positive))
         return {**self._canvas_views(st, editor=False), "state": st}
 
     @user_errors
     def add_corner(self, state, x, y):
         """One corner of a box; the second corner closes the box."""
         st = self._state(state)
-        self._check_xy(st, x, y)
-        st.draft.click(BOX, st.frame, float(x), float(y))
+        x, y = self._check_xy(st, x, y)
+        st.draft.click(BOX, st.frame, x, y)
         return {**self._canvas_views(st, editor=False), "state": st}
 
     @user_errors
     def set_box(self, state, x1, y1, x2, y2):
         """A whole box (x1, y1, x2, y2) on the current frame, in image pixels."""
         st = self._state(state)
-        self._check_xy(st, x1, y1)
-        self._check_xy(st, x2, y2)
-        st.draft.set_box(st.frame, tuple(float(v) for v in (x1, y1, x2, y2)))
+        st.draft.set_box(st.frame, (*self._check_xy(st, x1, y1), *self._check_xy(st, x2, y2)))
         return {**self._canvas_views(st, editor=False), "state": st}
 
     @user_errors
@@ -319,10 +389,13 @@ class Playground:
         st.draft.set_mask(st.frame, mask)
         return {**self._canvas_views(st, editor=False), "state": st}
 
-    def _check_xy(self, st: PlaygroundState, x, y) -> None:
+    def _check_xy(self, st: PlaygroundState, x, y) -> tuple[float, float]:
         media = self._need_session(st).media
-        if x is None or y is None or not (0 <= float(x) < media.width and 0 <= float(y) < media.height):
+        if x is None or y is None:
             raise UniPixelError(f"({x}, {y}) is outside the {media.width}x{media.height} frame.")
+        point = _number(x, "x"), _number(y, "y")
+        _check_inside(media, *point)
+        return point
 
     @user_errors
     def undo(self, state):
@@ -341,9 +414,25 @@ class Playground:
         st.draft.clear()
         return {**self._canvas_views(st), "state": st}
 
+    @staticmethod
+    def _model_call(st: PlaygroundState, cancel: threading.Event | None, work):
+        """Run `work(cancel)` as the state's call; a result that arrives after its media or chat was
+        replaced (Clear, a new upload: they set `cancel`) is dropped."""
+        cancel = cancel or threading.Event()
+        st.call = cancel
+        try:
+            result = work(cancel)
+        finally:
+            if st.call is cancel:
+                st.call = None
+        if cancel.is_set():
+            raise CallCancelled("the media or the chat changed while the model was working: its result was dropped")
+        return result
+
     @user_errors
-    def add_object(self, state, tool, editor, name="", progress=gr.Progress()):
-        """Segment the drawn prompt (or the brush strokes) and store it as the next [id]."""
+    def add_object(self, state, tool, editor, name="", progress=gr.Progress(), *, cancel=None):
+        """Segment the drawn prompt (or the brush strokes) and store it as the next [id].
+        `cancel` (set when the request is cancelled) stops the model call; nothing is added."""
         st = self._state(state)
         session = self._need_session(st)
         media = session.media
@@ -359,19 +448,22 @@ class Playground:
                 raise UniPixelError("The box needs its second corner: click the opposite corner first.")
             raise UniPixelError("Nothing is drawn yet: click the object (or two corners of a box), "
                                 "then press Add as object.")
-        obj = session.add_object(prompt, name=(name or "").strip() or None, progress=_progress(progress))
+        obj = self._model_call(st, cancel, lambda stop: session.add_object(
+            prompt, name=(name or "").strip() or None, progress=_progress(progress), cancel=stop))
         st.draft = CanvasDraft(frame=st.frame)
         gr.Info(f"Added {obj.label} ({obj.source}).", duration=3)
         return {**self._canvas_views(st), **self._bank_views(st, selected=obj.id), "state": st, "new_name": ""}
 
     # ---- chat -------------------------------------------------------------------------------------
     @user_errors
-    def ask(self, state, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress()):
-        """Ask about the media; [id] mentions refer to objects, segmented targets become new objects."""
+    def ask(self, state, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress(), *, cancel=None):
+        """Ask about the media; [id] mentions refer to objects, segmented targets become new objects.
+        `cancel` (set when the request is cancelled) stops the model call; nothing is recorded."""
         st = self._state(state)
         session = self._need_session(st)
-        session.max_new_tokens = int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
-        result = session.ask(question, progress=_progress(progress))
+        session.max_new_tokens = _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
+        result = self._model_call(st, cancel, lambda stop: session.ask(question, progress=_progress(progress),
+                                                                        cancel=stop))
         st.colors.update({obj.id: obj.color for obj in session.bank})
         answer = colorize(result.answer, session.bank, result.targets, st.colors)
         if not result.answer.strip():
@@ -390,7 +482,9 @@ class Playground:
     def reset(self, state):
         """Forget the chat and every object; the media and its cached features stay."""
         st = self._state(state)
-        self._need_session(st).reset()
+        session = self._need_session(st)
+        _stop_call(st)  # an answer still coming would mention objects that are about to go
+        session.reset()
         st.chat, st.draft = [], CanvasDraft(frame=st.frame)
         return {**self._all_views(st)}
 
@@ -443,6 +537,11 @@ class Playground:
         object_id = _object_id(object_id)
         self._need_session(st).bank.delete(object_id)
         return {**self._canvas_views(st, editor=False), **self._bank_views(st), "state": st}
+
+
+def _check_inside(media: Media, x: float, y: float) -> None:
+    if not (0 <= x < media.width and 0 <= y < media.height):
+        raise UniPixelError(f"({x:g}, {y:g}) is outside the {media.width}x{media.height} frame.")
 
 
 def brush(color: tuple[int, int, int]) -> gr.Brush:

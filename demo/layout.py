@@ -1,11 +1,16 @@
 """The playground page: components top to bottom in the order the user meets them, then the events."""
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import anyio
 import gradio as gr
+from gradio.context import LocalContext
 
 from unipixel.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from unipixel.memory import color_for
@@ -40,6 +45,11 @@ EXAMPLE_LABELS = [
 ]
 
 
+SESSION_TTL = 30 * 60  # seconds an idle session keeps its media and objects (API clients never say goodbye)
+WAITING_MODEL_CALLS = 16  # sessions whose model call may wait for the model at once (it runs one at a time)
+MEDIA_DECODERS = 4  # uploads decoded at once, apart from the model's calls
+
+
 def example_rows() -> list[list[str]]:
     return [[str(ASSETS / media), question, point] for media, question, point in EXAMPLES]
 
@@ -47,14 +57,14 @@ def example_rows() -> list[list[str]]:
 def build_demo(model, processor, *, model_name: str, offline: bool, device, dtype,
                offline_reason: str | None = None, max_objects: int = 32,
                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, cache_bytes: int | None = None,
-               session_ttl: int = 1800) -> gr.Blocks:
+               session_ttl: float = SESSION_TTL) -> gr.Blocks:
     """The whole playground as one gr.Blocks (queue and launch it as app.py does).
 
-    `cache_bytes`: the features all sessions keep, together (default: a quarter of a GPU, 4 GB elsewhere)."""
+    `cache_bytes`: the features all sessions keep, together (default: a quarter of a GPU, 4 GB elsewhere).
+    `session_ttl`: seconds after its last change that a session is dropped with its media and files."""
     app = Playground(model, processor, max_objects=max_objects, cache_bytes=cache_bytes, session_ttl=session_ttl)
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 6 * 3600)) as demo:  # Gradio's copies of our files too
-        # An idle session (closed tab, finished API client) is deleted after `session_ttl` seconds.
         state = gr.State(PlaygroundState(), delete_callback=delete_state, time_to_live=session_ttl)
 
         # ---- header and status
@@ -130,8 +140,9 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                         bx2, by2 = gr.Number(label="x2"), gr.Number(label="y2")
                         box_btn = gr.Button("Set box", size="sm")
                     with gr.Row():
-                        mask_image = gr.Image(label="Mask image (white = object)", type="numpy",
-                                              image_mode="RGBA", sources=["upload"], height=160)
+                        # A path, not pixels: `mask_from_image` refuses a huge image from its header.
+                        mask_image = gr.Image(label="Mask image (white = object)", type="filepath",
+                                              image_mode=None, sources=["upload"], height=160)
                         mask_btn = gr.Button("Use as mask", size="sm")
             with gr.Column(scale=1):
                 gr.Markdown("### Chat")
@@ -178,15 +189,28 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         bank_views = ["state", "chips", "objects", "name", "toggle", "viewer", "video",
                       "dl_overlay", "dl_masks", "dl_rle", "dl_bank"]
         all_views = [*dict.fromkeys(["frame", "editor", "chat", "media_info", *canvas_views, *bank_views])]
-        model_work = {"concurrency_id": "model", "concurrency_limit": 1}  # one model call at a time, app-wide
+        # The model lock (unipixel.calls) runs one model call at a time; each session has at most one
+        # (unipixel.session), so a session flooding requests gets "busy" rather than a place in line.
+        model_work = {"concurrency_id": "model", "concurrency_limit": WAITING_MODEL_CALLS}
+        media_work = {"concurrency_id": "media", "concurrency_limit": MEDIA_DECODERS}
+        # Values as sent: Gradio's Number and Slider fail with a bare "Error" on a string such as "inf";
+        # these handlers check each value themselves (finite numbers, files by path).
+        raw = {"preprocess": False}
 
         def adapt(fn: Callable, names: list[str]) -> Callable:
             """`fn` returns a dict of view names; Gradio wants a tuple in output order (skip = unchanged)."""
 
-            @functools.wraps(fn)
-            def handler(*args, **kwargs):
-                result = fn(*args, **kwargs)
+            def outputs(result: dict) -> tuple:
                 return tuple(result.get(n, gr.skip()) for n in names)
+
+            if inspect.iscoroutinefunction(fn):
+                @functools.wraps(fn)
+                async def handler(*args, **kwargs):
+                    return outputs(await fn(*args, **kwargs))
+            else:
+                @functools.wraps(fn)
+                def handler(*args, **kwargs):
+                    return outputs(fn(*args, **kwargs))
 
             return handler
 
@@ -199,7 +223,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
 
         # ---- events, in the same order
         on(media_file.upload, app.load_media, [state, media_file, num_frames, max_new_tokens],
-           all_views, "load_media", show_progress_on=[canvas, media_info])
+           all_views, "load_media", show_progress_on=[canvas, media_info], **media_work, **raw)
         example_views = [*all_views, "question", "tool"]
         examples.load_input_event.then(  # the example's inputs are filled first, then its media is opened
             adapt(app.load_example, example_views),
@@ -207,22 +231,24 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
             outputs=[views[n] for n in example_views],
             api_name="load_example_media",
             show_progress_on=[canvas, media_info],
+            **media_work,
+            **raw,
         )
         on(frame.change, app.set_frame, [state, frame], [*canvas_views, "editor"], "set_frame",
-           trigger_mode="always_last")
+           trigger_mode="always_last", **raw)
         on(tool.change, app.set_tool, [tool], ["canvas", "editor", "polarity"], "set_tool")
         on(canvas.select, app.click_canvas, [state, tool, polarity], canvas_views, "click_canvas",
            trigger_mode="multiple", api_visibility="undocumented")  # clients use add_point / set_box
-        on(point_btn.click, app.add_point, [state, px, py, positive], canvas_views, "add_point")
-        on(box_btn.click, app.set_box, [state, bx1, by1, bx2, by2], canvas_views, "set_box")
-        on(mask_btn.click, app.set_mask, [state, mask_image], canvas_views, "set_mask")
+        on(point_btn.click, app.add_point, [state, px, py, positive], canvas_views, "add_point", **raw)
+        on(box_btn.click, app.set_box, [state, bx1, by1, bx2, by2], canvas_views, "set_box", **raw)
+        on(mask_btn.click, app.set_mask, [state, mask_image], canvas_views, "set_mask", **raw)
         on(undo_btn.click, app.undo, [state], canvas_views, "undo_prompt")
         on(clear_btn.click, app.clear, [state], [*canvas_views, "editor"], "clear_prompt")
-        on(add_btn.click, app.add_object, [state, tool, editor, new_name],
+        on(add_btn.click, cancellable(app.add_object), [state, tool, editor, new_name],
            [*canvas_views, "editor", *bank_views, "new_name"], "add_object",
            show_progress_on=[canvas, editor, chips], **model_work)
-        on([send_btn.click, question.submit], app.ask, [state, question, max_new_tokens],
-           [*bank_views, "chat", "question"], "ask", show_progress_on=[chatbot], **model_work)
+        on([send_btn.click, question.submit], cancellable(app.ask), [state, question, max_new_tokens],
+           [*bank_views, "chat", "question"], "ask", show_progress_on=[chatbot], **model_work, **raw)
         on(reset_btn.click, app.reset, [state], all_views, "reset")
         on(objects.input, app.select_object, [state, objects], ["name", "toggle"], "select_object")
         on([rename_btn.click, name.submit], app.rename_object, [state, objects, name], bank_views, "rename_object")
@@ -232,3 +258,38 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         on(delete_btn.click, app.delete_object, [state, objects], [*canvas_views, *bank_views], "delete_object")
 
     return demo
+
+
+def cancellable(fn: Callable) -> Callable:
+    """`fn(..., cancel=event)` in a worker thread; `event` is set when the request is cancelled or
+    its client goes away, so that the model call stops at its next token or frame.
+
+    Gradio's /cancel ends this coroutine but not the thread it waits for, and a client that went
+    away only marks its event dead: without the flag the call would run on and commit its result."""
+
+    @functools.wraps(fn)
+    async def handler(*args, **kwargs):
+        cancel = threading.Event()
+        connected = _client_connected()
+        work = asyncio.ensure_future(anyio.to_thread.run_sync(functools.partial(fn, *args, cancel=cancel, **kwargs)))
+        try:
+            while not work.done():
+                await asyncio.wait({work}, timeout=0.25)
+                if not connected():
+                    cancel.set()
+            return work.result()
+        except asyncio.CancelledError:
+            cancel.set()
+            work.add_done_callback(lambda done: done.exception())  # its CallCancelled goes nowhere
+            raise
+
+    return handler
+
+
+def _client_connected() -> Callable[[], bool]:
+    """Whether the running event's client is still there (Gradio's queue marks it; private, hence
+    the fallback to "connected" when a Gradio version no longer has it)."""
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", {})
+    event = events.get(event_id)
+    return lambda: getattr(event, "alive", True)

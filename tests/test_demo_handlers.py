@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import zipfile
 from pathlib import Path
 
@@ -276,3 +277,84 @@ def test_an_idle_session_is_ended_and_says_so(tiny_model):
         assert app.set_frame(st, 0) == {}
     app.sweeper.ttl_s = 3600
     assert app.load_media(st, IMAGE, 16, TOKENS)["state"].session is not None and not st.expired
+
+
+# ---- hostile and careless input -----------------------------------------------------------------
+@pytest.mark.parametrize("object_id", [1.9, True, "1.9", "inf", "1e400", float("nan"), "[1.5]", "-1"])
+def test_object_ids_are_whole_numbers_only(app, image_state, object_id):
+    app.set_mask(image_state, np.full((240, 320), 255, np.uint8))
+    app.add_object(image_state, POINT, None, "")
+    with pytest.warns(UserWarning, match="is not an object id; use a whole number"):
+        assert app.delete_object(image_state, object_id) == {}
+    assert image_state.session.bank.ids == [1]
+    assert app.delete_object(image_state, "[1] its name") and image_state.session.bank.ids == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "inf", "1e400", "abc", True])
+def test_coordinates_and_frames_must_be_finite_numbers(app, image_state, value):
+    with pytest.warns(UserWarning, match="must be a finite number"):
+        assert app.add_point(image_state, value, 10) == {}
+    with pytest.warns(UserWarning, match="must be a finite number"):
+        assert app.set_box(image_state, 1, 1, 5, value) == {}
+    with pytest.warns(UserWarning, match="The frame must be a finite number"):
+        assert app.set_frame(image_state, value) == {}
+    assert image_state.draft.empty and image_state.frame == 0
+
+
+@pytest.mark.parametrize("point, message", [("abc", "two numbers"), ("nan,nan", "finite"), ("inf,0", "finite"),
+                                            ("1e400,3", "finite"), ("9999,1", "outside the 320x240 frame")])
+def test_example_with_a_bad_point_keeps_the_open_media(app, image_state, point, message):
+    app.set_mask(image_state, np.full((240, 320), 255, np.uint8))
+    app.add_object(image_state, POINT, None, "")
+    session = image_state.session
+    with pytest.warns(UserWarning, match=message):
+        assert app.load_example(image_state, VIDEO, "What is [1]?", point, 4, TOKENS) == {}
+    assert image_state.session is session and session.bank.ids == [1] and image_state.media_key.endswith(":16")
+
+
+@pytest.mark.parametrize("replace", ["upload", "clear"])
+def test_media_or_chat_replaced_during_a_call_never_gets_its_result(app, image_state, monkeypatch, replace):
+    session = image_state.session
+    runner = session.runner
+
+    def replaced_meanwhile(call, progress):
+        if replace == "upload":
+            app.load_media(image_state, VIDEO, 4, TOKENS)
+        else:
+            app.reset(image_state)
+        return runner(call, progress)
+
+    session.runner = replaced_meanwhile
+    with pytest.warns(UserWarning, match="nothing was recorded"):
+        assert app.ask(image_state, "What is it?", TOKENS) == {}
+    assert image_state.chat == [] and session.turns == [] and len(image_state.session.bank) == 0
+    assert image_state.call is None
+    assert (image_state.session is not session) == (replace == "upload")
+
+
+def test_media_warnings_are_shown(app, monkeypatch):
+    from demo import handlers
+
+    read = handlers.load_media
+
+    def cut_short(path, num_frames):
+        media = read(path, num_frames=num_frames)
+        media.warnings.append("only 10 of 48 frames could be read")
+        return media
+
+    monkeypatch.setattr(handlers, "load_media", cut_short)
+    with pytest.warns(UserWarning, match="only 10 of 48 frames"):
+        views = app.load_media(None, VIDEO, 4, TOKENS)
+    assert views["media_info"].endswith("· only 10 of 48 frames could be read")
+    delete_state(views["state"])
+
+
+def test_ended_session_lets_its_media_go(app, monkeypatch):
+    from demo import handlers
+
+    trimmed = []
+    monkeypatch.setattr(handlers, "_malloc_trim", trimmed.append)
+    st = app.load_media(None, IMAGE, 16, TOKENS)["state"]
+    st.call = call = threading.Event()
+    delete_state(st)
+    assert st.session is None and call.is_set() and trimmed == [0]

@@ -5,6 +5,7 @@ logits processor forces the tokens while the real model runs (UniPixel spec §4-
 """
 import contextlib
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -12,7 +13,13 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from unipixel.calls import media_cache
-from unipixel.errors import ObjectNotFoundError, PromptError, TooManyObjectsError
+from unipixel.errors import (
+    CallCancelled,
+    ObjectNotFoundError,
+    PromptError,
+    SessionBusyError,
+    TooManyObjectsError,
+)
 from unipixel.media import media_from_frames
 from unipixel.memory import ObjectMemoryBank
 from unipixel.model import processing as P
@@ -37,7 +44,7 @@ def image(video):
 
 def session_for(tiny_model, media, **kwargs) -> Session:
     model, processor = tiny_model
-    return Session(model, processor, media, max_new_tokens=8, **kwargs)
+    return Session(model, processor, media, **{"max_new_tokens": 8, **kwargs})
 
 
 def brush(frame: int, rows=slice(20, 50), cols=slice(30, 70)) -> VisualPrompt:
@@ -60,14 +67,17 @@ class ForceTokens(LogitsProcessor):
         return forced
 
 
-def forcing(processor, text: str) -> LogitsProcessorList:
-    return LogitsProcessorList([ForceTokens(processor.tokenizer(text + "<|im_end|>", add_special_tokens=False)["input_ids"])])
+def forcing(processor, text: str, spelled: str = "") -> LogitsProcessorList:
+    """Force `text` (special tokens as themselves) then `spelled` (special tokens as plain characters)."""
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids += processor.tokenizer(spelled, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return LogitsProcessorList([ForceTokens(ids + processor.tokenizer.convert_tokens_to_ids(["<|im_end|>"]))])
 
 
 @contextlib.contextmanager
-def steered_answers(session, processor, text: str):
+def steered_answers(session, processor, text: str, spelled: str = ""):
     """Steer the real model's greedy answer through the session's generate arguments."""
-    session.generate_kwargs = {"logits_processor": forcing(processor, text)}
+    session.generate_kwargs = {"logits_processor": forcing(processor, text, spelled)}
     try:
         yield
     finally:
@@ -254,6 +264,89 @@ def test_full_bank_refuses_another_object(tiny_model, video):
     with pytest.raises(TooManyObjectsError, match="full"):
         session.add_object(PROMPTS["point"](0))
     assert session.bank.ids == [1, 2]
+
+
+def test_answer_overflowing_the_bank_records_nothing(tiny_model, video):
+    _, processor = tiny_model
+    session = session_for(tiny_model, video, max_objects=3)
+    session.add_object(brush(0))
+    session.add_object(brush(1))
+    with steered_answers(session, processor, "<|seg|> and <|seg|>"), pytest.raises(
+        TooManyObjectsError, match="segmented 2 objects but the memory bank has room for 1 more .*not recorded"
+    ):
+        session.ask("Please segment both squares.")
+    assert session.bank.ids == [1, 2] and session.bank.next_id == 3
+    assert session.turns == [] and session._messages == [] and session._mem_masks == []
+    with steered_answers(session, processor, "<|seg|>"):
+        assert [o.id for o in session.ask("Please segment one.").new_objects] == [3]
+
+
+def test_seg_spelled_in_plain_characters_stays_text(tiny_model, video):
+    _, processor = tiny_model
+    session = session_for(tiny_model, video, max_new_tokens=48)
+    with steered_answers(session, processor, "It is <|seg|>", spelled=" not <|seg|>"):
+        result = session.ask("Please segment the square.")
+    assert [o.id for o in result.new_objects] == [1] and session.bank.ids == [1]
+    assert result.answer == "It is [1] not <|seg|>"
+    with steered_answers(session, processor, "", spelled="<|seg|>"):
+        assert session.ask("Again?").new_objects == []
+
+
+def test_question_longer_than_the_model_positions_is_refused_before_any_work(tiny_model, video, monkeypatch):
+    model, _ = tiny_model
+    session = session_for(tiny_model, video)
+    session.runner = lambda call, progress: pytest.fail("no model work for a question that cannot fit")
+    media_tokens = P.num_video_tokens(session.grid_thw)
+    monkeypatch.setattr(model.config.text_config, "max_position_embeddings", media_tokens + 100)
+    with pytest.raises(PromptError, match=rf"question is too long: \d+ tokens, where the model reads "
+                                          rf"{media_tokens + 100} positions and this media \({media_tokens}\)"):
+        session.ask("word " * 200)
+    assert session.turns == [] and session._messages == []
+
+
+def cancel_on(text: str):
+    """A cancel flag, and a progress callback that sets it at the first report containing `text`."""
+    cancel, reports = threading.Event(), []
+
+    def progress(fraction, said):
+        reports.append(said)
+        if text in said:
+            cancel.set()
+
+    return cancel, progress, reports
+
+
+def test_cancelled_answer_stops_at_the_next_token_and_records_nothing(tiny_model, video):
+    _, processor = tiny_model
+    session = session_for(tiny_model, video, max_new_tokens=64)
+    session.add_object(brush(0))
+    cancel, progress, reports = cancel_on("(2 tokens)")
+    with steered_answers(session, processor, "<|seg|> " * 20), pytest.raises(CallCancelled, match="nothing was recorded"):
+        session.ask("Please segment everything.", progress=progress, cancel=cancel)
+    assert reports[-1].endswith("(2 tokens)"), "no token after the one that saw the flag"
+    assert session.bank.ids == [1] and session.turns == [] and session._messages == []
+
+
+def test_cancelled_propagation_stops_at_the_next_frame_and_adds_nothing(tiny_model, video):
+    session = session_for(tiny_model, video)
+    cancel, progress, reports = cancel_on("propagating")
+    with pytest.raises(CallCancelled):
+        session.add_object(PROMPTS["point"](0), progress=progress, cancel=cancel)
+    assert sum("propagating" in r for r in reports) == 1 and len(session.bank) == 0
+
+
+def test_a_second_call_on_a_busy_session_is_refused(tiny_model, video):
+    session = session_for(tiny_model, video)
+    refused = []
+
+    def progress(fraction, text):
+        if not refused:  # another request of this session arrives while this one runs
+            other = threading.Thread(target=lambda: refused.append(pytest.raises(SessionBusyError, session.ask, "hi")))
+            other.start()
+            other.join()
+
+    session.ask("What happens?", progress=progress)
+    assert "previous request" in str(refused[0].value) and len(session.turns) == 1
 
 
 # ---- caches and reset --------------------------------------------------------------------------

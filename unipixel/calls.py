@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from .model import RefPrompt
 from .model import processing as P
@@ -155,6 +155,19 @@ def report(progress: Progress | None, fraction: float, text: str) -> None:
         progress(fraction, text)
 
 
+class TokenProgress(StoppingCriteria):
+    """Reports every generated token, so that a progress callback that raises (a cancelled call)
+    stops `generate` at the next token; it never stops generation itself."""
+
+    def __init__(self, progress: Progress, prompt_length: int, max_new_tokens: int):
+        self.progress, self.prompt_length, self.max_new_tokens = progress, prompt_length, max(1, max_new_tokens)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = input_ids.shape[1] - self.prompt_length
+        self.progress(0.2 + 0.4 * done / self.max_new_tokens, f"generating the answer ({done} tokens)")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def media_cache(model, processor, frames: np.ndarray, cache: MediaCache | None, progress=None) -> MediaCache:
     """The call's cache on the model's device, computing what is missing."""
     if cache is None:
@@ -195,6 +208,11 @@ def _answer(model, processor, call: AskCall, progress) -> CallResult:
     mem_masks = [torch.from_numpy(m.unpack()) for m in call.mem_masks[covered:]]
     report(progress, 0.2, "generating the answer")
     cache.kv = None  # `past` grows in place: a call that fails midway must not leave it half-written
+    kwargs = dict(call.generate_kwargs)
+    if progress is not None:
+        criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        criteria.append(TokenProgress(progress, inputs["input_ids"].shape[1], call.max_new_tokens))
+        kwargs["stopping_criteria"] = criteria
     out = model.generate(
         **inputs,
         **cache.vision,
@@ -204,7 +222,7 @@ def _answer(model, processor, call: AskCall, progress) -> CallResult:
         decode_input_segs=False,
         max_new_tokens=call.max_new_tokens,
         progress=lambda f, t: report(progress, 0.6 + 0.4 * f, t),
-        **call.generate_kwargs,
+        **kwargs,
     )
     text = processor.tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
     for end in _END_TOKENS:

@@ -21,5 +21,13 @@ class TooManyObjectsError(UniPixelError):
     """The memory bank is full."""
 
 
+class CallCancelled(UniPixelError):
+    """A model call was cancelled (its user left or pressed stop) before it finished: nothing was recorded."""
+
+
+class SessionBusyError(UniPixelError):
+    """A session already has a model call running; it takes one at a time."""
+
+
 class CheckpointError(UniPixelError):
     """A checkpoint cannot be loaded: missing files, or weights that do not match the model."""

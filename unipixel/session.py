@@ -6,6 +6,7 @@ Everything computed for the media (vision tokens, SAM 2 frame features) is compu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import threading
@@ -18,7 +19,7 @@ import torch
 
 from .cache_budget import CacheBudget
 from .calls import AskCall, CallResult, MediaCache, ObjectCall, PackedMasks, Progress, report, run_call
-from .errors import PromptError, TooManyObjectsError
+from .errors import CallCancelled, PromptError, SessionBusyError, TooManyObjectsError
 from .media import Media
 from .memory import MemoryObject, ObjectMemoryBank
 from .model import RefPrompt, mem_slots
@@ -98,9 +99,23 @@ class Session:
         self._mem_masks: list[PackedMasks] = []  # every `<|mem|>` of the history, in order
 
     # ---- model calls -----------------------------------------------------------------------------
-    def _run(self, call, progress: Progress | None) -> CallResult:
+    @contextlib.contextmanager
+    def _one_call(self):
+        """One model call at a time per session: another one is refused, not queued behind it."""
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusyError("this session is still working on its previous request: "
+                                   "wait for it to finish (or stop it), then try again")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _run(self, call, progress: Progress | None, cancel: threading.Event | None) -> CallResult:
+        """Run `call`; a set `cancel` stops it at its next progress report (token or frame)."""
         call.cache = self.cache
-        result = self.runner(call, progress)
+        result = self.runner(call, _cancellable(progress, cancel))
+        if cancel is not None and cancel.is_set():  # e.g. the session was closed meanwhile: keep nothing
+            raise _cancelled()
         self.cache = result.cache
         if self.budget is not None:
             self.budget.charge(self, result.cache.nbytes)
@@ -121,9 +136,11 @@ class Session:
         return P.video_grid(self.processor, self.media.frames.shape)
 
     # ---- objects -------------------------------------------------------------------------------
-    def add_object(self, prompt: VisualPrompt, *, name: str | None = None, progress: Progress | None = None):
-        """Add a drawn object to the bank; points and boxes are segmented by memory pre-filling."""
-        with self._lock:
+    def add_object(self, prompt: VisualPrompt, *, name: str | None = None, progress: Progress | None = None,
+                   cancel: threading.Event | None = None):
+        """Add a drawn object to the bank; points and boxes are segmented by memory pre-filling.
+        A set `cancel` stops the call and adds nothing (`CallCancelled`)."""
+        with self._one_call():
             self._check_frame(prompt.frame)
             if len(self.bank) >= self.bank.max_objects:  # refuse before any model work
                 raise TooManyObjectsError(
@@ -134,7 +151,7 @@ class Session:
             elif prompt.kind in ("point", "box"):
                 ref, clicks = self._ref_prompt(prompt)
                 call = ObjectCall(self.media.frames, f"[{self.bank.next_id}]", ref, clicks)
-                masks = self._run(call, progress).masks[0]
+                masks = self._run(call, progress, cancel).masks[0]
             else:
                 raise PromptError(f"unknown prompt kind {prompt.kind!r}: use point, box or mask")
             obj = self.bank.add(masks, prompt.kind, name=name, source_frame=prompt.frame)
@@ -175,9 +192,12 @@ class Session:
         return ref, (prompt.frame, coords, labels)
 
     # ---- questions -----------------------------------------------------------------------------
-    def ask(self, text: str, *, progress: Progress | None = None) -> TurnResult:
-        """Answer a question; `[id]` mentions inject those objects, each `<|seg|>` becomes an object."""
-        with self._lock:
+    def ask(self, text: str, *, progress: Progress | None = None, cancel: threading.Event | None = None) -> TurnResult:
+        """Answer a question; `[id]` mentions inject those objects, each `<|seg|>` becomes an object.
+
+        The turn is recorded whole or not at all: a set `cancel` (`CallCancelled`) or an answer
+        segmenting more objects than the bank has room for (`TooManyObjectsError`) records nothing."""
+        with self._one_call():
             text = (text or "").strip()
             if not text:
                 raise PromptError("the question is empty: type a question or an instruction")
@@ -190,11 +210,27 @@ class Session:
             mem_masks = self._mem_masks + [PackedMasks.pack(self.bank.get(i).masks) for i in mentioned]
             call = AskCall(self.media.frames, self._messages + [user], mem_masks, self.max_new_tokens,
                            self.generate_kwargs)  # fmt: skip
-            out = self._run(call, progress)
+            self._check_length(call.messages, text)
+            out = self._run(call, progress, cancel)
             result = self._record_turn(text, out.answer, out.masks, start)
             self._messages += [user, {"role": "assistant", "content": [{"type": "text", "text": result.raw_answer}]}]
             self._mem_masks = mem_masks
             return result
+
+    def _check_length(self, messages: list[dict], question: str) -> None:
+        """Refuse, before any model work, a prompt whose answer would run past the model's positions."""
+        limit = self.model.config.text_config.max_position_embeddings
+        total = P.tokenize_chat(self.processor, messages, self.grid_thw)["input_ids"].shape[1]
+        if total + self.max_new_tokens <= limit:
+            return
+        asked = len(self.processor.tokenizer(question, add_special_tokens=False)["input_ids"])
+        media = P.num_video_tokens(self.grid_thw)
+        room = max(0, limit - self.max_new_tokens - (total - asked))
+        raise PromptError(
+            f"the question is too long: {asked} tokens, where the model reads {limit} positions and this media "
+            f"({media}), the chat so far and the answer (up to {self.max_new_tokens}) leave room for {room}; "
+            "shorten the question (or clear the chat)"
+        )
 
     def _mentions(self, text: str) -> list[int]:
         ids = list(dict.fromkeys(int(m) for m in _MENTION.findall(text)))
@@ -204,10 +240,19 @@ class Session:
 
     def _record_turn(self, question: str, text: str, masks, start: float) -> TurnResult:
         """Each `<|seg|>` becomes a new object shown as its label; a "[k] " before it stays only
-        when k is a remembered object (else it would name an object that does not exist)."""
+        when k is a remembered object (else it would name an object that does not exist).
+        Masks pair with the targets in order; a `<|seg|>` spelled out in plain characters beyond
+        the model's seg tokens stays text. Checked before any change, so a failure records nothing."""
+        matches = list(_SEG_TARGET.finditer(text))[: 0 if masks is None else len(masks)]
+        room = self.bank.max_objects - len(self.bank)
+        if len(matches) > room:
+            raise TooManyObjectsError(
+                f"the answer segmented {len(matches)} objects but the memory bank has room for {room} more "
+                f"(of {self.bank.max_objects}): delete some objects and ask again; this turn was not recorded"
+            )
         turn = len(self.turns) + 1
         answer, targets, new_objects, last = "", [], [], 0
-        for k, match in enumerate(_SEG_TARGET.finditer(text)):
+        for k, match in enumerate(matches):
             named = match.group(1) if match.group(2) and int(match.group(2)) in self.bank else ""
             obj = self.bank.add(masks[k], "answer", turn=turn)
             answer += text[last : match.start()] + named
@@ -228,3 +273,20 @@ class Session:
             self.turns.clear()
             self._messages.clear()
             self._mem_masks = []
+
+
+def _cancelled() -> CallCancelled:
+    return CallCancelled("the request was cancelled before it finished: nothing was recorded")
+
+
+def _cancellable(progress: Progress | None, cancel: threading.Event | None) -> Progress | None:
+    """`progress` that raises `CallCancelled` once `cancel` is set: the call stops at its next report."""
+    if cancel is None:
+        return progress
+
+    def checked(fraction: float, text: str) -> None:
+        if cancel.is_set():
+            raise _cancelled()
+        report(progress, fraction, text)
+
+    return checked
