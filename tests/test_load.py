@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RSS_MARGIN_MB = 250  # allocator and first-use growth (thread pools, Gradio caches) that never goes back
+RSS_MARGIN_MB = 400  # first-use growth (thread pools, Gradio caches, allocator arenas) that stays: 80-170 MB here
 
 
 @pytest.mark.slow
@@ -24,4 +24,4 @@ def test_eight_clients_in_parallel(tmp_path):
     assert all(u["own_objects_only"] and u["chat_messages"] == 4 for u in users)
     assert result["session_dirs"] == {"after_load": 8, "after_ttl": 0}
     rss = result["rss_mb"]
-    assert rss["after"] - rss["idle"] < RSS_MARGIN_MB, rss
+    assert rss["after"] < rss["loaded"] and rss["after"] - rss["idle"] < RSS_MARGIN_MB, rss
