@@ -136,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", type=Path, metavar="RUN_A")
     compare.add_argument("run_b", type=Path, metavar="RUN_B")
     compare.add_argument("--html", type=Path, required=True, help="the report to write (self-contained)")
+
+    convert = commands.add_parser("convert", help="make a prompt set from a benchmark's layout")
+    layouts = convert.add_subparsers(dest="layout", required=True, metavar="LAYOUT")
+    refcoco = layouts.add_parser("refcoco", help="RefCOCO/+/g: COCO instances.json + refs(unc).p + images")
+    refcoco.add_argument("--instances", type=Path, required=True)
+    refcoco.add_argument("--refs", type=Path, required=True, help="refs(*).p (pickle) or the same list as JSON")
+    refcoco.add_argument("--images", type=Path, required=True, help="the COCO image folder")
+    refcoco.add_argument("--split", default=None, help="keep one split, e.g. val")
+    refvos = layouts.add_parser("refvos", help="Ref-YouTube-VOS / MeViS / ReVOS: a split folder with meta_expressions.json")
+    refvos.add_argument("root", type=Path, metavar="SPLIT_DIR")
+    refvos.add_argument("--frames", type=int, default=16, help="num_frames of each item (default 16)")
+    for layout in (refcoco, refvos):
+        layout.add_argument("--out", type=Path, required=True, help="the prompt set to write (PROMPTS.jsonl)")
     return parser
 
 
@@ -325,6 +338,17 @@ def run_compare(args) -> int:
     return 0
 
 
+def run_convert(args) -> int:
+    from .converters import refcoco_to_prompt_set, refvos_to_prompt_set
+
+    if args.layout == "refcoco":
+        out = refcoco_to_prompt_set(args.instances, args.refs, args.images, args.out, split=args.split)
+    else:
+        out = refvos_to_prompt_set(args.root, args.out, num_frames=args.frames)
+    print(out)
+    return 0
+
+
 def run_tiny(args) -> int:
     from .model.tiny import build_tiny_checkpoint
 
@@ -336,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return {"tiny": run_tiny, "infer": run_infer, "batch": run_batch, "compare": run_compare}[args.command](args)
+        return {"tiny": run_tiny, "infer": run_infer, "batch": run_batch, "compare": run_compare, "convert": run_convert}[args.command](args)
     except UniPixelError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
