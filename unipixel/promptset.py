@@ -71,9 +71,9 @@ def read_prompt_set(path: str | Path, default_frames: int = 16) -> list[PromptIt
             data = json.loads(text)
             if not isinstance(data, dict):
                 raise PromptError("an item must be a JSON object")
+            if str(data.get("id", item_id)) in seen:  # reported under its line: the id is the first item's
+                raise PromptError(f"the id {data['id']!r} is used by an earlier item")
             item_id = str(data.get("id", item_id))
-            if item_id in seen:
-                raise PromptError("this id is used by an earlier item")
             seen.add(item_id)
             items.append(_parse_item(data, item_id, number, path.parent, default_frames))
         except (ValueError, PromptError) as err:  # json.JSONDecodeError is a ValueError
