@@ -30,6 +30,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--session-ttl", type=int, default=1800,
                         help="seconds a session idle (closed tab, finished API client) keeps its media and objects")
+    parser.add_argument("--results-dir", default="runs",
+                        help="the Evaluate tab opens batch runs (python -m unipixel batch) below this folder (default ./runs)")
     parser.add_argument("--cache-gb", type=float, default=None,
                         help="memory for the features all sessions keep (default: a quarter of the GPU, 4 on CPU); "
                              "past it the least recently used sessions recompute theirs")
@@ -37,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def create_demo(model_name: str | None = None, device: str | None = None, dtype: str | None = None,
-                cache_gb: float | None = None, session_ttl: int = 1800):
+                cache_gb: float | None = None, session_ttl: int = 1800, results_dir: str | None = None):
     """Resolve and load the model (the offline model when the hub is out of reach), build the UI."""
     import unipixel
     from demo import build_demo
@@ -50,7 +52,8 @@ def create_demo(model_name: str | None = None, device: str | None = None, dtype:
     shown_name = "offline model" if resolved.offline else (model_name or resolved.path)
     return build_demo(model, processor, model_name=shown_name, offline=resolved.offline, device=model.device,
                       dtype=model.dtype, offline_reason=resolved.reason,
-                      cache_bytes=None if cache_gb is None else int(cache_gb * 1024**3), session_ttl=session_ttl)
+                      cache_bytes=None if cache_gb is None else int(cache_gb * 1024**3), session_ttl=session_ttl,
+                      results_dir=results_dir)
 
 
 def launch(demo, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
@@ -68,7 +71,7 @@ def launch(demo, *, host: str | None = None, port: int | None = None, share: boo
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    demo = create_demo(args.model, args.device, args.dtype, args.cache_gb, args.session_ttl)
+    demo = create_demo(args.model, args.device, args.dtype, args.cache_gb, args.session_ttl, args.results_dir)
     launch(demo, host=args.host, port=args.port, share=args.share)
 
 

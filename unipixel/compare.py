@@ -44,6 +44,8 @@ def _embed(run: Path, record: dict | None) -> str:
     if not record or record.get("status") != "ok":
         return f"<p class=error>{html.escape((record or {}).get('error', 'not in this run'))}</p>"
     path = run / record["overlay"]
+    if not path.is_file():
+        return f"<p class=error>overlay missing: {html.escape(record['overlay'])}</p>"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     if path.suffix == ".mp4":
         return f'<video src="data:video/mp4;base64,{data}" controls loop muted playsinline></video>'
