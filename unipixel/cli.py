@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .errors import PromptError, UniPixelError
 
 EXIT_ERROR = 2  # a UniPixelError: bad media, prompt or checkpoint (argparse uses 2 for bad flags too)
