@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import UniPixelError
 from .export import export_overlay, playback_fps
-from .media import Media, load_media
+from .media import load_media
 from .memory import rle_encode
 from .metrics import aggregate, score_masks
 from .promptset import BadItem, PromptItem, ground_truth_masks, read_prompt_set, visual_prompt
@@ -185,27 +185,30 @@ def run_batch(
     bar = tqdm(total=len(entries), desc="items", unit="item", file=sys.stderr, disable=not progress)
     with _open_results(out / "results.jsonl") as results:
 
-        def failed(item_id: str, error: str) -> None:
-            report(f"skipped {item_id}: {error}")
-            _write_line(results, {"id": item_id, "status": "error", "error": error})
+        def finish(record: dict) -> None:
+            if record["status"] == "error":
+                report(f"skipped {record['id']}: {record['error']}")
+            _write_line(results, record)
             bar.update()
 
         for bad in (e for e in entries if isinstance(e, BadItem)):
             where = "" if bad.id == f"line {bad.line}" else f"line {bad.line}: "
-            failed(bad.id, where + bad.error)
+            finish(_error(bad.id, where + bad.error))
         for (path, frames), group in _media_groups([e for e in entries if isinstance(e, PromptItem)]).items():
             start = time.perf_counter()
             try:
                 media = load_media(path, num_frames=frames)
             except UniPixelError as err:
                 for item in group:
-                    failed(item.id, str(err))
+                    finish(_error(item.id, str(err)))
                 continue
             media_seconds, cache = round(time.perf_counter() - start, 3), None
             for item in group:
                 bar.set_postfix_str(item.id)
-                cache = _run_one(item, model, processor, media, cache, out, max_new_tokens, media_seconds, results, failed)
-                bar.update()
+                session = Session(model, processor, media, max_new_tokens=max_new_tokens)
+                session.cache = cache  # the media's features, computed by the first item on it
+                finish(_item_record(item, session, out, media_seconds))
+                cache = session.cache
     bar.close()
 
     summary = summarize(read_results(out))
@@ -215,18 +218,19 @@ def run_batch(
     return summary
 
 
-def _run_one(item, model, processor, media: Media, cache, out: Path, max_new_tokens, media_seconds, results, failed):
-    """One item in a fresh session on the media's shared features; returns the features for the next item."""
-    start = time.perf_counter()
-    session = Session(model, processor, media, max_new_tokens=max_new_tokens)
-    session.cache = cache
+def _error(item_id: str, error: str) -> dict:
+    return {"id": item_id, "status": "error", "error": error}
+
+
+def _item_record(item: PromptItem, session: Session, out: Path, media_seconds: float) -> dict:
+    """The item run in `session`, with its overlay written: its results.jsonl record."""
+    start, media = time.perf_counter(), session.media
     try:
         record = run_item(item, session)
         folder = out / "items" / item_folder(item.id)
         overlay = export_overlay(media.frames, session.bank, folder, fps=playback_fps(media))
     except UniPixelError as err:
-        failed(item.id, str(err))
-        return session.cache
+        return _error(item.id, str(err))
     record = {
         "id": item.id,
         "status": "ok",
@@ -241,5 +245,4 @@ def _run_one(item, model, processor, media: Media, cache, out: Path, max_new_tok
         "media_seconds": media_seconds,  # loading the media, shared by the items on it
     }
     record["score"] = item_score(record)
-    _write_line(results, record)
-    return session.cache
+    return record
