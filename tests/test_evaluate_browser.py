@@ -56,7 +56,7 @@ def url(tiny_model, free_port, results):
 
 def choose(page, elem_id: str, option: str) -> None:
     page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
+    page.locator(f"#{elem_id}").get_by_role("option", name=option, exact=True).click()
     idle(page)
 
 
