@@ -31,6 +31,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=None, help="address to listen on, e.g. 0.0.0.0 (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--results-dir", default="runs",
+                        help="the Evaluate tab opens batch runs (python -m unipixel batch) below this folder (default ./runs)")
     parser.add_argument("--cache-gb", type=float, default=None,
                         help="memory for the features all sessions keep (default: a quarter of the GPU, 4 on CPU); "
                              "past it the least recently used sessions recompute theirs")
@@ -43,7 +45,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def create_demo(model_name: str | None = None, device: str | None = None, dtype: str | None = None,
-                cache_gb: float | None = None, session_ttl_minutes: float = SESSION_TTL / 60):
+                cache_gb: float | None = None, session_ttl_minutes: float = SESSION_TTL / 60,
+                results_dir: str | None = None):
     """Resolve and load the model (the offline model when the hub is out of reach), build the UI."""
     import unipixel
     from demo import build_demo
@@ -57,7 +60,7 @@ def create_demo(model_name: str | None = None, device: str | None = None, dtype:
     return build_demo(model, processor, model_name=shown_name, offline=resolved.offline, device=model.device,
                       dtype=model.dtype, offline_reason=resolved.reason,
                       cache_bytes=None if cache_gb is None else int(cache_gb * 1024**3),
-                      session_ttl=session_ttl_minutes * 60)
+                      session_ttl=session_ttl_minutes * 60, results_dir=results_dir)
 
 
 def launch(demo, *, host: str | None = None, port: int | None = None, share: bool = False,
@@ -89,7 +92,7 @@ def exit_on_signals(demo) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    demo = create_demo(args.model, args.device, args.dtype, args.cache_gb, args.session_ttl)
+    demo = create_demo(args.model, args.device, args.dtype, args.cache_gb, args.session_ttl, args.results_dir)
     exit_on_signals(demo)
     launch(demo, host=args.host, port=args.port, share=args.share, queue_size=args.queue_size)
 

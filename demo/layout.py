@@ -57,7 +57,7 @@ def example_rows() -> list[list[str]]:
 def build_demo(model, processor, *, model_name: str, offline: bool, device, dtype,
                offline_reason: str | None = None, max_objects: int = 32,
                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, cache_bytes: int | None = None,
-               session_ttl: float = SESSION_TTL) -> gr.Blocks:
+               session_ttl: float = SESSION_TTL, results_dir: str | Path | None = None) -> gr.Blocks:
     """The whole playground as one gr.Blocks (queue and launch it as app.py does).
 
     `cache_bytes`: the features all sessions keep, together (default: a quarter of a GPU, 4 GB elsewhere).
@@ -257,6 +257,10 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         on(all_btn.click, app.show_all, [state], bank_views, "show_all")
         on(delete_btn.click, app.delete_object, [state, objects], [*canvas_views, *bank_views], "delete_object")
 
+        if results_dir is not None:  # the Evaluate tab: batch runs under this directory
+            from .evaluate import build_evaluate
+
+            build_evaluate(results_dir)
     return demo
 
 

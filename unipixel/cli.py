@@ -1,7 +1,9 @@
-"""`python -m unipixel`: build the tiny offline checkpoint, or run one question on one media file.
+"""`python -m unipixel`: build the tiny offline checkpoint, ask one question about one media file, run a prompt set, compare two runs.
 
     python -m unipixel tiny OUT_DIR [--seed N]
     python -m unipixel infer MEDIA "PROMPT" [--point X,Y[@F]] [--box X1,Y1,X2,Y2[@F]] [--mask PNG[@F]] ...
+    python -m unipixel batch PROMPTS.jsonl --model M --out RUN/
+    python -m unipixel compare RUN_A RUN_B --html report.html
 
 Coordinates are pixels of the original media; F is a sampled-frame index (default 0).
 """
@@ -14,8 +16,6 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from .errors import PromptError, UniPixelError
 
@@ -115,10 +115,45 @@ def build_parser() -> argparse.ArgumentParser:
     add("--box", type=parse_box, kind="box", metavar="X1,Y1,X2,Y2[@F]", help="box, top-left and bottom-right")
     add("--mask", type=parse_mask, kind="mask", metavar="PNG[@F]", help="mask image, white (>= 128) is the object")
     infer.add_argument("--out", type=Path, default=None, help="output folder (default: ./outputs/<media stem>)")
-    infer.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    infer.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bfloat16 on CUDA, float32 on CPU")
-    infer.add_argument("--max-new-tokens", type=int, default=512)
+    _model_flags(infer)
+
+    batch = commands.add_parser(
+        "batch",
+        help="run a prompt set (JSON Lines) over many media and score it",
+        description="Run every item of a prompt set (the README documents the format) through a session and "
+        "write RUN/results.jsonl, overlays, RUN/manifest.json and RUN/summary.json. Rerun with the same --out "
+        "to resume: finished items are skipped.",
+    )
+    batch.add_argument("prompts", type=Path, metavar="PROMPTS.jsonl")
+    batch.add_argument("--model", default=None, help="hub id or checkpoint folder (default: the published UniPixel-3B)")
+    batch.add_argument("--out", type=Path, required=True, help="run folder (created; reused to resume)")
+    batch.add_argument("--frames", type=int, default=16, help="frames sampled from a video when an item gives no num_frames")
+    _model_flags(batch)
+
+    compare = commands.add_parser("compare", help="put two runs of the same prompt set side by side in one HTML file")
+    compare.add_argument("run_a", type=Path, metavar="RUN_A")
+    compare.add_argument("run_b", type=Path, metavar="RUN_B")
+    compare.add_argument("--html", type=Path, required=True, help="the report to write (self-contained)")
+
+    convert = commands.add_parser("convert", help="make a prompt set from a benchmark's layout")
+    layouts = convert.add_subparsers(dest="layout", required=True, metavar="LAYOUT")
+    refcoco = layouts.add_parser("refcoco", help="RefCOCO/+/g: COCO instances.json + refs(unc).p + images")
+    refcoco.add_argument("--instances", type=Path, required=True)
+    refcoco.add_argument("--refs", type=Path, required=True, help="refs(*).p (pickle) or the same list as JSON")
+    refcoco.add_argument("--images", type=Path, required=True, help="the COCO image folder")
+    refcoco.add_argument("--split", default=None, help="keep one split, e.g. val")
+    refvos = layouts.add_parser("refvos", help="Ref-YouTube-VOS / MeViS / ReVOS: a split folder with meta_expressions.json")
+    refvos.add_argument("root", type=Path, metavar="SPLIT_DIR")
+    refvos.add_argument("--frames", type=int, default=16, help="num_frames of each item (default 16)")
+    for layout in (refcoco, refvos):
+        layout.add_argument("--out", type=Path, required=True, help="the prompt set to write (PROMPTS.jsonl)")
     return parser
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
 
 
 # ---- infer -------------------------------------------------------------------------------------
@@ -163,16 +198,6 @@ def check_device(device: str | None) -> None:
         raise UniPixelError(f"--device {device}: no CUDA device is available here (try --device cpu)")
 
 
-def read_mask_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L")) >= 128
-    except (OSError, ValueError, SyntaxError) as err:  # missing, unreadable or corrupt file
-        raise PromptError(f"cannot read the mask '{path}': {err}") from err
-
-
 class ProgressBar:
     """One tqdm bar over all slow steps, fed by the session's (fraction, text) progress callback."""
 
@@ -210,16 +235,8 @@ def format_answer(result, bank, color: bool) -> str:
     return "".join(out) + result.answer[last:]
 
 
-def playback_fps(media) -> float:
-    """Frames per second that play the sampled frames in real time, kept watchable."""
-    if not media.fps or media.num_frames < 2:
-        return 2.0
-    seconds = media.num_source_frames / media.fps
-    return float(min(30.0, max(1.0, media.num_frames / seconds)))
-
-
 def write_outputs(out_dir: Path, media, session, result, model_path: str, offline: bool) -> list[Path]:
-    from .export import export_masks_png, export_overlay, export_rle_json
+    from .export import export_masks_png, export_overlay, export_rle_json, playback_fps
 
     out_dir.mkdir(parents=True, exist_ok=True)
     bank = session.bank
@@ -242,10 +259,23 @@ def write_outputs(out_dir: Path, media, session, result, model_path: str, offlin
     return written
 
 
-def run_infer(args) -> int:
+def load_for(args):
+    """(resolved model, model, processor) for the --model, --device and --dtype flags."""
     from .hub import resolve_model
-    from .media import load_media
     from .model import load_model
+
+    check_device(args.device)
+    resolved = resolve_model(os.path.expanduser(args.model) if args.model else None)
+    if resolved.offline:
+        why = f"{resolved.reason}; " if resolved.reason else ""
+        print(f"warning: {why}using the offline model (a small stand-in for UniPixel: answers are not meaningful)", file=sys.stderr)
+    model, processor = load_model(resolved.path, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
+    return resolved, model, processor
+
+
+def run_infer(args) -> int:
+    from .media import load_media
+    from .promptset import read_mask_png
     from .session import Session
 
     if args.frames < 1 or args.max_new_tokens < 1:
@@ -257,12 +287,7 @@ def run_infer(args) -> int:
     if not args.prompt.strip():
         raise PromptError("the prompt is empty: give a question or an instruction")
 
-    check_device(args.device)
-    resolved = resolve_model(os.path.expanduser(args.model) if args.model else None)
-    if resolved.offline:
-        why = f"{resolved.reason}; " if resolved.reason else ""
-        print(f"warning: {why}using the offline model (a small stand-in for UniPixel: answers are not meaningful)", file=sys.stderr)
-    model, processor = load_model(resolved.path, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
+    resolved, model, processor = load_for(args)
     session = Session(model, processor, media, max_new_tokens=args.max_new_tokens)
 
     bar = ProgressBar(steps=len(objects) + 2)  # each object, the answer, the files
@@ -289,6 +314,39 @@ def run_infer(args) -> int:
     return 0
 
 
+def run_batch(args) -> int:
+    from .batch import run_batch as run
+
+    if args.frames < 1 or args.max_new_tokens < 1:
+        raise PromptError("--frames and --max-new-tokens must be at least 1")
+    if not args.prompts.is_file():
+        raise PromptError(f"the prompt set '{args.prompts}' does not exist")
+    resolved, model, processor = load_for(args)
+    summary = run(args.prompts, model, processor, args.out, model_path=resolved.path,
+                  max_new_tokens=args.max_new_tokens, default_frames=args.frames)  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    print(f"results written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def run_compare(args) -> int:
+    from .compare import write_report
+
+    print(write_report(args.run_a, args.run_b, args.html))
+    return 0
+
+
+def run_convert(args) -> int:
+    from .converters import refcoco_to_prompt_set, refvos_to_prompt_set
+
+    if args.layout == "refcoco":
+        out = refcoco_to_prompt_set(args.instances, args.refs, args.images, args.out, split=args.split)
+    else:
+        out = refvos_to_prompt_set(args.root, args.out, num_frames=args.frames)
+    print(out)
+    return 0
+
+
 def run_tiny(args) -> int:
     from .model.tiny import build_tiny_checkpoint
 
@@ -300,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return {"tiny": run_tiny, "infer": run_infer}[args.command](args)
+        return {"tiny": run_tiny, "infer": run_infer, "batch": run_batch, "compare": run_compare, "convert": run_convert}[args.command](args)
     except UniPixelError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import MediaError
-from .media import media_from_frames
+from .media import Media, media_from_frames
 from .memory import ObjectMemoryBank, rle_encode
 from .render import overlay_video
 
@@ -141,3 +141,11 @@ def export_overlay(
     if len(overlays) == 1:
         return write_png(overlays[0], out_dir / "overlay.png")
     return write_video(overlays, out_dir / "overlay.mp4", fps)
+
+
+def playback_fps(media: Media) -> float:
+    """Frames per second that play the sampled frames in real time, kept watchable."""
+    if not media.fps or media.num_frames < 2:
+        return 2.0
+    seconds = media.num_source_frames / media.fps
+    return float(min(30.0, max(1.0, media.num_frames / seconds)))

@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..metrics import dilate, iou, j_and_f
 from ..model import processing as P
 from ..model.visual_prompts import mem_slots
 from .conversations import DESCRIBE, ref_spec
@@ -31,49 +31,11 @@ from .scenes import COLORS, SHAPES, Scene, make_scene
 OK_TRACK = 0.8  # a PixelQA track this good is named nearly as well as the true mask (NOTES.md)
 
 
-# ---- metrics ---------------------------------------------------------------------------------------
-def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """IoU of two masks; two empty masks agree perfectly (DAVIS convention)."""
-    union = np.logical_or(pred, gt).sum()
-    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
-
-
-def _boundary(mask: torch.Tensor) -> torch.Tensor:
-    """Pixels of the mask with a 4-neighbour outside it."""
-    m = mask.float()[None, None]
-    eroded = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1), value=0), 3, stride=1)
-    return (m - eroded)[0, 0] > 0
-
-
-def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    yy, xx = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij")
-    disk = ((yy**2 + xx**2) <= radius**2).float()[None, None]
-    return F.conv2d(mask.float()[None, None], disk, padding=radius)[0, 0] > 0
-
-
-def boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> float:
-    """DAVIS boundary F-measure: boundary precision/recall within a tolerance of 0.8% of the diagonal."""
-    radius = max(1, int(np.ceil(bound_th * np.hypot(*gt.shape))))
-    bp, bg = _boundary(torch.from_numpy(pred)), _boundary(torch.from_numpy(gt))
-    if not bp.any() and not bg.any():
-        return 1.0
-    if not bp.any() or not bg.any():
-        return 0.0
-    precision = float((bp & _dilate(bg, radius)).sum() / bp.sum())
-    recall = float((bg & _dilate(bp, radius)).sum() / bg.sum())
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-
-
-def j_and_f(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
-    """Mean region similarity J (IoU) and boundary F over the frames of a [T, H, W] track."""
-    return (float(np.mean([iou(p, g) for p, g in zip(pred, gt)])),
-            float(np.mean([boundary_f(p, g) for p, g in zip(pred, gt)])))  # fmt: skip
-
-
+# ---- where the misses come from -------------------------------------------------------------------
 def touches(mask: np.ndarray, others: list[np.ndarray], gap: int = 3) -> bool:
     """Whether `mask` comes within `gap` pixels of any of `others` (where PixelQA masks go wrong:
     SAM 2 takes the touching object too)."""
-    near = _dilate(torch.from_numpy(mask), gap).numpy()
+    near = dilate(mask, gap)
     return any((near & o).any() for o in others)
 
 

@@ -1,0 +1,115 @@
+"""The Evaluate tab: browse the batch runs (`python -m unipixel batch`) kept under one results directory,
+as a gallery of overlays with questions, answers and scores, or two runs side by side.
+
+Only run folders inside the configured directory can be opened: the dropdowns list them, and every
+name the browser sends back is resolved and checked again.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from unipixel.batch import read_results, summarize
+from unipixel.compare import pair_runs, write_report
+from unipixel.errors import UniPixelError
+
+ORDERS = ("score, lowest first", "score, highest first", "id")
+
+
+def list_runs(results_dir: Path) -> list[str]:
+    """Run folders (those holding results.jsonl) below `results_dir`, as paths relative to it."""
+    return sorted(str(p.parent.relative_to(results_dir)) for p in results_dir.rglob("results.jsonl"))
+
+
+def resolve_run(results_dir: Path, name: str | None) -> Path:
+    if not name:
+        raise UniPixelError("pick a run folder first")
+    run = (results_dir / name).resolve()
+    if not run.is_relative_to(results_dir.resolve()) or not (run / "results.jsonl").is_file():
+        raise UniPixelError(f"'{name}' is not a run folder in the results directory")
+    return run
+
+
+def _caption(record: dict) -> str:
+    score = "no score" if record.get("score") is None else f"score {record['score']:.3f}"
+    asked = [t for t in record["turns"] if "question" in t]
+    last = f" · {asked[-1]['question']} → {asked[-1]['answer']}" if asked else ""
+    return f"{record['id']} · {score}{last}"
+
+
+def gallery(results_dir: Path, name: str | None, order: str, min_score: float) -> tuple[list, str]:
+    """The run's finished items as (overlay, caption), ordered and filtered; and the run's summary."""
+    run = resolve_run(results_dir, name)
+    records = read_results(run)
+    ok = [r for r in records.values() if r["status"] == "ok" and (r.get("score") is None or r["score"] >= min_score)]
+    if order == "id":
+        ok.sort(key=lambda r: r["id"])
+    else:
+        sign = -1 if order == ORDERS[1] else 1
+        ok.sort(key=lambda r: (r.get("score") is None, sign * (r.get("score") or 0.0)))
+    summary = summarize(records)
+    lines = [f"**{summary['ok']}** items done, **{summary['errors']}** failed; showing {len(ok)}."]
+    lines += [f"- {kind}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items())
+              for kind, s in summary["scores"].items()]  # fmt: skip
+    return [(str(run / r["overlay"]), _caption(r)) for r in ok], "\n".join(lines)
+
+
+def comparison(results_dir: Path, name_a: str | None, name_b: str | None) -> tuple[list[list], str]:
+    """Rows (item, score A, score B, B − A), largest disagreement first, and the HTML report's path."""
+    run_a, run_b = resolve_run(results_dir, name_a), resolve_run(results_dir, name_b)
+    pairs = pair_runs(run_a, run_b)
+    score = lambda r: None if r is None else r.get("score")  # noqa: E731
+    rows = [[p.id, score(p.a), score(p.b), p.difference] for p in pairs]
+    report = Path(tempfile.mkdtemp(prefix="unipixel-compare-")) / "report.html"
+    return rows, str(write_report(run_a, run_b, report))
+
+
+def _warn(fn, outputs: int):
+    """Library errors become a warning toast; the tab stays as it was."""
+
+    def handler(*args):
+        try:
+            return fn(*args)
+        except UniPixelError as err:
+            gr.Warning(str(err))
+            return (gr.skip(),) * outputs
+
+    return handler
+
+
+def build_evaluate(results_dir: str | Path) -> None:
+    """The Evaluate tab, inside the playground's gr.Blocks."""
+    results_dir = Path(results_dir).expanduser().resolve()
+    gr.set_static_paths([results_dir])  # the overlays are served from the run folders as they are
+
+    def run_names() -> list[str]:
+        return list_runs(results_dir) if results_dir.is_dir() else []
+
+    def runs_update():
+        runs = run_names()
+        return gr.update(choices=runs), gr.update(choices=runs)
+
+    runs = run_names()
+
+    with gr.Tab("Evaluate", elem_id="evaluate-tab") as tab:
+        gr.Markdown(f"Runs of `python -m unipixel batch` under `{results_dir}`.")
+        with gr.Row():
+            run = gr.Dropdown(label="Run", choices=runs, value=None, elem_id="eval-run")
+            order = gr.Radio(list(ORDERS), value=ORDERS[0], label="Order", elem_id="eval-order")
+            min_score = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Lowest score shown", elem_id="eval-min")
+            refresh = gr.Button("Refresh the list", size="sm", elem_id="eval-refresh")
+        summary = gr.Markdown(elem_id="eval-summary")
+        items = gr.Gallery(label="Items", columns=4, height="auto", elem_id="eval-gallery")
+        gr.Markdown("### Side by side")
+        with gr.Row():
+            other = gr.Dropdown(label="Compare with", choices=runs, value=None, elem_id="eval-other")
+            report = gr.File(label="Report (HTML)", elem_id="eval-report")
+        table = gr.Dataframe(headers=["item", "score A", "score B", "B − A"], interactive=False, elem_id="eval-table")
+
+    show = _warn(lambda *a: gallery(results_dir, *a), 2)
+    gr.on([run.change, order.change, min_score.release], show, [run, order, min_score], [items, summary])
+    compare = _warn(lambda a, b: comparison(results_dir, a, b) if a and b else (gr.skip(), gr.skip()), 2)
+    gr.on([run.change, other.change], compare, [run, other], [table, report])
+    gr.on([tab.select, refresh.click], runs_update, None, [run, other])  # runs made while the app is up
