@@ -65,14 +65,18 @@ def num_video_tokens(grid_thw: torch.Tensor, merge_size: int = 2) -> int:
 def tokenize_chat(processor, messages: list[dict], grid_thw: torch.Tensor, add_generation_prompt: bool = True) -> dict:
     """Chat template -> input_ids with the video placeholder expanded (batch of one)."""
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = text.replace(VIDEO_PAD, VIDEO_PAD * num_video_tokens(grid_thw), 1)
     # Even pieces are ours (control tokens allowed), odd pieces were typed (spec §3: typed is text).
     # Typed text sits between a newline or special token and `<|im_end|>`, so the cut changes no merge.
     ids: list[int] = []
     for k, piece in enumerate(_TYPED.split(text)):
         ids += processor.tokenizer(piece, add_special_tokens=False, split_special_tokens=k % 2 == 1)["input_ids"]
-    ids = torch.tensor([ids])
+    # The placeholder becomes one token per merged vision token; expanding ids, not text, spares the
+    # tokenizer thousands of special-token matches every turn.
     video_id = processor.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+    if video_id in ids:
+        k = ids.index(video_id)
+        ids[k : k + 1] = [video_id] * num_video_tokens(grid_thw)
+    ids = torch.tensor([ids])
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
