@@ -202,19 +202,58 @@ class Session:
             if not text:
                 raise PromptError("the question is empty: type a question or an instruction")
             start = time.perf_counter()
-            mentioned = self._mentions(text)  # validates ids before any model work
-            grid = self.grid_thw
-            mem_objects = [(i, mem_slots(torch.from_numpy(self.bank.get(i).masks), grid[0])) for i in mentioned]
-            prefix = P.mem_prefix(mem_objects, self.media.num_frames) if mentioned else ""
-            user = P.user_message(prefix + P.typed(text), with_video=not self._messages)
-            mem_masks = self._mem_masks + [PackedMasks.pack(self.bank.get(i).masks) for i in mentioned]
+            user, mem_masks = self._user_turn(text)  # validates ids before any model work
             call = AskCall(self.media.frames, self._messages + [user], mem_masks, self.max_new_tokens,
                            self.generate_kwargs)  # fmt: skip
             self._check_length(call.messages, text)
             out = self._run(call, progress, cancel)
             result = self._record_turn(text, out.answer, out.masks, start)
-            self._messages += [user, {"role": "assistant", "content": [{"type": "text", "text": result.raw_answer}]}]
-            self._mem_masks = mem_masks
+            self._commit_turn(user, result.raw_answer, mem_masks)
+            return result
+
+    def _user_turn(self, text: str) -> tuple[dict, list[PackedMasks]]:
+        """The user message of a question (its `[id]` mentions introduced with their masks) and
+        every `<|mem|>` mask of the history once it is added."""
+        mentioned = self._mentions(text)
+        grid = self.grid_thw
+        mem_objects = [(i, mem_slots(torch.from_numpy(self.bank.get(i).masks), grid[0])) for i in mentioned]
+        prefix = P.mem_prefix(mem_objects, self.media.num_frames) if mentioned else ""
+        user = P.user_message(prefix + P.typed(text), with_video=not self._messages)
+        return user, self._mem_masks + [PackedMasks.pack(self.bank.get(i).masks) for i in mentioned]
+
+    def _commit_turn(self, user: dict, raw_answer: str, mem_masks: list[PackedMasks]) -> None:
+        self._messages += [user, {"role": "assistant", "content": [{"type": "text", "text": raw_answer}]}]
+        self._mem_masks = mem_masks
+
+    def restore_turn(self, question: str, answer: str, raw_answer: str, masks: list[np.ndarray]) -> TurnResult:
+        """Record a turn answered elsewhere (a batch run: `unipixel.reopen`) as `ask` would have, with
+        no model work: the question and `raw_answer` join the chat history, `masks` (one [T,H,W] per
+        `<|seg|>` of the answer, in order) become new objects, shown in `answer` by their labels.
+        Later questions then follow up on it as on an asked turn. Checked first: a failure records nothing."""
+        with self._one_call():
+            question = (question or "").strip()
+            if not question:
+                raise PromptError("the question is empty: a restored turn needs the question it answered")
+            user, mem_masks = self._user_turn(question)
+            if len(masks) > self.bank.max_objects - len(self.bank):
+                raise TooManyObjectsError(f"the turn segmented {len(masks)} objects but the memory bank has room for "
+                                          f"{self.bank.max_objects - len(self.bank)} more")
+            targets, end = [], 0
+            for object_id in range(self.bank.next_id, self.bank.next_id + len(masks)):
+                label = f"[{object_id}]"  # the label `_record_turn` wrote for the object this mask made
+                start = answer.find(label, end)
+                if start < 0:
+                    raise PromptError(f"the answer {answer!r} does not show {label}, the object of its mask")
+                end = start + len(label)
+                targets.append(Target(object_id, start, end))
+            turn = len(self.turns) + 1
+            shape = (self.media.num_frames, self.media.height, self.media.width)
+            if any(np.shape(m) != shape for m in masks):
+                raise PromptError(f"a restored mask must cover this media's {shape[0]} frames of {shape[2]}x{shape[1]}")
+            new_objects = [self.bank.add(m, "answer", turn=turn) for m in masks]
+            result = TurnResult(question, answer, raw_answer, targets, new_objects, 0.0)
+            self.turns.append(result)
+            self._commit_turn(user, raw_answer, mem_masks)
             return result
 
     def _check_length(self, messages: list[dict], question: str) -> None:
