@@ -1,5 +1,6 @@
 """The Evaluate tab: browse the batch runs (`python -m unipixel batch`) kept under one results directory,
-as a gallery of overlays with questions, answers and scores, or two runs side by side.
+as a gallery of overlays with questions, answers and scores, or two runs side by side; open an item
+in the playground to keep asking about it.
 
 Only run folders inside the configured directory can be opened: the dropdowns list them, and every
 name the browser sends back is resolved and checked again.
@@ -7,15 +8,18 @@ name the browser sends back is resolved and checked again.
 from __future__ import annotations
 
 import tempfile
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
 from unipixel.batch import read_results, summarize
-from unipixel.compare import pair_runs, write_report
+from unipixel.compare import TABLE_CSS, ItemPair, pair_runs, table_html, write_report
 from unipixel.errors import UniPixelError
 
 ORDERS = ("score, lowest first", "score, highest first", "id")
+DIFFERENCE_ORDERS = ("largest difference first", "B − A, lowest first", "B − A, highest first", "id")
 
 
 def list_runs(results_dir: Path) -> list[str]:
@@ -39,8 +43,9 @@ def _caption(record: dict) -> str:
     return f"{record['id']} · {score}{last}"
 
 
-def gallery(results_dir: Path, name: str | None, order: str, min_score: float) -> tuple[list, str]:
-    """The run's finished items as (overlay, caption), ordered and filtered; and the run's summary."""
+def gallery(results_dir: Path, name: str | None, order: str, min_score: float) -> tuple[list, str, list[str]]:
+    """The run's finished items as (overlay, caption), ordered and filtered; the run's summary;
+    and the items' ids, in the gallery's order."""
     run = resolve_run(results_dir, name)
     records = read_results(run)
     ok = [r for r in records.values() if r["status"] == "ok" and (r.get("score") is None or r["score"] >= min_score)]
@@ -53,17 +58,35 @@ def gallery(results_dir: Path, name: str | None, order: str, min_score: float) -
     lines = [f"**{summary['ok']}** items done, **{summary['errors']}** failed; showing {len(ok)}."]
     lines += [f"- {kind}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items())
               for kind, s in summary["scores"].items()]  # fmt: skip
-    return [(str(run / r["overlay"]), _caption(r)) for r in ok], "\n".join(lines)
+    return [(str(run / r["overlay"]), _caption(r)) for r in ok], "\n".join(lines), [r["id"] for r in ok]
 
 
-def comparison(results_dir: Path, name_a: str | None, name_b: str | None) -> tuple[list[list], str]:
-    """Rows (item, score A, score B, B − A), largest disagreement first, and the HTML report's path."""
+def order_pairs(pairs: list[ItemPair], order: str) -> list[ItemPair]:
+    """`pairs` in one of DIFFERENCE_ORDERS; items without two scores last (but in "id")."""
+    if order == "id":
+        return sorted(pairs, key=lambda p: p.id)
+    if order == DIFFERENCE_ORDERS[0]:
+        key = lambda d: -abs(d)  # noqa: E731
+    else:
+        key = (lambda d: d) if order == DIFFERENCE_ORDERS[1] else (lambda d: -d)  # noqa: E731
+    return sorted(pairs, key=lambda p: (p.difference is None, key(p.difference or 0.0)))
+
+
+def served(path: Path) -> str:
+    """The address of a file under the results directory (a static path of the app), relative to the page."""
+    return "gradio_api/file=" + urllib.parse.quote(str(path), safe="/")
+
+
+def comparison(results_dir: Path, name_a: str | None, name_b: str | None,
+               order: str = DIFFERENCE_ORDERS[0]) -> tuple[list[list], str, str]:
+    """Rows (item, score A, score B, B − A) in `order` (the largest disagreement first by default),
+    the HTML report's path, and the side-by-side table (overlays and answers) in the same order."""
     run_a, run_b = resolve_run(results_dir, name_a), resolve_run(results_dir, name_b)
-    pairs = pair_runs(run_a, run_b)
+    pairs = order_pairs(pair_runs(run_a, run_b), order)
     score = lambda r: None if r is None else r.get("score")  # noqa: E731
     rows = [[p.id, score(p.a), score(p.b), p.difference] for p in pairs]
     report = Path(tempfile.mkdtemp(prefix="unipixel-compare-")) / "report.html"
-    return rows, str(write_report(run_a, run_b, report))
+    return rows, str(write_report(run_a, run_b, report)), table_html(run_a, run_b, pairs, src=served)
 
 
 def _warn(fn, outputs: int):
@@ -79,7 +102,21 @@ def _warn(fn, outputs: int):
     return handler
 
 
-def build_evaluate(results_dir: str | Path) -> None:
+def _picked(ids: list[str], evt: gr.SelectData):
+    """The id of the item clicked in the gallery."""
+    return ids[evt.index] if isinstance(evt.index, int) and evt.index < len(ids) else gr.skip()
+
+
+@dataclass
+class EvaluateTab:
+    """What the playground wires to its own handlers: the run and item to open in the playground."""
+
+    run: gr.Dropdown
+    item: gr.Textbox
+    open: gr.Button
+
+
+def build_evaluate(results_dir: str | Path) -> EvaluateTab:
     """The Evaluate tab, inside the playground's gr.Blocks."""
     results_dir = Path(results_dir).expanduser().resolve()
     gr.set_static_paths([results_dir])  # the overlays are served from the run folders as they are
@@ -102,14 +139,23 @@ def build_evaluate(results_dir: str | Path) -> None:
             refresh = gr.Button("Refresh the list", size="sm", elem_id="eval-refresh")
         summary = gr.Markdown(elem_id="eval-summary")
         items = gr.Gallery(label="Items", columns=4, height="auto", elem_id="eval-gallery")
+        shown = gr.State([])  # the gallery's item ids, in its order
+        with gr.Row():
+            item = gr.Textbox(label="Item", placeholder="click an item in the gallery", elem_id="eval-item", scale=3)
+            open_btn = gr.Button("Open in the playground", variant="primary", elem_id="eval-open", scale=1)
         gr.Markdown("### Side by side")
         with gr.Row():
             other = gr.Dropdown(label="Compare with", choices=runs, value=None, elem_id="eval-other")
+            difference = gr.Radio(list(DIFFERENCE_ORDERS), value=DIFFERENCE_ORDERS[0], label="Order",
+                                  elem_id="eval-diff-order")
             report = gr.File(label="Report (HTML)", elem_id="eval-report")
         table = gr.Dataframe(headers=["item", "score A", "score B", "B − A"], interactive=False, elem_id="eval-table")
+        side = gr.HTML(css_template=TABLE_CSS, elem_id="eval-side")
 
-    show = _warn(lambda *a: gallery(results_dir, *a), 2)
-    gr.on([run.change, order.change, min_score.release], show, [run, order, min_score], [items, summary])
-    compare = _warn(lambda a, b: comparison(results_dir, a, b) if a and b else (gr.skip(), gr.skip()), 2)
-    gr.on([run.change, other.change], compare, [run, other], [table, report])
+    show = _warn(lambda *a: gallery(results_dir, *a), 3)
+    gr.on([run.change, order.change, min_score.release], show, [run, order, min_score], [items, summary, shown])
+    items.select(_picked, [shown], [item], api_visibility="private")
+    compare = _warn(lambda a, b, o: comparison(results_dir, a, b, o) if a and b else (gr.skip(),) * 3, 3)
+    gr.on([run.change, other.change, difference.change], compare, [run, other, difference], [table, report, side])
     gr.on([tab.select, refresh.click], runs_update, None, [run, other])  # runs made while the app is up
+    return EvaluateTab(run, item, open_btn)

@@ -18,7 +18,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import numpy as np
@@ -29,11 +29,13 @@ from unipixel.export import export_masks_zip, export_overlay, export_rle_json
 from unipixel.media import Media, load_media
 from unipixel.memory import color_for
 from unipixel.render import overlay_frame
-from unipixel.session import Session
+from unipixel.reopen import load_item_media, read_item, restore_item
+from unipixel.session import Session, TurnResult
 
 from . import gpu
 from .canvas import BOX, BRUSH, NEGATIVE, POINT, CanvasDraft, mask_from_editor, mask_from_image
 from .chips import chips_html, colorize, object_choices, rgb
+from .evaluate import resolve_run
 from .expiry import IdleSweeper
 
 DEFAULT_NUM_FRAMES = 16
@@ -179,8 +181,9 @@ class Playground:
     """The handlers of one app, sharing one model; per-user data lives in PlaygroundState only."""
 
     def __init__(self, model, processor, *, max_objects: int = 32, cache_bytes: int | None = None,
-                 session_ttl: float = 1800):
+                 session_ttl: float = 1800, results_dir: str | Path | None = None):
         self.model = model
+        self.results_dir = None if results_dir is None else Path(results_dir).expanduser().resolve()
         self.processor = processor
         self.max_objects = max_objects
         gpu.bind(model, processor)
@@ -290,15 +293,21 @@ class Playground:
         except ValueError as err:  # a bad setting, e.g. frames to sample < 1
             raise gr.Error(str(err)) from err
 
-    def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens) -> dict:
-        """Replace the session's media: a call still running for the old one commits nothing."""
+    def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens,
+              restore: Callable[[Session], None] | None = None) -> dict:
+        """Replace the session's media: a call still running for the old one commits nothing.
+        `restore` fills the new session (objects, chat) first; if it fails, the old session stays."""
+        session = Session(self.model, self.processor, media,
+                          max_new_tokens=_count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS),
+                          max_objects=self.max_objects, runner=gpu.runner, budget=self.budget)
+        if restore is not None:
+            restore(session)
         _stop_call(st)
         if st.session is not None:
             st.session.close()
-        st.session = Session(self.model, self.processor, media,
-                             max_new_tokens=_count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS),
-                             max_objects=self.max_objects, runner=gpu.runner, budget=self.budget)
-        st.media_key, st.frame, st.draft, st.chat, st.colors, st.expired = key, 0, CanvasDraft(), [], {}, False
+        st.session = session
+        st.media_key, st.frame, st.draft, st.colors, st.expired = key, 0, CanvasDraft(), {}, False
+        st.chat = [message for turn in session.turns for message in self._chat_turn(st, turn)]
         if st.workdir:  # downloads of the previous media
             shutil.rmtree(st.workdir, ignore_errors=True)
             st.workdir = None
@@ -306,8 +315,27 @@ class Playground:
             gr.Warning(warning)
         views = self._all_views(st)
         views["frame"] = gr.update(value=0, maximum=max(media.num_frames - 1, 1), visible=media.is_video)
-        views["video"] = gr.update(value=None, visible=media.is_video)
+        views["video"] = gr.update(value=views["video"], visible=media.is_video)  # the overlay of restored objects
         views["media_info"] = " · ".join([_media_info(media), *media.warnings])
+        return views
+
+    def open_result(self, state, run, item, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress()):
+        """An item of a batch run in the results directory (the Evaluate tab) as this session: its media,
+        its objects under their ids and its chat, to keep asking about it. A run or item that cannot be
+        opened raises gr.Error (API clients see why) and leaves the open media as it was."""
+        st = self._state(state)
+        try:
+            if self.results_dir is None:
+                raise UniPixelError("This app has no results directory: start it with --results-dir to open runs.")
+            record = read_item(resolve_run(self.results_dir, run), str(item or "").strip())
+            progress(0.1, desc="reading the media")
+            media = load_item_media(record)
+            views = self._open(st, media, _file_key(record["media"], media.num_frames), max_new_tokens,
+                               restore=lambda session: restore_item(session, record))
+        except UniPixelError as err:
+            raise gr.Error(str(err), title="Cannot open this item") from err
+        gr.Info(f"Opened {record['id']} of {run}: {len(st.session.bank)} objects, {len(st.session.turns)} questions.",
+                duration=4)
         return views
 
     @user_errors
@@ -464,19 +492,24 @@ class Playground:
         session.max_new_tokens = _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
         result = self._model_call(st, cancel, lambda stop: session.ask(question, progress=_progress(progress),
                                                                         cancel=stop))
-        st.colors.update({obj.id: obj.color for obj in session.bank})
-        answer = colorize(result.answer, session.bank, result.targets, st.colors)
+        st.chat = [*st.chat, *self._chat_turn(st, result)]
+        return {**self._bank_views(st), "state": st, "chat": list(st.chat), "question": ""}
+
+    @staticmethod
+    def _chat_turn(st: PlaygroundState, result: TurnResult) -> list[dict]:
+        """The chat messages of a turn: the question and the answer, [id]s in their objects' colors."""
+        bank = st.session.bank
+        st.colors.update({obj.id: obj.color for obj in bank})
+        answer = colorize(result.answer, bank, result.targets, st.colors)
         if not result.answer.strip():
             answer = "<em>(the model returned no text)</em>"
         if result.new_objects:
-            labels = ", ".join(colorize(o.label, session.bank) for o in result.new_objects)
+            labels = ", ".join(colorize(o.label, bank) for o in result.new_objects)
             answer += f'<br><small>segmented: {labels}</small>'
-        st.chat = [
-            *st.chat,
-            {"role": "user", "content": colorize(result.question, session.bank, colors=st.colors)},
+        return [
+            {"role": "user", "content": colorize(result.question, bank, colors=st.colors)},
             {"role": "assistant", "content": answer},
         ]
-        return {**self._bank_views(st), "state": st, "chat": list(st.chat), "question": ""}
 
     @user_errors
     def reset(self, state):

@@ -62,7 +62,8 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
 
     `cache_bytes`: the features all sessions keep, together (default: a quarter of a GPU, 4 GB elsewhere).
     `session_ttl`: seconds after its last change that a session is dropped with its media and files."""
-    app = Playground(model, processor, max_objects=max_objects, cache_bytes=cache_bytes, session_ttl=session_ttl)
+    app = Playground(model, processor, max_objects=max_objects, cache_bytes=cache_bytes, session_ttl=session_ttl,
+                     results_dir=results_dir)
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 6 * 3600)) as demo:  # Gradio's copies of our files too
         state = gr.State(PlaygroundState(), delete_callback=delete_state, time_to_live=session_ttl)
@@ -260,7 +261,11 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         if results_dir is not None:  # the Evaluate tab: batch runs under this directory
             from .evaluate import build_evaluate
 
-            build_evaluate(results_dir)
+            evaluate = build_evaluate(results_dir)
+            # The item's media, objects and chat replace the playground's; then the page shows the playground.
+            on(evaluate.open.click, app.open_result, [state, evaluate.run, evaluate.item, max_new_tokens], all_views,
+               "open_result", show_progress_on=[evaluate.open], **media_work, **raw
+               ).success(None, js="() => document.getElementById('chat')?.scrollIntoView({block: 'center'})")
     return demo
 
 

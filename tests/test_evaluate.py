@@ -5,7 +5,9 @@ import shutil
 
 import pytest
 
-from demo.evaluate import ORDERS, comparison, gallery, list_runs, resolve_run
+from urllib.parse import quote
+
+from demo.evaluate import DIFFERENCE_ORDERS, ORDERS, comparison, gallery, list_runs, resolve_run
 from unipixel.errors import UniPixelError
 
 
@@ -42,18 +44,41 @@ def test_runs_are_listed_and_opened_only_under_the_results_directory(results):
 
 
 def test_gallery_orders_and_filters_by_score(results):
-    items, summary = gallery(results, "a", ORDERS[0], 0.0)
-    assert [caption.split(" · ")[0] for _, caption in items] == ["y", "x", "z"]  # unscored last
+    items, summary, ids = gallery(results, "a", ORDERS[0], 0.0)
+    assert [caption.split(" · ")[0] for _, caption in items] == ids == ["y", "x", "z"]  # unscored last
     assert items[1][0].endswith("items/x.png") and "Segment x. → x [1]." in items[1][1]
     assert "**3** items done, **1** failed" in summary
-    items, _ = gallery(results, "a", ORDERS[1], 0.5)
-    assert [caption.split(" · ")[0] for _, caption in items] == ["x", "z"]
+    items, _, ids = gallery(results, "a", ORDERS[1], 0.5)
+    assert [caption.split(" · ")[0] for _, caption in items] == ids == ["x", "z"]
 
 
 def test_comparison_rows_sorted_by_difference_and_a_report(results):
-    rows, report = comparison(results, "a", "nested/b")
+    rows, report, _ = comparison(results, "a", "nested/b")
     assert rows[0][0] == "x" and rows[0][3] == pytest.approx(-0.4) and rows[1][3] == 0.0
     assert open(report).read().startswith("<!doctype html>")
     shutil.rmtree(results / "a" / "items")
-    _, report = comparison(results, "a", "nested/b")
-    assert "overlay missing: items/x.png" in open(report).read()
+    _, report, side = comparison(results, "a", "nested/b")
+    assert "overlay missing: items/x.png" in open(report).read() and "overlay missing: items/x.png" in side
+
+
+def test_side_by_side_shows_both_overlays_served_from_the_results_directory(results):
+    fake_run(results / "c", {"x": 0.5, "y": 0.5, "w": 0.1})  # B − A: x −0.4, y +0.3
+    orders = {order: [row[0] for row in comparison(results, "a", "c", order)[0]] for order in DIFFERENCE_ORDERS}
+    assert orders == {
+        DIFFERENCE_ORDERS[0]: ["x", "y", "z", "broken", "w"],  # items without two scores last
+        DIFFERENCE_ORDERS[1]: ["x", "y", "z", "broken", "w"],
+        DIFFERENCE_ORDERS[2]: ["y", "x", "z", "broken", "w"],
+        "id": ["broken", "w", "x", "y", "z"],
+    }
+    rows, _, side = comparison(results, "a", "c", DIFFERENCE_ORDERS[2])
+    assert side.index(">y<") < side.index(">x<") and "+0.300" in side and "-0.400" in side
+    for run in ("a", "c"):
+        url = "gradio_api/file=" + quote(str((results / run / "items" / "y.png").resolve()))
+        assert f'src="{url}"' in side
+    assert "Segment y.<br><b>A</b> y [1]." in side and "data:image" not in side  # answers; files by address
+
+
+def test_side_by_side_escapes_what_the_runs_hold(results):
+    fake_run(results / "d", {"<img src=x onerror=alert(1)>": 0.5})
+    _, _, side = comparison(results, "a", "d")
+    assert "<img src=x" not in side and "&lt;img src=x onerror=alert(1)&gt;" in side

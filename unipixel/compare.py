@@ -8,11 +8,14 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .batch import read_results
 from .errors import UniPixelError
+
+Source = Callable[[Path], str]  # a file's address in the HTML
 
 
 @dataclass
@@ -40,16 +43,23 @@ def pair_runs(run_a: str | Path, run_b: str | Path) -> list[ItemPair]:
     return sorted(pairs, key=lambda p: (p.difference is None, -abs(p.difference or 0.0)))
 
 
-def _embed(run: Path, record: dict | None) -> str:
+def data_uri(path: Path) -> str:
+    """The file itself as a data URI, so the report needs nothing beside it."""
+    kind = "video/mp4" if path.suffix == ".mp4" else "image/png"
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def overlay_html(run: Path, record: dict | None, src: Source = data_uri) -> str:
+    """The item's overlay (an <img> or a <video> whose address is `src(path)`), or why there is none."""
     if not record or record.get("status") != "ok":
         return f"<p class=error>{html.escape((record or {}).get('error', 'not in this run'))}</p>"
     path = run / record["overlay"]
     if not path.is_file():
         return f"<p class=error>overlay missing: {html.escape(record['overlay'])}</p>"
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    url = html.escape(src(path), quote=True)
     if path.suffix == ".mp4":
-        return f'<video src="data:video/mp4;base64,{data}" controls loop muted playsinline></video>'
-    return f'<img src="data:image/png;base64,{data}" alt="overlay of {html.escape(record["id"])}">'
+        return f'<video src="{url}" controls loop muted playsinline preload=metadata></video>'
+    return f'<img src="{url}" loading=lazy alt="overlay of {html.escape(record["id"])}">'
 
 
 def _dialogue(record: dict | None) -> str:
@@ -71,12 +81,13 @@ def _manifest(run: Path) -> str:
     return json.loads(path.read_text()).get("model", "?") if path.is_file() else "?"
 
 
-_STYLE = """body{font-family:system-ui,sans-serif;margin:1em}table{border-collapse:collapse;width:100%}
+TABLE_CSS = """table{border-collapse:collapse;width:100%}
 td,th{border-bottom:1px solid #ddd;padding:6px;vertical-align:top;text-align:left}
 img,video{max-width:360px;max-height:270px}.error{color:#b00}.up{color:#070}.down{color:#b00}"""
 
 
-def render_html(run_a: Path, run_b: Path, pairs: list[ItemPair]) -> str:
+def table_html(run_a: Path, run_b: Path, pairs: list[ItemPair], src: Source = data_uri) -> str:
+    """The pairs as a table: item, B − A, then each run's score, overlay and dialogue; in their order."""
     rows = []
     for p in pairs:
         d = p.difference
@@ -84,18 +95,23 @@ def render_html(run_a: Path, run_b: Path, pairs: list[ItemPair]) -> str:
         score = lambda r: _score(r and r.get("score"))  # noqa: E731
         rows.append(
             f"<tr><td>{html.escape(p.id)}</td><td class={trend}>{'–' if d is None else f'{d:+.3f}'}</td>"
-            f"<td>{score(p.a)}</td><td>{_embed(run_a, p.a)}{_dialogue(p.a)}</td>"
-            f"<td>{score(p.b)}</td><td>{_embed(run_b, p.b)}{_dialogue(p.b)}</td></tr>"
+            f"<td>{score(p.a)}</td><td>{overlay_html(run_a, p.a, src)}{_dialogue(p.a)}</td>"
+            f"<td>{score(p.b)}</td><td>{overlay_html(run_b, p.b, src)}{_dialogue(p.b)}</td></tr>"
         )
+    return ("<table><tr><th>item</th><th>B − A</th><th>A score</th><th>A</th><th>B score</th><th>B</th></tr>"
+            + "".join(rows) + "</table>")  # fmt: skip
+
+
+def render_html(run_a: Path, run_b: Path, pairs: list[ItemPair]) -> str:
     a, b = html.escape(_manifest(run_a)), html.escape(_manifest(run_b))
     return (
-        f"<!doctype html><html><head><meta charset=utf-8><title>UniPixel runs compared</title><style>{_STYLE}</style></head>"
+        "<!doctype html><html><head><meta charset=utf-8><title>UniPixel runs compared</title>"
+        f"<style>body{{font-family:system-ui,sans-serif;margin:1em}}{TABLE_CSS}</style></head>"
         f"<body><h1>UniPixel runs compared</h1><p>A: {html.escape(str(run_a))} ({a})<br>B: {html.escape(str(run_b))} ({b})</p>"
         "<p>Score: mean IoU (images) or J&amp;F (videos) of the item's turns with ground truth; "
         "items sorted by how much B differs from A.</p>"
-        "<table><tr><th>item</th><th>B − A</th><th>A score</th><th>A</th><th>B score</th><th>B</th></tr>"
-        + "".join(rows)
-        + "</table></body></html>"
+        + table_html(run_a, run_b, pairs)
+        + "</body></html>"
     )
 
 
