@@ -7,6 +7,7 @@ name the browser sends back is resolved and checked again.
 """
 from __future__ import annotations
 
+import html
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -86,7 +87,8 @@ def comparison(results_dir: Path, name_a: str | None, name_b: str | None,
     score = lambda r: None if r is None else r.get("score")  # noqa: E731
     rows = [[p.id, score(p.a), score(p.b), p.difference] for p in pairs]
     report = Path(tempfile.mkdtemp(prefix="unipixel-compare-")) / "report.html"
-    return rows, str(write_report(run_a, run_b, report)), table_html(run_a, run_b, pairs, src=served)
+    runs = f"<p>A: {html.escape(name_a)} · B: {html.escape(name_b)}</p>"
+    return rows, str(write_report(run_a, run_b, report)), runs + table_html(run_a, run_b, pairs, src=served)
 
 
 def _warn(fn, outputs: int):
