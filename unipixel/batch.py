@@ -234,7 +234,7 @@ def _item_record(item: PromptItem, session: Session, out: Path, media_seconds: f
     record = {
         "id": item.id,
         "status": "ok",
-        "media": str(item.media),
+        "media": str(item.media.resolve()),  # absolute: the item can be opened again from anywhere (unipixel.reopen)
         "kind": media.kind,
         "frame_indices": media.frame_indices,
         "size": [media.height, media.width],
