@@ -66,10 +66,8 @@ def order_pairs(pairs: list[ItemPair], order: str) -> list[ItemPair]:
     """`pairs` in one of DIFFERENCE_ORDERS; items without two scores last (but in "id")."""
     if order == "id":
         return sorted(pairs, key=lambda p: p.id)
-    if order == DIFFERENCE_ORDERS[0]:
-        key = lambda d: -abs(d)  # noqa: E731
-    else:
-        key = (lambda d: d) if order == DIFFERENCE_ORDERS[1] else (lambda d: -d)  # noqa: E731
+    keys = {DIFFERENCE_ORDERS[1]: lambda d: d, DIFFERENCE_ORDERS[2]: lambda d: -d}
+    key = keys.get(order, lambda d: -abs(d))  # the largest disagreement first
     return sorted(pairs, key=lambda p: (p.difference is None, key(p.difference or 0.0)))
 
 

@@ -246,10 +246,10 @@ class Session:
                     raise PromptError(f"the answer {answer!r} does not show {label}, the object of its mask")
                 end = start + len(label)
                 targets.append(Target(object_id, start, end))
-            turn = len(self.turns) + 1
             shape = (self.media.num_frames, self.media.height, self.media.width)
             if any(np.shape(m) != shape for m in masks):
                 raise PromptError(f"a restored mask must cover this media's {shape[0]} frames of {shape[2]}x{shape[1]}")
+            turn = len(self.turns) + 1
             new_objects = [self.bank.add(m, "answer", turn=turn) for m in masks]
             result = TurnResult(question, answer, raw_answer, targets, new_objects, 0.0)
             self.turns.append(result)
