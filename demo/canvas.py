@@ -138,9 +138,10 @@ class CanvasDraft:
             return f"Box ({x1}, {y1}) – ({x2}, {y2}) on frame {self.frame}. Press **Add as object**."
         if self.points:
             pos = sum(p for _, _, p in self.points)
+            x, y, _ = self.points[-1]  # in source pixels: the canvas may show a smaller picture
             return (
-                f"{pos} positive, {len(self.points) - pos} negative point(s) on frame {self.frame}. "
-                "Press **Add as object**."
+                f"{pos} positive, {len(self.points) - pos} negative point(s) on frame {self.frame}, "
+                f"the last at ({x:.0f}, {y:.0f}). Press **Add as object**."
             )
         return "Click the frame to place a point, or two corners of a box; or paint with the brush."
 
