@@ -208,8 +208,9 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         def adapt(fn: Callable, names: list[str]) -> Callable:
             """`fn` returns a dict of view names; Gradio wants a tuple in output order (skip = unchanged)."""
 
-            def outputs(result: dict) -> tuple:
-                return tuple(result.get(n, gr.skip()) for n in names)
+            def outputs(result: dict):
+                values = tuple(result.get(n, gr.skip()) for n in names)
+                return values[0] if len(values) == 1 else values  # Gradio takes one output's tuple as its value
 
             if inspect.isasyncgenfunction(fn):
                 @functools.wraps(fn)
