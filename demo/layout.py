@@ -49,6 +49,9 @@ EXAMPLE_LABELS = [
 SESSION_TTL = 30 * 60  # seconds an idle session keeps its media and objects (API clients never say goodbye)
 WAITING_MODEL_CALLS = 16  # sessions whose model call may wait for the model at once (it runs one at a time)
 MEDIA_DECODERS = 4  # uploads decoded at once, apart from the model's calls
+# The canvas and viewer pictures: a photo's 1280x960 view is ~1.4 MB and ~1.8 s as PNG, ~0.1 MB and ~15 ms
+# as JPEG (bench/canvas_click.py); the downloads stay lossless.
+VIEW_FORMAT = "jpeg"
 
 
 def example_rows() -> list[list[str]]:
@@ -111,7 +114,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                     polarity = gr.Radio([POSITIVE, NEGATIVE], value=POSITIVE, label="Point",
                                         elem_id="polarity")
                 canvas = gr.Image(label="Canvas: the objects on this frame; click to prompt", interactive=False,
-                                  type="numpy", format="png", elem_id="canvas", buttons=[])
+                                  type="numpy", format=VIEW_FORMAT, elem_id="canvas", buttons=[])
                 editor = gr.ImageEditor(
                     label="Brush: paint over the object",
                     visible=False,
@@ -175,7 +178,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         # ---- masks
         gr.Markdown("### Masks")
         with gr.Row():
-            viewer = gr.Image(label="Masks on this frame", interactive=False, type="numpy", format="png",
+            viewer = gr.Image(label="Masks on this frame", interactive=False, type="numpy", format=VIEW_FORMAT,
                               height=400, elem_id="viewer")
             video = gr.Video(label="Overlay video", interactive=False, visible=False, height=400, loop=True,
                              autoplay=True, elem_id="overlay-video")
