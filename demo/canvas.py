@@ -1,7 +1,9 @@
-"""The prompt being drawn on the canvas: points, a two-click box or a brush mask, with undo."""
+"""The canvas: a display-size view of the frame with the objects' masks, under the prompt being drawn
+(points, a two-click box or a brush mask, with undo)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,12 +12,16 @@ import numpy as np
 
 from unipixel.errors import MediaError, PromptError
 from unipixel.media import DEFAULT_MAX_PIXELS, read_image, size_problem
-from unipixel.render import draw_prompt
+from unipixel.memory import MemoryObject
+from unipixel.render import draw_prompt, fit_mask, overlay_frame
 from unipixel.session import VisualPrompt
 
 POINT, BOX, BRUSH = "Point", "Box", "Brush"
 TOOLS = (POINT, BOX, BRUSH)
 POSITIVE, NEGATIVE = "Positive (+)", "Negative (−)"
+# Long side of the pictures the canvas and viewer get. A browser column shows ~1000 px; a 12 MP frame
+# sent whole is an ~9 MB PNG per click (seconds to encode and send), at this size it is ~1/10 of that.
+DISPLAY_LONG_SIDE = 1280
 
 
 @dataclass
@@ -100,14 +106,26 @@ class CanvasDraft:
             return VisualPrompt("point", frame=self.frame, points=list(self.points))
         return None
 
-    def render(self, frame_image: np.ndarray, frame: int, color: tuple[int, int, int]) -> np.ndarray:
-        """The frame with this prompt drawn on it (only on the frame the prompt belongs to)."""
+    def render(self, frame_image: np.ndarray, frame: int, color: tuple[int, int, int],
+               source_size: tuple[int, int] | None = None) -> np.ndarray:
+        """The frame with this prompt drawn on it (only on the frame the prompt belongs to).
+
+        `source_size` (width, height): the frame the prompt's pixels refer to, when `frame_image` is a
+        smaller view of it."""
         if self.empty or frame != self.frame:
             return frame_image
-        points = list(self.points)
+        height, width = frame_image.shape[:2]
+        source = source_size or (width, height)
+
+        def scale(x: float, y: float) -> tuple[float, float]:
+            return to_display(x, y, source, (width, height))
+
+        points = [(*scale(x, y), positive) for x, y, positive in self.points]
         if self.corner is not None:  # show the pending corner as a point until the box closes
-            points.append((*self.corner, True))
-        return draw_prompt(frame_image, points=points, box=self.box, mask=self.mask, color=color)
+            points.append((*scale(*self.corner), True))
+        box = None if self.box is None else (*scale(*self.box[:2]), *scale(*self.box[2:]))
+        mask = None if self.mask is None else fit_mask(self.mask, (height, width))
+        return draw_prompt(frame_image, points=points, box=box, mask=mask, color=color)
 
     def describe(self) -> str:
         """One line for the user: what is drawn and what to do next."""
@@ -120,11 +138,61 @@ class CanvasDraft:
             return f"Box ({x1}, {y1}) – ({x2}, {y2}) on frame {self.frame}. Press **Add as object**."
         if self.points:
             pos = sum(p for _, _, p in self.points)
+            x, y, _ = self.points[-1]  # in source pixels: the canvas may show a smaller picture
             return (
-                f"{pos} positive, {len(self.points) - pos} negative point(s) on frame {self.frame}. "
-                "Press **Add as object**."
+                f"{pos} positive, {len(self.points) - pos} negative point(s) on frame {self.frame}, "
+                f"the last at ({x:.0f}, {y:.0f}). Press **Add as object**."
             )
         return "Click the frame to place a point, or two corners of a box; or paint with the brush."
+
+
+def display_size(width: int, height: int, long_side: int = DISPLAY_LONG_SIDE) -> tuple[int, int]:
+    """(width, height) of the view of a `width` x `height` frame: its long side at most `long_side`."""
+    scale = min(1.0, long_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def to_display(x: float, y: float, source: tuple[int, int], display: tuple[int, int]) -> tuple[float, float]:
+    """Source pixel (x, y) in a view of size `display`; both sizes are (width, height), pixel centers align."""
+    return (x + 0.5) * display[0] / source[0] - 0.5, (y + 0.5) * display[1] / source[1] - 0.5
+
+
+def to_source(x: float, y: float, source: tuple[int, int], display: tuple[int, int]) -> tuple[float, float]:
+    """A click at view pixel (x, y) as a source pixel, inside the source frame (inverse of `to_display`)."""
+    sx = (x + 0.5) * source[0] / display[0] - 0.5
+    sy = (y + 0.5) * source[1] / display[1] - 0.5
+    return float(np.clip(sx, 0, source[0] - 1)), float(np.clip(sy, 0, source[1] - 1))
+
+
+class CanvasView:
+    """A media's frames at display size, each shrunk once (the canvas redraws on every click), with the
+    objects' masks drawn on them and the map from a click on the view back to source pixels."""
+
+    def __init__(self, frames: np.ndarray, long_side: int = DISPLAY_LONG_SIDE):
+        self.frames = frames  # [T,H,W,3], the source frames: a new media gets a new view
+        self.source_size = (frames.shape[2], frames.shape[1])
+        self.size = display_size(*self.source_size, long_side)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def frame(self, t: int) -> np.ndarray:
+        """Frame `t` at display size (the source frame itself when it is small enough)."""
+        if self.size == self.source_size:
+            return self.frames[t]
+        if t not in self._cache:
+            self._cache[t] = cv2.resize(self.frames[t], self.size, interpolation=cv2.INTER_AREA)
+        return self._cache[t]
+
+    def overlay(self, objects: Iterable[MemoryObject], t: int) -> np.ndarray:
+        """Frame `t` with every visible object's mask (fill, contour, [id] tag)."""
+        return overlay_frame(self.frame(t), objects, t)
+
+    def canvas(self, objects: Iterable[MemoryObject], t: int, draft: CanvasDraft,
+               color: tuple[int, int, int]) -> np.ndarray:
+        """What the canvas shows: the objects' masks on frame `t`, and the prompt being drawn on top."""
+        return draft.render(self.overlay(objects, t), t, color, self.source_size)
+
+    def to_source(self, x: float, y: float) -> tuple[float, float]:
+        return to_source(x, y, self.source_size, self.size)
 
 
 def _checked_array(image, what: str, max_pixels: int) -> np.ndarray:

@@ -28,15 +28,15 @@ from unipixel.cache_budget import CacheBudget, default_cache_bytes
 from unipixel.export import export_masks_zip, export_overlay, export_rle_json
 from unipixel.media import Media, load_media
 from unipixel.memory import color_for
-from unipixel.render import overlay_frame
 from unipixel.reopen import load_item_media, read_item, restore_item
 from unipixel.session import Session, TurnResult
 
 from . import gpu
-from .canvas import BOX, BRUSH, NEGATIVE, POINT, CanvasDraft, mask_from_editor, mask_from_image
+from .canvas import BOX, BRUSH, NEGATIVE, POINT, CanvasDraft, CanvasView, mask_from_editor, mask_from_image
 from .chips import chips_html, colorize, object_choices, rgb
 from .evaluate import resolve_run
 from .expiry import IdleSweeper
+from .timeline import play_frames, timeline_html
 
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -61,10 +61,17 @@ class PlaygroundState:
     root: str | None = None  # the app's temp dir, where the session dir is made
     expired: bool = False  # ended after sitting idle past the app's session TTL
     call: threading.Event | None = None  # cancels the running model call, whose result would be stale
+    view: CanvasView | None = None  # the media's frames at display size, for the canvas and viewer
 
     @property
     def media(self) -> Media | None:
         return None if self.session is None else self.session.media
+
+    def canvas_view(self, media: Media) -> CanvasView:
+        """The display-size view of `media`, made once per media (frames replaced: a new view)."""
+        if self.view is None or self.view.frames is not media.frames:
+            self.view = CanvasView(media.frames)
+        return self.view
 
     def directory(self) -> Path:
         if self.workdir is None or not Path(self.workdir).is_dir():
@@ -82,7 +89,7 @@ def delete_state(state: PlaygroundState | None) -> None:
         state.session = None  # Gradio may hold the state a while longer: let its frames go now
     if state.workdir:
         shutil.rmtree(state.workdir, ignore_errors=True)
-    state.media_key, state.workdir, state.chat, state.draft = None, None, [], CanvasDraft()
+    state.media_key, state.workdir, state.chat, state.draft, state.view = None, None, [], CanvasDraft(), None
     return_memory()
 
 
@@ -210,21 +217,31 @@ class Playground:
         return st.session
 
     def _canvas_views(self, st: PlaygroundState, *, editor: bool = True) -> dict:
-        """Canvas (frame + prompt), brush editor, prompt description and the mask viewer on this frame."""
+        """Canvas (masks on this frame + the prompt), brush editor and prompt description, at display size
+        (the painted mask is scaled back up to the media's size when it is added)."""
         session = self._need_session(st)
-        image = session.media.frames[st.frame]
+        view = st.canvas_view(session.media)
         views = {
-            "canvas": st.draft.render(image, st.frame, color_for(session.bank.next_id)),
+            "canvas": view.canvas(session.bank, st.frame, st.draft, color_for(session.bank.next_id)),
             "draft": st.draft.describe(),
-            "viewer": overlay_frame(image, session.bank, st.frame),
         }
         if editor:  # a fresh paint canvas on this frame, painting in the color the next object will get
+            image = view.frame(st.frame)
             views["editor"] = gr.ImageEditor(value={"background": image, "layers": [], "composite": image},
                                              brush=brush(color_for(session.bank.next_id)))
         return views
 
+    def _frame_views(self, st: PlaygroundState) -> dict:
+        """What else follows the current frame: the larger mask viewer and the timeline's marker."""
+        session = self._need_session(st)
+        media, bank = session.media, session.bank
+        return {
+            "viewer": st.canvas_view(media).overlay(bank, st.frame),
+            "timeline": timeline_html(bank, media.num_frames, st.frame),
+        }
+
     def _bank_views(self, st: PlaygroundState, *, selected: int | None = None) -> dict:
-        """Chips, the id dropdown, the mask viewer, the overlay video and the downloads."""
+        """Chips, the id dropdown, the masks (canvas, viewer, timeline), the overlay video and the downloads."""
         session = self._need_session(st)
         bank, media = session.bank, session.media
         st.colors.update({obj.id: obj.color for obj in bank})
@@ -233,7 +250,8 @@ class Playground:
         views = {
             "chips": chips_html(bank, media.frames),
             "objects": gr.update(choices=object_choices(bank), value=choice),
-            "viewer": overlay_frame(media.frames[st.frame], bank, st.frame),
+            "canvas": self._canvas_views(st, editor=False)["canvas"],
+            **self._frame_views(st),
             **self._object_controls(st, choice),
         }
         files = self._export(st) if len(bank) else {}
@@ -315,6 +333,7 @@ class Playground:
             gr.Warning(warning)
         views = self._all_views(st)
         views["frame"] = gr.update(value=0, maximum=max(media.num_frames - 1, 1), visible=media.is_video)
+        views["playback"] = gr.update(visible=media.is_video)
         views["video"] = gr.update(value=views["video"], visible=media.is_video)  # the overlay of restored objects
         views["media_info"] = " · ".join([_media_info(media), *media.warnings])
         return views
@@ -362,11 +381,26 @@ class Playground:
     # ---- canvas -----------------------------------------------------------------------------------
     @user_errors
     def set_frame(self, state, frame):
-        """Show another sampled frame on the canvas and in the mask viewer."""
+        """Show another sampled frame on the canvas, in the mask viewer and on the timeline."""
         st = self._state(state)
         session = self._need_session(st)
         st.frame = int(np.clip(round(_number(frame or 0, "The frame")), 0, session.media.num_frames - 1))
-        return {**self._canvas_views(st), "state": st}
+        return {**self._canvas_views(st), **self._frame_views(st), "state": st}
+
+    @user_errors
+    def goto_frame(self, state, evt: gr.EventData):
+        """A click on the timeline: move the frame slider there (its change redraws the views)."""
+        media = self._need_session(self._state(state)).media
+        frame = _number(getattr(evt, "frame", None), "The timeline's frame")
+        return {"frame": int(np.clip(round(frame), 0, media.num_frames - 1))}
+
+    async def play(self, state):
+        """Step the frame slider through the frames after the current one (each step redraws the views)."""
+        st = self._state(state)
+        if st.session is None:
+            return
+        async for t in play_frames(st.session.media.num_frames, st.frame):
+            yield {"frame": t}
 
     @staticmethod
     def set_tool(tool):
@@ -379,8 +413,10 @@ class Playground:
 
     @user_errors
     def click_canvas(self, state, tool, polarity, evt: gr.SelectData):
-        """A click on the canvas, at image pixel (x, y)."""
-        x, y = evt.index[:2]
+        """A click on the canvas, at pixel (x, y) of the display-size picture it shows."""
+        st = self._state(state)
+        x, y = (_number(v, "The click's coordinate") for v in evt.index[:2])
+        x, y = st.canvas_view(self._need_session(st).media).to_source(x, y)
         return self.add_point(state, x, y, polarity != NEGATIVE) if tool != BOX else self.add_corner(state, x, y)
 
     @user_errors

@@ -18,6 +18,7 @@ from unipixel.memory import color_for
 from .canvas import NEGATIVE, POINT, POSITIVE, TOOLS
 from .chips import CHIPS_CSS, STATUS_CSS, chips_html, status_html
 from .handlers import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES, Playground, PlaygroundState, brush, delete_state
+from .timeline import TIMELINE_CSS, TIMELINE_JS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "UniPixel playground"
@@ -48,6 +49,9 @@ EXAMPLE_LABELS = [
 SESSION_TTL = 30 * 60  # seconds an idle session keeps its media and objects (API clients never say goodbye)
 WAITING_MODEL_CALLS = 16  # sessions whose model call may wait for the model at once (it runs one at a time)
 MEDIA_DECODERS = 4  # uploads decoded at once, apart from the model's calls
+# The canvas and viewer pictures: a photo's 1280x960 view is ~1.4 MB and ~1.8 s as PNG, ~0.1 MB and ~15 ms
+# as JPEG (bench/canvas_click.py); the downloads stay lossless.
+VIEW_FORMAT = "jpeg"
 
 
 def example_rows() -> list[list[str]]:
@@ -110,8 +114,8 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                     tool = gr.Radio(list(TOOLS), value=POINT, label="Tool", elem_id="tool")
                     polarity = gr.Radio([POSITIVE, NEGATIVE], value=POSITIVE, label="Point",
                                         elem_id="polarity")
-                canvas = gr.Image(label="Canvas: click to prompt", interactive=False, type="numpy",
-                                  format="png", elem_id="canvas", buttons=[])
+                canvas = gr.Image(label="Canvas: the objects on this frame; click to prompt", interactive=False,
+                                  type="numpy", format=VIEW_FORMAT, elem_id="canvas", buttons=[])
                 editor = gr.ImageEditor(
                     label="Brush: paint over the object",
                     visible=False,
@@ -123,6 +127,12 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                     brush=brush(color_for(1)),
                     elem_id="editor",
                 )
+                with gr.Column(visible=False, elem_id="playback") as playback:  # videos only
+                    timeline = gr.HTML("", label="Timeline", css_template=TIMELINE_CSS, js_on_load=TIMELINE_JS,
+                                       elem_id="timeline")
+                    with gr.Row():
+                        play_btn = gr.Button("▶ Play", size="sm", elem_id="play")
+                        stop_btn = gr.Button("■ Stop", size="sm", elem_id="stop")
                 draft = gr.Markdown("Load media to start.", label="Prompt", elem_id="draft")
                 with gr.Row():
                     undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
@@ -169,7 +179,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         # ---- masks
         gr.Markdown("### Masks")
         with gr.Row():
-            viewer = gr.Image(label="Masks on this frame", interactive=False, type="numpy", format="png",
+            viewer = gr.Image(label="Masks on this frame", interactive=False, type="numpy", format=VIEW_FORMAT,
                               height=400, elem_id="viewer")
             video = gr.Video(label="Overlay video", interactive=False, visible=False, height=400, loop=True,
                              autoplay=True, elem_id="overlay-video")
@@ -183,13 +193,14 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
             "state": state, "frame": frame, "canvas": canvas, "editor": editor, "draft": draft,
             "viewer": viewer, "video": video, "chips": chips, "objects": objects, "name": name,
             "toggle": toggle_btn, "chat": chatbot, "question": question, "media_info": media_info,
-            "tool": tool, "polarity": polarity, "new_name": new_name,
+            "tool": tool, "polarity": polarity, "new_name": new_name, "timeline": timeline, "playback": playback,
             "dl_overlay": dl_overlay, "dl_masks": dl_masks, "dl_rle": dl_rle, "dl_bank": dl_bank,
         }
         canvas_views = ["state", "canvas", "draft", "viewer"]
-        bank_views = ["state", "chips", "objects", "name", "toggle", "viewer", "video",
+        bank_views = ["state", "chips", "objects", "name", "toggle", "canvas", "viewer", "timeline", "video",
                       "dl_overlay", "dl_masks", "dl_rle", "dl_bank"]
-        all_views = [*dict.fromkeys(["frame", "editor", "chat", "media_info", *canvas_views, *bank_views])]
+        all_views = [*dict.fromkeys(["frame", "playback", "editor", "chat", "media_info", *canvas_views,
+                                     *bank_views])]
         # The model lock (unipixel.calls) runs one model call at a time; each session has at most one
         # (unipixel.session), so a session flooding requests gets "busy" rather than a place in line.
         model_work = {"concurrency_id": "model", "concurrency_limit": WAITING_MODEL_CALLS}
@@ -201,10 +212,16 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         def adapt(fn: Callable, names: list[str]) -> Callable:
             """`fn` returns a dict of view names; Gradio wants a tuple in output order (skip = unchanged)."""
 
-            def outputs(result: dict) -> tuple:
-                return tuple(result.get(n, gr.skip()) for n in names)
+            def outputs(result: dict):
+                values = tuple(result.get(n, gr.skip()) for n in names)
+                return values[0] if len(values) == 1 else values  # Gradio takes one output's tuple as its value
 
-            if inspect.iscoroutinefunction(fn):
+            if inspect.isasyncgenfunction(fn):
+                @functools.wraps(fn)
+                async def handler(*args, **kwargs):
+                    async for result in fn(*args, **kwargs):
+                        yield outputs(result)
+            elif inspect.iscoroutinefunction(fn):
                 @functools.wraps(fn)
                 async def handler(*args, **kwargs):
                     return outputs(await fn(*args, **kwargs))
@@ -235,8 +252,12 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
             **media_work,
             **raw,
         )
-        on(frame.change, app.set_frame, [state, frame], [*canvas_views, "editor"], "set_frame",
+        on(frame.change, app.set_frame, [state, frame], [*canvas_views, "editor", "timeline"], "set_frame",
            trigger_mode="always_last", **raw)
+        timeline.goto(adapt(app.goto_frame, ["frame"]), [state], [frame], api_name="goto_frame",
+                      api_visibility="undocumented")  # clients use set_frame
+        playing = on(play_btn.click, app.play, [state], ["frame"], "play", api_visibility="undocumented")
+        stop_btn.click(None, cancels=[playing])
         on(tool.change, app.set_tool, [tool], ["canvas", "editor", "polarity"], "set_tool")
         on(canvas.select, app.click_canvas, [state, tool, polarity], canvas_views, "click_canvas",
            trigger_mode="multiple", api_visibility="undocumented")  # clients use add_point / set_box
