@@ -7,6 +7,7 @@ the session stays as it was. A file that cannot be loaded raises gr.Error, so AP
 from __future__ import annotations
 
 import atexit
+import contextvars
 import ctypes
 import functools
 import gc
@@ -504,7 +505,8 @@ class Playground:
         st.stop = stop = threading.Event()
         texts: queue.Queue[str] = queue.Queue()
         with ThreadPoolExecutor(1) as pool:
-            asked = pool.submit(self._model_call, st, cancel, lambda call: session.ask(
+            # In this request's context: gr.Progress finds its event there.
+            asked = pool.submit(contextvars.copy_context().run, self._model_call, st, cancel, lambda call: session.ask(
                 question, progress=_progress(progress), cancel=call, on_text=texts.put, stop=stop))
             try:
                 shown = False
