@@ -5,26 +5,17 @@ The tiny model runs for real; its answer is steered (tests/test_session.py `forc
 """
 from __future__ import annotations
 
-import time
-
 import pytest
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from demo import gpu
 from test_browser import browser, idle, load_example, open_page, pytestmark  # noqa: F401 - fixture, marks
 from test_session import forcing
+from test_streaming import Paced
 
 ANSWER = ("The red circle is [1] <|seg|> , the green triangle is <|seg|> and the blue square is <|seg|> ; "
           "all three are shapes.")
-SECONDS_PER_TOKEN = 0.1
-
-
-class Paced(LogitsProcessor):
-    """Waits before each token, as a large model on a busy GPU would; changes no score."""
-
-    def __call__(self, input_ids, scores):
-        time.sleep(SECONDS_PER_TOKEN)
-        return scores
+SECONDS_PER_TOKEN = 0.1  # a pace a person could read
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def url(tiny_model, free_port):
         if call.__class__.__name__ == "AskCall":
             asked = call.messages[-1]["content"][-1]["text"]
             forced = forcing(processor, ANSWER if "segment" in asked else "Still three shapes.")
-            call.generate_kwargs = {"logits_processor": LogitsProcessorList([Paced(), *forced])}
+            call.generate_kwargs = {"logits_processor": LogitsProcessorList([Paced(SECONDS_PER_TOKEN), *forced])}
         return run(call, progress, **stream)
 
     with pytest.MonkeyPatch.context() as patch:

@@ -4,17 +4,32 @@ A stopped turn is kept as written so far (`TurnResult.stopped`), with the object
 it holds, in the bank, the turns and the model's history alike; a cancelled one records nothing.
 """
 import threading
+import time
 
 import numpy as np
 import pytest
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from demo import gpu
+from demo.handlers import Playground, delete_state
+from demo.layout import ASSETS
 from unipixel.errors import CallCancelled
 from unipixel.session import SEG_PENDING, streamed_answer
-from test_session import brush, session_for, steered_answers, video  # noqa: F401 - a fixture
+from test_session import brush, forcing, session_for, steered_answers, video  # noqa: F401 - a fixture
 from test_zerogpu import ForkedGPU
 
 SEGS = "It is [1] <|seg|> and <|seg|> and <|seg|> and more words after them."
+
+
+class Paced(LogitsProcessor):
+    """Waits before each token, as a large model on a busy GPU would; changes no score."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, input_ids, scores):
+        time.sleep(self.seconds)
+        return scores
 
 
 def streamed(session, question: str, **kwargs):
@@ -147,3 +162,46 @@ def test_zerogpu_cancel_closes_the_worker_and_records_nothing(tiny_model, video,
         session.ask("Please segment it.", on_text=lambda text: cancel.set(), cancel=cancel)
     assert session.turns == [] and len(session.bank) == 0
     assert not session.ask("And now?").stopped, "the session and the model are free again"
+
+
+def test_playground_streams_the_chat_and_its_stop_keeps_the_answer(tiny_model):
+    _, processor = tiny_model
+    app = Playground(*tiny_model)
+    st = app.load_media(None, str(ASSETS / "shapes.png"), 16, 64)["state"]
+    try:
+        st.session.generate_kwargs = {"logits_processor": LogitsProcessorList([Paced(0.02), *forcing(processor, SEGS)])}
+        answers = []
+        for update in app.ask_stream(st, "Please segment them.", 64):
+            if "question" in update:  # the recorded turn
+                break
+            assert st.chat == [] and update["chat"][0]["content"] == "Please segment them."
+            answers.append(update["chat"][-1]["content"])
+            if answers[-1].count(SEG_PENDING) >= 2:
+                app.stop_answer(st)
+        assert len(answers) >= 2 and all(b.startswith(a) for a, b in zip(answers, answers[1:]))
+        (turn,) = st.session.turns
+        assert turn.stopped and "more words" not in turn.raw_answer
+        assert st.session.bank.ids == [o.id for o in turn.new_objects] and len(turn.new_objects) >= 2
+        assert update["chat"] == st.chat and "(stopped)" in st.chat[-1]["content"] and st.stop is None
+        assert update["question"] == ""
+
+        st.session.generate_kwargs = {}
+        assert "(stopped)" not in app.ask(st, "And now?", 8)["chat"][-1]["content"]
+        assert len(st.session.turns) == 2 and len(st.chat) == 4
+    finally:
+        delete_state(st)
+
+
+def test_playground_takes_back_a_streamed_answer_that_records_nothing(tiny_model):
+    _, processor = tiny_model
+    app = Playground(*tiny_model, max_objects=2)
+    st = app.load_media(None, str(ASSETS / "shapes.png"), 16, 64)["state"]
+    try:
+        st.session.generate_kwargs = {"logits_processor": forcing(processor, SEGS)}
+        with pytest.warns(UserWarning, match="room for 2 more"):
+            updates = list(app.ask_stream(st, "Please segment them.", 64))
+        assert any(SEG_PENDING in u.get("chat", [{}])[-1].get("content", "") for u in updates[:-2])
+        assert updates[-2:] == [{"chat": []}, {}], "the shown answer is taken back, then nothing changes"
+        assert st.chat == [] and st.session.turns == [] and len(st.session.bank) == 0
+    finally:
+        delete_state(st)
