@@ -502,7 +502,8 @@ class Playground:
         session = self._need_session(st)
         session.max_new_tokens = _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
         cancel = cancel or threading.Event()
-        st.stop = stop = threading.Event()
+        # A request refused as busy must leave Stop to the answer being written: it hands it back.
+        previous, st.stop = st.stop, (stop := threading.Event())
         texts: queue.Queue[str] = queue.Queue()
         with ThreadPoolExecutor(1) as pool:
             # In this request's context: gr.Progress finds its event there.
@@ -524,7 +525,7 @@ class Playground:
                 if not asked.done():  # closed early: the request went away
                     cancel.set()
                 if st.stop is stop:
-                    st.stop = None
+                    st.stop = previous
         st.colors.update({obj.id: obj.color for obj in session.bank})
         answer = colorize(result.answer, session.bank, result.targets, st.colors)
         if not result.answer.strip():
