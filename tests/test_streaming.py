@@ -175,6 +175,9 @@ def test_playground_streams_the_chat_and_its_stop_keeps_the_answer(tiny_model):
             if "question" in update:  # the recorded turn
                 break
             assert st.chat == [] and update["chat"][0]["content"] == "Please segment them."
+            if not answers:  # a second question meanwhile is refused, and leaves Stop to this answer
+                with pytest.warns(UserWarning, match="still working"):
+                    assert app.ask(st, "And this?", 8) == {}
             answers.append(update["chat"][-1]["content"])
             if answers[-1].count(SEG_PENDING) >= 2:
                 app.stop_answer(st)
