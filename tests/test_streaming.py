@@ -15,6 +15,7 @@ from demo.handlers import Playground, delete_state
 from demo.layout import ASSETS
 from unipixel.errors import CallCancelled
 from unipixel.session import SEG_PENDING, streamed_answer
+from test_app_client import call, server  # noqa: F401 - a fixture
 from test_session import brush, forcing, session_for, steered_answers, video  # noqa: F401 - a fixture
 from test_zerogpu import ForkedGPU
 
@@ -208,3 +209,17 @@ def test_playground_takes_back_a_streamed_answer_that_records_nothing(tiny_model
         assert st.chat == [] and st.session.turns == [] and len(st.session.bank) == 0
     finally:
         delete_state(st)
+
+
+def test_an_api_client_stops_its_answer_and_gets_it_back(server):
+    from test_reliability import LONG, TOKENS, generating, opened
+
+    client = opened(server[1])
+    job = client.submit("What happens?", LONG, api_name="/ask")
+    generating(job)
+    assert call(client, "/stop_answer") == {}
+    returns = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/ask"]["returns"]
+    labels = [r["label"] for r in returns]
+    chat = dict(zip(labels, job.result(timeout=120)))["Conversation"]
+    assert len(chat) == 2 and "(stopped)" in chat[-1]["content"][-1]["text"]
+    assert len(call(client, "/ask", "And now?", TOKENS)["Conversation"]) == 4, "the session goes on"
