@@ -97,23 +97,23 @@ def runner(call, progress=None, *, on_text=None, stop: Callable[[], bool] | None
         call.cache = call.cache.portable()
     folder = tempfile.mkdtemp(prefix="stop-") if stop is not None else None
     stop_file = None if folder is None else os.path.join(folder, "stop")
-    events = remote(call, stop_file)
+    events, result = remote(call, stop_file), None
     try:
-        for event in events:
-            kind, *value = event
+        for kind, *value in events:  # to the end: the worker then returns the GPU as a finished call
             if kind == "progress" and progress is not None:
                 progress(*value)  # raises CallCancelled on a cancelled request: `finally` closes the call
             elif kind == "text" and on_text is not None:
                 on_text(*value)
             elif kind == "result":
                 (result,) = value
-                if isinstance(result, UniPixelError):
-                    raise result
-                return result
             if stop_file is not None and stop() and not os.path.exists(stop_file):
                 open(stop_file, "w").close()
-        raise CallCancelled("the GPU worker ended without a result: nothing was recorded")
     finally:
         events.close()
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+    if result is None:
+        raise CallCancelled("the GPU worker ended without a result: nothing was recorded")
+    if isinstance(result, UniPixelError):
+        raise result
+    return result
