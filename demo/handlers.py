@@ -7,15 +7,19 @@ the session stays as it was. A file that cannot be loaded raises gr.Error, so AP
 from __future__ import annotations
 
 import atexit
+import contextvars
 import ctypes
 import functools
 import gc
 import hashlib
+import inspect
 import math
+import queue
 import re
 import shutil
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -62,6 +66,7 @@ class PlaygroundState:
     expired: bool = False  # ended after sitting idle past the app's session TTL
     call: threading.Event | None = None  # cancels the running model call, whose result would be stale
     view: CanvasView | None = None  # the media's frames at display size, for the canvas and viewer
+    stop: threading.Event | None = None  # the Stop button: ends the answer being written, which is kept
 
     @property
     def media(self) -> Media | None:
@@ -118,7 +123,8 @@ def return_memory() -> None:
 
 
 def user_errors(fn):
-    """Turn the library's errors into a warning toast; the state is returned unchanged (no update)."""
+    """Turn the library's errors into a warning toast; the state is returned unchanged (no update).
+    A generator handler yields that last "no update" instead."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -130,7 +136,17 @@ def user_errors(fn):
             gr.Warning(str(err))
             return {}
 
-    return wrapper
+    @functools.wraps(fn)
+    def streaming(*args, **kwargs):
+        try:
+            yield from fn(*args, **kwargs)
+        except MediaError:
+            raise
+        except UniPixelError as err:
+            gr.Warning(str(err))
+            yield {}
+
+    return streaming if inspect.isgeneratorfunction(fn) else wrapper
 
 
 def _progress(progress) -> Any:
@@ -144,6 +160,17 @@ def _file_key(path: str, num_frames: int) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return f"{digest.hexdigest()}:{num_frames}"
+
+
+def _latest(texts: queue.Queue, wait: float = 0.05) -> str | None:
+    """The newest text in `texts` (those before it are outdated), or None after `wait` seconds."""
+    try:
+        text = texts.get(timeout=wait)
+    except queue.Empty:
+        return None
+    while not texts.empty():
+        text = texts.get_nowait()
+    return text
 
 
 def _object_id(value: Any) -> int:
@@ -519,17 +546,52 @@ class Playground:
         return {**self._canvas_views(st), **self._bank_views(st, selected=obj.id), "state": st, "new_name": ""}
 
     # ---- chat -------------------------------------------------------------------------------------
-    @user_errors
     def ask(self, state, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress(), *, cancel=None):
+        """`ask_stream` to its end: its last update."""
+        update = {}
+        for update in self.ask_stream(state, question, max_new_tokens, progress, cancel=cancel):
+            pass
+        return update
+
+    @user_errors
+    def ask_stream(self, state, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress(), *,
+                   cancel=None):
         """Ask about the media; [id] mentions refer to objects, segmented targets become new objects.
-        `cancel` (set when the request is cancelled) stops the model call; nothing is recorded."""
+
+        Yields the chat with the answer so far as it is written (a pending object shows as […]),
+        then the chat, bank and views of the recorded turn. The Stop button (`stop_answer`) ends
+        the answer early and keeps it, marked "(stopped)"; `cancel` (set when the request is
+        cancelled or its client went away) stops the model call and records nothing."""
         st = self._state(state)
         session = self._need_session(st)
         session.max_new_tokens = _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
-        result = self._model_call(st, cancel, lambda stop: session.ask(question, progress=_progress(progress),
-                                                                        cancel=stop))
+        cancel = cancel or threading.Event()
+        # A request refused as busy must leave Stop to the answer being written: it hands it back.
+        previous, st.stop = st.stop, (stop := threading.Event())
+        texts: queue.Queue[str] = queue.Queue()
+        with ThreadPoolExecutor(1) as pool:
+            # In this request's context: gr.Progress finds its event there.
+            asked = pool.submit(contextvars.copy_context().run, self._model_call, st, cancel, lambda call: session.ask(
+                question, progress=_progress(progress), cancel=call, on_text=texts.put, stop=stop))
+            try:
+                shown = False
+                while not (asked.done() and texts.empty()):
+                    text = _latest(texts)
+                    if text is not None:
+                        shown = True
+                        yield {"chat": self._chat_with(st, question, colorize(text, session.bank, colors=st.colors))}
+                result = asked.result()
+            except UniPixelError:
+                if shown:  # the answer so far was shown: take it back with the turn
+                    yield {"chat": list(st.chat)}
+                raise
+            finally:
+                if not asked.done():  # closed early: the request went away
+                    cancel.set()
+                if st.stop is stop:
+                    st.stop = previous
         st.chat = [*st.chat, *self._chat_turn(st, result)]
-        return {**self._bank_views(st), "state": st, "chat": list(st.chat), "question": ""}
+        yield {**self._bank_views(st), "state": st, "chat": list(st.chat), "question": ""}
 
     @staticmethod
     def _chat_turn(st: PlaygroundState, result: TurnResult) -> list[dict]:
@@ -539,13 +601,25 @@ class Playground:
         answer = colorize(result.answer, bank, result.targets, st.colors)
         if not result.answer.strip():
             answer = "<em>(the model returned no text)</em>"
+        if result.stopped:
+            answer += " <small><em>(stopped)</em></small>"
         if result.new_objects:
             labels = ", ".join(colorize(o.label, bank) for o in result.new_objects)
             answer += f'<br><small>segmented: {labels}</small>'
-        return [
-            {"role": "user", "content": colorize(result.question, bank, colors=st.colors)},
-            {"role": "assistant", "content": answer},
-        ]
+        return _exchange(bank, st.colors, result.question, answer)
+
+    @staticmethod
+    def _chat_with(st: PlaygroundState, question: str, answer: str) -> list[dict]:
+        """The chat so far, then this question and `answer` (HTML)."""
+        bank = None if st.session is None else st.session.bank
+        return [*st.chat, *_exchange(bank, st.colors, question.strip(), answer)]
+
+    def stop_answer(self, state):
+        """The Stop button: the answer being written ends at its next token and is kept, marked stopped."""
+        st = self._state(state)
+        if st.stop is not None:
+            st.stop.set()
+        return {}
 
     @user_errors
     def reset(self, state):
@@ -606,6 +680,11 @@ class Playground:
         object_id = _object_id(object_id)
         self._need_session(st).bank.delete(object_id)
         return {**self._canvas_views(st, editor=False), **self._bank_views(st), "state": st}
+
+
+def _exchange(bank, colors: dict, question: str, answer: str) -> list[dict]:
+    """A question and its answer (HTML) as chat messages."""
+    return [{"role": "user", "content": colorize(question, bank, colors=colors)}, {"role": "assistant", "content": answer}]
 
 
 def _check_inside(media: Media, x: float, y: float) -> None:

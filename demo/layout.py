@@ -162,6 +162,8 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                 question.render()
                 with gr.Row():
                     send_btn = gr.Button("Send", variant="primary", elem_id="send")
+                    # Shown while an answer is being written: ends it there and keeps it, marked stopped.
+                    stop_btn = gr.Button("Stop", variant="secondary", visible=False, elem_id="stop")
                     reset_btn = gr.Button("Clear chat and objects", variant="stop", elem_id="reset")
 
         # ---- memory bank
@@ -216,7 +218,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                 values = tuple(result.get(n, gr.skip()) for n in names)
                 return values[0] if len(values) == 1 else values  # Gradio takes one output's tuple as its value
 
-            if inspect.isasyncgenfunction(fn):
+            if inspect.isasyncgenfunction(fn):  # a streaming handler: every update is sent
                 @functools.wraps(fn)
                 async def handler(*args, **kwargs):
                     async for result in fn(*args, **kwargs):
@@ -269,8 +271,12 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         on(add_btn.click, cancellable(app.add_object), [state, tool, editor, new_name],
            [*canvas_views, "editor", *bank_views, "new_name"], "add_object",
            show_progress_on=[canvas, editor, chips], **model_work)
-        on([send_btn.click, question.submit], cancellable(app.ask), [state, question, max_new_tokens],
-           [*bank_views, "chat", "question"], "ask", show_progress_on=[chatbot], **model_work, **raw)
+        asking = [send_btn.click, question.submit]
+        gr.on(asking, lambda: gr.update(visible=True), outputs=stop_btn, queue=False, api_visibility="private")
+        on(asking, cancellable(app.ask_stream), [state, question, max_new_tokens],
+           [*bank_views, "chat", "question"], "ask", show_progress_on=[chatbot], **model_work, **raw,
+           ).then(lambda: gr.update(visible=False), outputs=stop_btn, queue=False, api_visibility="private")
+        on(stop_btn.click, app.stop_answer, [state], [], "stop_answer", queue=False)
         on(reset_btn.click, app.reset, [state], all_views, "reset")
         on(objects.input, app.select_object, [state, objects], ["name", "toggle"], "select_object")
         on([rename_btn.click, name.submit], app.rename_object, [state, objects, name], bank_views, "rename_object")
@@ -292,28 +298,50 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
 
 def cancellable(fn: Callable) -> Callable:
     """`fn(..., cancel=event)` in a worker thread; `event` is set when the request is cancelled or
-    its client goes away, so that the model call stops at its next token or frame.
+    its client goes away, so that the model call stops at its next token or frame. A generator
+    `fn` (a streamed answer) becomes an async generator of its updates, each step in the thread.
 
     Gradio's /cancel ends this coroutine but not the thread it waits for, and a client that went
     away only marks its event dead: without the flag the call would run on and commit its result."""
 
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        async def streaming(*args, **kwargs):
+            cancel = threading.Event()
+            connected = _client_connected()
+            updates = fn(*args, cancel=cancel, **kwargs)
+            try:
+                while (update := await _watched(functools.partial(next, updates, _END), cancel, connected)) is not _END:
+                    yield update
+            finally:
+                cancel.set()  # a no-op once the answer is recorded; else it stops the model call
+
+        return streaming
+
     @functools.wraps(fn)
     async def handler(*args, **kwargs):
         cancel = threading.Event()
-        connected = _client_connected()
-        work = asyncio.ensure_future(anyio.to_thread.run_sync(functools.partial(fn, *args, cancel=cancel, **kwargs)))
-        try:
-            while not work.done():
-                await asyncio.wait({work}, timeout=0.25)
-                if not connected():
-                    cancel.set()
-            return work.result()
-        except asyncio.CancelledError:
-            cancel.set()
-            work.add_done_callback(lambda done: done.exception())  # its CallCancelled goes nowhere
-            raise
+        return await _watched(functools.partial(fn, *args, cancel=cancel, **kwargs), cancel, _client_connected())
 
     return handler
+
+
+_END = object()
+
+
+async def _watched(work: Callable, cancel: threading.Event, connected: Callable[[], bool]):
+    """`work()` in a worker thread, setting `cancel` when the request is cancelled or its client went away."""
+    running = asyncio.ensure_future(anyio.to_thread.run_sync(work))
+    try:
+        while not running.done():
+            await asyncio.wait({running}, timeout=0.25)
+            if not connected():
+                cancel.set()
+        return running.result()
+    except asyncio.CancelledError:
+        cancel.set()
+        running.add_done_callback(lambda done: done.exception())  # its CallCancelled goes nowhere
+        raise
 
 
 def _client_connected() -> Callable[[], bool]:

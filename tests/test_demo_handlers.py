@@ -317,12 +317,12 @@ def test_media_or_chat_replaced_during_a_call_never_gets_its_result(app, image_s
     session = image_state.session
     runner = session.runner
 
-    def replaced_meanwhile(call, progress):
+    def replaced_meanwhile(call, progress, **stream):
         if replace == "upload":
             app.load_media(image_state, VIDEO, 4, TOKENS)
         else:
             app.reset(image_state)
-        return runner(call, progress)
+        return runner(call, progress, **stream)
 
     session.runner = replaced_meanwhile
     with pytest.warns(UserWarning, match="nothing was recorded"):

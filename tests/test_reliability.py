@@ -30,11 +30,11 @@ def outcomes(monkeypatch):
     seen: list[str] = []
     run = gpu.runner
 
-    def runner(call, progress=None):
+    def runner(call, progress=None, **stream):
         if call.__class__.__name__ == "AskCall" and call.max_new_tokens >= LONG:
             call.generate_kwargs = {**call.generate_kwargs, "min_new_tokens": call.max_new_tokens}
         try:
-            result = run(call, progress)
+            result = run(call, progress, **stream)
         except Exception as err:
             seen.append(type(err).__name__)
             raise

@@ -22,23 +22,51 @@ VIDEO = str(ASSETS / "moving_shapes.mp4")
 MB = 1024**2
 
 
-def _in_child(payload: bytes) -> bytes:
-    (call,) = pickle.loads(payload)
-    return pickle.dumps(gpu.in_worker(call))
+def _in_child(payload: bytes, results, stop) -> None:
+    """The worker's side of a generator call (spaces' `thread_wrapper`): after each value, a stop
+    set by the app closes the generator."""
+    gen = gpu.in_worker(*pickle.loads(payload))
+    try:
+        for value in gen:
+            if stop.is_set():
+                gen.close()
+                break
+            results.put(pickle.dumps(("ok", value)))  # plain pickle: no tensor shared with the worker
+    except Exception as err:  # spaces shows it as "ZeroGPU worker error"
+        results.put(pickle.dumps(("error", err)))
+    results.put(pickle.dumps(("end", None)))
 
 
 class ForkedGPU:
-    """Stands in for a `spaces.GPU` function on ZeroGPU: every call in a new forked process, its
-    arguments and result pickled. Records each call's pickled size beside its frames' bytes."""
+    """Stands in for a generator `spaces.GPU` function on ZeroGPU: every call in a new forked
+    process, its arguments pickled in and each yielded value pickled back; closing it sets the
+    worker's stop event. Records each call's pickled size beside its frames' bytes."""
 
     def __init__(self):
         self.sizes: list[tuple[int, int]] = []
 
-    def __call__(self, call):
-        payload = pickle.dumps((call,))
-        self.sizes.append((len(payload), call.frames.nbytes))
-        with multiprocessing.get_context("fork").Pool(1) as pool:
-            return pickle.loads(pool.apply(_in_child, (payload,)))
+    def __call__(self, *args):
+        payload = pickle.dumps(args)
+        self.sizes.append((len(payload), args[0].frames.nbytes))
+        fork = multiprocessing.get_context("fork")
+        results, stop = fork.Queue(), fork.Event()
+        worker = fork.Process(target=_in_child, args=(payload, results, stop))
+        worker.start()
+        item = ("start", None)
+        try:
+            while (item := pickle.loads(results.get(timeout=300)))[0] != "end":
+                kind, value = item
+                if kind == "error":
+                    raise value
+                try:
+                    yield value
+                except GeneratorExit:
+                    stop.set()
+                    raise
+        finally:
+            while item[0] != "end":  # the worker sends "end" last, whatever happened
+                item = pickle.loads(results.get(timeout=300))
+            worker.join()
 
 
 def downloads(views: dict) -> dict:

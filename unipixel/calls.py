@@ -21,6 +21,7 @@ from .model import processing as P
 from .model.sam2_video import SAM2Video
 
 Progress = Callable[[float, str], None]
+TextCallback = Callable[[str], None]  # the answer so far, as the model wrote it
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 _MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -148,6 +149,7 @@ class CallResult:
     masks: np.ndarray | None  # [n, T, H, W] bool, one per `<|seg|>`
     cache: MediaCache
     answer: str = ""  # the raw decoded answer of an AskCall
+    stopped: bool = False  # an AskCall's generation was ended early by its `stop`
 
 
 def report(progress: Progress | None, fraction: float, text: str) -> None:
@@ -166,6 +168,41 @@ class TokenProgress(StoppingCriteria):
         done = input_ids.shape[1] - self.prompt_length
         self.progress(0.2 + 0.4 * done / self.max_new_tokens, f"generating the answer ({done} tokens)")
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def answer_text(tokenizer, tokens: torch.Tensor) -> str:
+    """The answer written by `tokens` (special tokens kept), cut at the end of its turn."""
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    for end in _END_TOKENS:
+        text = text.split(end)[0]
+    return text.strip()
+
+
+class TextStream(StoppingCriteria):
+    """Sends the answer so far to `on_text` whenever a generated token changes it; never stops."""
+
+    def __init__(self, on_text: TextCallback, tokenizer, prompt_length: int):
+        self.on_text, self.tokenizer, self.prompt_length, self.sent = on_text, tokenizer, prompt_length, ""
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        # A character split over tokens decodes as U+FFFD until its last byte arrives: hold it back,
+        # so that every text sent is a prefix of the final answer.
+        text = answer_text(self.tokenizer, input_ids[0, self.prompt_length :]).rstrip("\ufffd").rstrip()
+        if text != self.sent:
+            self.sent = text
+            self.on_text(text)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class StopWhen(StoppingCriteria):
+    """Ends generation after the token during which `stop()` became true (a user's Stop)."""
+
+    def __init__(self, stop: Callable[[], bool]):
+        self.stop, self.fired = stop, False
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.fired = self.fired or bool(self.stop())
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
 def media_cache(model, processor, frames: np.ndarray, cache: MediaCache | None, progress=None) -> MediaCache:
@@ -196,7 +233,8 @@ def _segment_object(model, processor, call: ObjectCall, progress) -> CallResult:
     return CallResult(masks.numpy(), cache)
 
 
-def _answer(model, processor, call: AskCall, progress) -> CallResult:
+def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | None = None,
+            stop: Callable[[], bool] | None = None) -> CallResult:
     cache = media_cache(model, processor, call.frames, call.cache, progress)
     inputs = P.tokenize_chat(processor, call.messages, cache.vision["video_grid_thw"])
     reused, covered = (0, 0)
@@ -209,10 +247,15 @@ def _answer(model, processor, call: AskCall, progress) -> CallResult:
     report(progress, 0.2, "generating the answer")
     cache.kv = None  # `past` grows in place: a call that fails midway must not leave it half-written
     kwargs = dict(call.generate_kwargs)
-    if progress is not None:
-        criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
-        criteria.append(TokenProgress(progress, inputs["input_ids"].shape[1], call.max_new_tokens))
-        kwargs["stopping_criteria"] = criteria
+    prompt_length = inputs["input_ids"].shape[1]
+    stopper = None if stop is None else StopWhen(stop)
+    watchers = [
+        *([] if progress is None else [TokenProgress(progress, prompt_length, call.max_new_tokens)]),
+        *([] if on_text is None else [TextStream(on_text, processor.tokenizer, prompt_length)]),
+        *([] if stopper is None else [stopper]),
+    ]
+    if watchers:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.pop("stopping_criteria", None) or []), *watchers])
     out = model.generate(
         **inputs,
         **cache.vision,
@@ -224,16 +267,19 @@ def _answer(model, processor, call: AskCall, progress) -> CallResult:
         progress=lambda f, t: report(progress, 0.6 + 0.4 * f, t),
         **kwargs,
     )
-    text = processor.tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
-    for end in _END_TOKENS:
-        text = text.split(end)[0]
+    text = answer_text(processor.tokenizer, out.sequences[0, prompt_length:])
     cache.kv = ConversationKV(out.sequences[:, : past.get_seq_length()], past, len(call.mem_masks))
     masks = None if out.masks is None else out.masks.numpy()
-    return CallResult(masks, cache, text.strip())
+    return CallResult(masks, cache, text, stopped=stopper is not None and stopper.fired)
 
 
-def run_call(model, processor, call: ObjectCall | AskCall, progress: Progress | None = None) -> CallResult:
-    """Run one call on `model`, never at the same time as another call on it."""
-    work = _segment_object if isinstance(call, ObjectCall) else _answer
+def run_call(model, processor, call: ObjectCall | AskCall, progress: Progress | None = None, *,
+             on_text: TextCallback | None = None, stop: Callable[[], bool] | None = None) -> CallResult:
+    """Run one call on `model`, never at the same time as another call on it.
+
+    For an AskCall, `on_text` receives the answer so far at each token that changes it, and a true
+    `stop()` ends generation there: the answer so far is the result, with the masks of its `<|seg|>`s."""
     with model_lock(model), torch.inference_mode():
-        return work(model, processor, call, progress)
+        if isinstance(call, ObjectCall):
+            return _segment_object(model, processor, call, progress)
+        return _answer(model, processor, call, progress, on_text, stop)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .cache_budget import CacheBudget
-from .calls import AskCall, CallResult, MediaCache, ObjectCall, PackedMasks, Progress, report, run_call
+from .calls import AskCall, CallResult, MediaCache, ObjectCall, PackedMasks, Progress, TextCallback, report, run_call
 from .errors import CallCancelled, PromptError, SessionBusyError, TooManyObjectsError
 from .media import Media
 from .memory import MemoryObject, ObjectMemoryBank
@@ -28,6 +28,7 @@ from .model import processing as P
 Runner = Callable[[object, "Progress | None"], CallResult]
 _MENTION = re.compile(r"\[(\d+)\]")
 _SEG_TARGET = re.compile(r"(\[(\d+)\]\s*)?<\|seg\|>")  # an optional "[k] " naming the mask's object
+SEG_PENDING = "[…]"  # a `<|seg|>` of an answer still being written: its object exists once the answer ends
 
 
 @dataclass
@@ -61,13 +62,15 @@ class TurnResult:
     targets: list[Target]
     new_objects: list[MemoryObject]
     seconds: float
+    stopped: bool = False  # the user's Stop ended the answer early; it is kept as written so far
 
 
 class Session:
     """One user's conversation over one media. Thread-safe: calls on one session never interleave.
 
     Model work goes through `runner(call, progress) -> CallResult` (`unipixel.calls`): in this
-    process by default, in a GPU worker on ZeroGPU Spaces. The session sends plain data and applies
+    process by default, in a GPU worker on ZeroGPU Spaces. A streamed question also passes the
+    runner `on_text` and/or `stop` (`run_call`'s keywords). The session sends plain data and applies
     what comes back, so the bank, chat and history only change here. `budget` (a `CacheBudget`)
     bounds the features all sessions keep; a session whose cache it dropped recomputes it.
     """
@@ -110,10 +113,12 @@ class Session:
         finally:
             self._lock.release()
 
-    def _run(self, call, progress: Progress | None, cancel: threading.Event | None) -> CallResult:
-        """Run `call`; a set `cancel` stops it at its next progress report (token or frame)."""
+    def _run(self, call, progress: Progress | None, cancel: threading.Event | None, **stream) -> CallResult:
+        """Run `call`; a set `cancel` stops it at its next progress report (token or frame).
+        `stream`: the runner's `on_text` and `stop`, passed only when given (a plain runner has neither)."""
         call.cache = self.cache
-        result = self.runner(call, _cancellable(progress, cancel))
+        stream = {k: v for k, v in stream.items() if v is not None}
+        result = self.runner(call, _cancellable(progress, cancel), **stream)
         if cancel is not None and cancel.is_set():  # e.g. the session was closed meanwhile: keep nothing
             raise _cancelled()
         self.cache = result.cache
@@ -192,11 +197,19 @@ class Session:
         return ref, (prompt.frame, coords, labels)
 
     # ---- questions -----------------------------------------------------------------------------
-    def ask(self, text: str, *, progress: Progress | None = None, cancel: threading.Event | None = None) -> TurnResult:
+    def ask(self, text: str, *, progress: Progress | None = None, cancel: threading.Event | None = None,
+            on_text: TextCallback | None = None, stop: threading.Event | None = None) -> TurnResult:
         """Answer a question; `[id]` mentions inject those objects, each `<|seg|>` becomes an object.
 
-        The turn is recorded whole or not at all: a set `cancel` (`CallCancelled`) or an answer
-        segmenting more objects than the bank has room for (`TooManyObjectsError`) records nothing."""
+        `on_text` receives the answer so far as it is generated (`streamed_answer`: a `<|seg|>` shows
+        as `SEG_PENDING` until the answer ends and its object exists). A set `stop` ends generation
+        at the next token: the turn is recorded as `stopped` with the answer so far, and the objects
+        of the `<|seg|>`s it holds (their masks are decoded before the call returns), in the bank,
+        the turns and the model's history alike.
+
+        The turn is recorded whole or not at all: a set `cancel` (`CallCancelled`, e.g. the client
+        went away) or an answer segmenting more objects than the bank has room for
+        (`TooManyObjectsError`) records nothing."""
         with self._one_call():
             text = (text or "").strip()
             if not text:
@@ -206,8 +219,9 @@ class Session:
             call = AskCall(self.media.frames, self._messages + [user], mem_masks, self.max_new_tokens,
                            self.generate_kwargs)  # fmt: skip
             self._check_length(call.messages, text)
-            out = self._run(call, progress, cancel)
-            result = self._record_turn(text, out.answer, out.masks, start)
+            streamed = None if on_text is None else (lambda raw: on_text(streamed_answer(raw)))
+            out = self._run(call, progress, cancel, on_text=streamed, stop=None if stop is None else stop.is_set)
+            result = self._record_turn(text, out.answer, out.masks, start, stopped=out.stopped)
             self._commit_turn(user, result.raw_answer, mem_masks)
             return result
 
@@ -277,7 +291,7 @@ class Session:
             self.bank.get(i)  # ObjectNotFoundError names the known ids
         return ids
 
-    def _record_turn(self, question: str, text: str, masks, start: float) -> TurnResult:
+    def _record_turn(self, question: str, text: str, masks, start: float, stopped: bool = False) -> TurnResult:
         """Each `<|seg|>` becomes a new object shown as its label; a "[k] " before it stays only
         when k is a remembered object (else it would name an object that does not exist).
         Masks pair with the targets in order; a `<|seg|>` spelled out in plain characters beyond
@@ -301,7 +315,7 @@ class Session:
             last = match.end()
         answer += text[last:]
         raw = P.clean_answer(text)
-        result = TurnResult(question, answer, raw, targets, new_objects, time.perf_counter() - start)
+        result = TurnResult(question, answer, raw, targets, new_objects, time.perf_counter() - start, stopped)
         self.turns.append(result)
         return result
 
@@ -312,6 +326,11 @@ class Session:
             self.turns.clear()
             self._messages.clear()
             self._mem_masks = []
+
+
+def streamed_answer(raw: str) -> str:
+    """An answer still being written, for display: each `<|seg|>` as `SEG_PENDING`."""
+    return raw.replace(P.SEG, SEG_PENDING)
 
 
 def _cancelled() -> CallCancelled:

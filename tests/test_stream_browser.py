@@ -1,0 +1,95 @@
+"""A streamed answer and its Stop button in a real browser (Debian chromium through Playwright).
+
+The tiny model runs for real; its answer is steered (tests/test_session.py `forcing`) to hold three
+`<|seg|>`s and slowed to a pace a person could read, so the page can be watched while it streams.
+"""
+from __future__ import annotations
+
+import pytest
+from transformers import LogitsProcessorList
+
+from demo import gpu
+from test_browser import browser, idle, load_example, open_page, pytestmark  # noqa: F401 - fixture, marks
+from test_session import forcing
+from test_streaming import Paced
+
+ANSWER = ("The red circle is [1] <|seg|> , the green triangle is <|seg|> and the blue square is <|seg|> ; "
+          "all three are shapes.")
+SECONDS_PER_TOKEN = 0.1  # a pace a person could read
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model, free_port):
+    import app as app_module
+    from demo import build_demo
+
+    model, processor = tiny_model
+    run = gpu.runner
+
+    def steered(call, progress=None, **stream):
+        """A request to segment gets the slow three-object answer; any other question a short one."""
+        if call.__class__.__name__ == "AskCall":
+            asked = call.messages[-1]["content"][-1]["text"]
+            forced = forcing(processor, ANSWER if "segment" in asked else "Still three shapes.")
+            call.generate_kwargs = {"logits_processor": LogitsProcessorList([Paced(SECONDS_PER_TOKEN), *forced])}
+        return run(call, progress, **stream)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpu, "runner", steered)  # sessions opened from now on use it
+        demo = build_demo(model, processor, model_name="offline tiny model", offline=True, device=model.device,
+                          dtype=model.dtype, max_new_tokens=256)
+        port = free_port()
+        app_module.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+        yield f"http://127.0.0.1:{port}/"
+        demo.close()
+
+
+def answer_text(page) -> str:
+    bots = page.locator("#chat [data-testid='bot']")
+    return bots.last.inner_text() if bots.count() else ""
+
+
+def test_answer_streams_objects_appear_and_stop_keeps_a_consistent_turn(browser, url, tmp_path):
+    context, page = open_page(browser, url)
+    try:
+        load_example(page, "Image · segment the red circle")
+        idle(page)
+        assert not page.locator("#stop").is_visible(), "Stop shows only while an answer is written"
+        page.locator("#send").click()
+
+        # The text arrives piece by piece, each `<|seg|>` as […] until its object exists.
+        page.wait_for_function("document.querySelector('#chat [data-testid=bot]')?.innerText.includes('The red')")
+        assert page.locator("#stop").is_visible()
+        first = answer_text(page)
+        page.wait_for_function("document.querySelector('#chat [data-testid=bot]')?.innerText.includes('[…]')")
+        later = answer_text(page)
+        assert later.startswith(first.rstrip()) and len(later) > len(first)
+        assert page.locator("#chips .up-chip").count() == 0, "no object before its mask exists"
+        page.screenshot(path=tmp_path / "1_streaming.png", full_page=True)
+
+        # Stop after the second object's `<|seg|>`: the answer so far is kept with its two objects.
+        page.wait_for_function(
+            "(document.querySelector('#chat [data-testid=bot]')?.innerText.match(/\\[…\\]/g) || []).length >= 2")
+        page.locator("#stop").click()
+        page.wait_for_function("document.querySelector('#chat [data-testid=bot]')?.innerText.includes('(stopped)')")
+        idle(page)
+        stopped = answer_text(page)
+        assert "[…]" not in stopped and "all three are shapes" not in stopped
+        assert "The red circle is [1]" in stopped and "segmented: [1], [2]" in stopped, stopped
+        chips = page.locator("#chips .up-chip")
+        assert chips.count() == 2 and page.locator("#chips .up-chip[data-object-id='2']").count() == 1
+        assert not page.locator("#stop").is_visible()
+        page.screenshot(path=tmp_path / "2_stopped.png", full_page=True)
+
+        # The session goes on: the next question is answered in full after the stopped turn.
+        page.locator("#question textarea").fill("What is [2]?")
+        page.locator("#send").click()
+        page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length === 2")
+        page.wait_for_function(
+            "[...document.querySelectorAll('#chat [data-testid=bot]')].at(-1).innerText.includes('Still three')")
+        idle(page)
+        assert "(stopped)" not in answer_text(page) and chips.count() == 2
+        assert "(stopped)" in page.locator("#chat [data-testid='bot']").first.inner_text()
+        page.screenshot(path=tmp_path / "3_next_question.png", full_page=True)
+    finally:
+        context.close()

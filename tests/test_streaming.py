@@ -1,0 +1,232 @@
+"""Streamed answers and Stop on the tiny model: the text as it is generated, a turn ended early.
+
+A stopped turn is kept as written so far (`TurnResult.stopped`), with the objects of the `<|seg|>`s
+it holds, in the bank, the turns and the model's history alike; a cancelled one records nothing.
+"""
+import threading
+import time
+
+import numpy as np
+import pytest
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from demo import gpu
+from demo.handlers import Playground, delete_state
+from demo.layout import ASSETS
+from unipixel.errors import CallCancelled
+from unipixel.session import SEG_PENDING, streamed_answer
+from test_app_client import call, server  # noqa: F401 - a fixture
+from test_session import brush, forcing, session_for, steered_answers, video  # noqa: F401 - a fixture
+from test_zerogpu import ForkedGPU
+
+SEGS = "It is [1] <|seg|> and <|seg|> and <|seg|> and more words after them."
+
+
+class Paced(LogitsProcessor):
+    """Waits before each token, as a large model on a busy GPU would; changes no score."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, input_ids, scores):
+        time.sleep(self.seconds)
+        return scores
+
+
+def streamed(session, question: str, **kwargs):
+    texts = []
+    result = session.ask(question, on_text=texts.append, **kwargs)
+    return result, texts
+
+
+def history(session) -> list[str]:
+    return [m["content"][-1]["text"] for m in session._messages if m["role"] == "assistant"]
+
+
+def test_streamed_texts_grow_to_the_plain_greedy_answer(tiny_model, video):
+    # Greedy; the penalty keeps the tiny model from repeating one token, so the answer has some text.
+    varied = {"max_new_tokens": 24, "generate_kwargs": {"repetition_penalty": 3.0}}
+    plain = session_for(tiny_model, video, **varied).ask("What moves in the video?")
+    result, texts = streamed(session_for(tiny_model, video, **varied), "What moves in the video?")
+    assert result.raw_answer == plain.raw_answer and result.answer == plain.answer and not result.stopped
+    assert "<|seg|>" not in result.raw_answer and len(texts) >= 2
+    assert all(a != b and b.startswith(a) for a, b in zip(texts, texts[1:])), "each text extends the last"
+    assert all(result.answer.startswith(t) for t in texts)
+    # Bytes that decode to no character (U+FFFD) are held back while more might complete them.
+    assert texts[-1] == result.answer.rstrip("\ufffd")
+
+
+def test_multibyte_characters_and_seg_tokens_stream_as_placeholders(tiny_model, video):
+    _, processor = tiny_model
+    session = session_for(tiny_model, video, max_new_tokens=32)
+    with steered_answers(session, processor, "Café ☕ is [1] <|seg|> here."):
+        result, texts = streamed(session, "Where is the café?")
+    assert "\ufffd" not in "".join(texts), "a character split over tokens is held back"
+    assert texts[-1] == f"Café ☕ is [1] {SEG_PENDING} here."
+    assert all(texts[-1].startswith(t) for t in texts)
+    assert result.answer == "Café ☕ is [1] here." and session.bank.ids == [1]  # "[1] " named no object
+
+
+def stop_at_seg(count: int):
+    """An `on_text` that sets the returned Stop once the answer holds `count` `<|seg|>`s."""
+    stop, texts = threading.Event(), []
+
+    def on_text(text: str) -> None:
+        texts.append(text)
+        if text.count(SEG_PENDING) >= count:
+            stop.set()
+
+    return stop, texts, on_text
+
+
+def test_stop_keeps_the_answer_so_far_with_the_objects_it_segmented(tiny_model, video):
+    _, processor = tiny_model
+    session = session_for(tiny_model, video, max_new_tokens=64)
+    session.add_object(brush(0))
+    stop, texts, on_text = stop_at_seg(2)
+    with steered_answers(session, processor, SEGS):
+        result = session.ask("Please segment [1] and the rest.", on_text=on_text, stop=stop)
+    # Generation ended at the token that saw the Stop: the second `<|seg|>`.
+    assert result.stopped and result.raw_answer == "It is [1]<|seg|>and<|seg|>"
+    assert texts[-1] == f"It is [1] {SEG_PENDING} and {SEG_PENDING}"
+    # Bank, turns and history agree: two objects with their masks, one turn, its text as written.
+    assert session.bank.ids == [1, 2, 3] and [o.id for o in result.new_objects] == [2, 3]
+    assert all(o.masks.shape == (6, 96, 128) and o.turn == 1 for o in result.new_objects)
+    assert session.turns == [result] and history(session) == [result.raw_answer]
+    assert len(session._mem_masks) == 1  # the mention of [1]
+
+    # The next question works, and reads the stopped answer as the history.
+    after = session.ask("And now?")
+    assert not after.stopped and len(session.turns) == 2 and history(session)[0] == result.raw_answer
+
+
+def test_stop_answers_like_a_shorter_generation(tiny_model, video):
+    """A stopped answer is the answer a shorter budget gives: same text, same masks."""
+    _, processor = tiny_model
+    stopped = session_for(tiny_model, video, max_new_tokens=64)
+    stop, _, on_text = stop_at_seg(1)
+    with steered_answers(stopped, processor, SEGS):
+        result = stopped.ask("Please segment it.", on_text=on_text, stop=stop)
+    short = session_for(tiny_model, video, max_new_tokens=len(processor.tokenizer(
+        "It is [1] <|seg|>", add_special_tokens=False)["input_ids"]))
+    with steered_answers(short, processor, SEGS):
+        expected = short.ask("Please segment it.")
+    assert result.stopped and not expected.stopped
+    assert result.raw_answer == expected.raw_answer == "It is [1]<|seg|>"
+    assert np.array_equal(stopped.bank.get(1).masks, short.bank.get(1).masks)
+
+
+def test_cancel_after_stop_still_records_nothing(tiny_model, video):
+    """A client that goes away (cancel) keeps nothing, even after a Stop."""
+    _, processor = tiny_model
+    session = session_for(tiny_model, video, max_new_tokens=64)
+    stop, cancel = threading.Event(), threading.Event()
+
+    def on_text(text: str) -> None:
+        if SEG_PENDING in text:
+            stop.set()
+            cancel.set()
+
+    with steered_answers(session, processor, SEGS), pytest.raises(CallCancelled, match="nothing was recorded"):
+        session.ask("Please segment it.", on_text=on_text, stop=stop, cancel=cancel)
+    assert len(session.bank) == 0 and session.turns == [] and session._messages == []
+
+
+@pytest.fixture
+def forked(tiny_model, monkeypatch):
+    """Model calls across an emulated ZeroGPU boundary (tests/test_zerogpu.py)."""
+    monkeypatch.setattr(gpu, "ZERO_GPU", True)
+    monkeypatch.setattr(gpu, "remote", ForkedGPU())
+    gpu.bind(*tiny_model)
+    return gpu.runner
+
+
+def test_zerogpu_streams_and_stops_like_in_process(tiny_model, video, forked):
+    """Across the boundary the text arrives a little late and Stop reaches the worker a few tokens
+    later than in process; what is kept is consistent all the same."""
+    _, processor = tiny_model
+    results = []
+    for runner in (None, forked):
+        session = session_for(tiny_model, video, max_new_tokens=64, runner=runner)
+        stop, texts, on_text = stop_at_seg(2)
+        # Paced, so that a Stop sent across the boundary lands well before the answer's end.
+        session.generate_kwargs = {"logits_processor": LogitsProcessorList([Paced(0.02), *forcing(processor, SEGS)])}
+        result = session.ask("Please segment it.", on_text=on_text, stop=stop)
+        results.append((result, texts, [o.masks for o in session.bank]))
+    (here, texts, masks), (there, texts_there, masks_there) = results
+    assert here.stopped and here.raw_answer == "It is [1]<|seg|>and<|seg|>" and len(masks) == 2
+    assert there.stopped and there.raw_answer.startswith(here.raw_answer) and "more words" not in there.raw_answer
+    assert texts_there[: len(texts)] == texts and all(b.startswith(a) for a, b in zip(texts_there, texts_there[1:]))
+    assert len(masks_there) == there.raw_answer.count("<|seg|>"), "one object per `<|seg|>` kept"
+    # Same masks: SAM 2 keeps a memory per object, so a third one tracked alongside changes no other.
+    assert all(np.array_equal(a, b) for a, b in zip(masks, masks_there))
+
+
+def test_zerogpu_cancel_closes_the_worker_and_records_nothing(tiny_model, video, forked):
+    _, processor = tiny_model
+    session = session_for(tiny_model, video, max_new_tokens=64, runner=forked)
+    cancel = threading.Event()
+    with steered_answers(session, processor, SEGS), pytest.raises(CallCancelled):
+        session.ask("Please segment it.", on_text=lambda text: cancel.set(), cancel=cancel)
+    assert session.turns == [] and len(session.bank) == 0
+    assert not session.ask("And now?").stopped, "the session and the model are free again"
+
+
+def test_playground_streams_the_chat_and_its_stop_keeps_the_answer(tiny_model):
+    _, processor = tiny_model
+    app = Playground(*tiny_model)
+    st = app.load_media(None, str(ASSETS / "shapes.png"), 16, 64)["state"]
+    try:
+        st.session.generate_kwargs = {"logits_processor": LogitsProcessorList([Paced(0.02), *forcing(processor, SEGS)])}
+        answers = []
+        for update in app.ask_stream(st, "Please segment them.", 64):
+            if "question" in update:  # the recorded turn
+                break
+            assert st.chat == [] and update["chat"][0]["content"] == "Please segment them."
+            if not answers:  # a second question meanwhile is refused, and leaves Stop to this answer
+                with pytest.warns(UserWarning, match="still working"):
+                    assert app.ask(st, "And this?", 8) == {}
+            answers.append(update["chat"][-1]["content"])
+            if answers[-1].count(SEG_PENDING) >= 2:
+                app.stop_answer(st)
+        assert len(answers) >= 2 and all(b.startswith(a) for a, b in zip(answers, answers[1:]))
+        (turn,) = st.session.turns
+        assert turn.stopped and "more words" not in turn.raw_answer
+        assert st.session.bank.ids == [o.id for o in turn.new_objects] and len(turn.new_objects) >= 2
+        assert update["chat"] == st.chat and "(stopped)" in st.chat[-1]["content"] and st.stop is None
+        assert update["question"] == ""
+
+        st.session.generate_kwargs = {}
+        assert "(stopped)" not in app.ask(st, "And now?", 8)["chat"][-1]["content"]
+        assert len(st.session.turns) == 2 and len(st.chat) == 4
+    finally:
+        delete_state(st)
+
+
+def test_playground_takes_back_a_streamed_answer_that_records_nothing(tiny_model):
+    _, processor = tiny_model
+    app = Playground(*tiny_model, max_objects=2)
+    st = app.load_media(None, str(ASSETS / "shapes.png"), 16, 64)["state"]
+    try:
+        st.session.generate_kwargs = {"logits_processor": forcing(processor, SEGS)}
+        with pytest.warns(UserWarning, match="room for 2 more"):
+            updates = list(app.ask_stream(st, "Please segment them.", 64))
+        assert any(SEG_PENDING in u.get("chat", [{}])[-1].get("content", "") for u in updates[:-2])
+        assert updates[-2:] == [{"chat": []}, {}], "the shown answer is taken back, then nothing changes"
+        assert st.chat == [] and st.session.turns == [] and len(st.session.bank) == 0
+    finally:
+        delete_state(st)
+
+
+def test_an_api_client_stops_its_answer_and_gets_it_back(server):
+    from test_reliability import LONG, TOKENS, generating, opened
+
+    client = opened(server[1])
+    job = client.submit("What happens?", LONG, api_name="/ask")
+    generating(job)
+    assert call(client, "/stop_answer") == {}
+    returns = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/ask"]["returns"]
+    labels = [r["label"] for r in returns]
+    chat = dict(zip(labels, job.result(timeout=120)))["Conversation"]
+    assert len(chat) == 2 and "(stopped)" in chat[-1]["content"][-1]["text"]
+    assert len(call(client, "/ask", "And now?", TOKENS)["Conversation"]) == 4, "the session goes on"
