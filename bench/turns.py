@@ -140,11 +140,11 @@ def session_turns(model, processor, media, device, point) -> dict:
     session.generate_kwargs = steering(processor, TURN1[1])
     out["turn 1"], _ = timed(lambda: session.ask(TURN1[0]), device)
     session.add_object(VisualPrompt("point", frame=0, points=[(*point, True)]))
-    history = (copy.deepcopy(session.bank), list(session._messages), list(session._mem_masks))
+    history = (copy.deepcopy(session.bank), list(session._messages), list(session._mem_cells))
     kv = copy.deepcopy(session.cache.kv)  # the conversation's keys and values after turn 1
 
     def restore(keys_and_values):
-        session.bank, session._messages, session._mem_masks = copy.deepcopy(history[0]), list(history[1]), list(history[2])
+        session.bank, session._messages, session._mem_cells = copy.deepcopy(history[0]), list(history[1]), list(history[2])
         session.cache.kv = copy.deepcopy(keys_and_values)
 
     for name, (question, answer) in (("turn 2, text answer", TURN2_TEXT), ("turn 2, mask answer", TURN2_SEG)):
@@ -168,7 +168,7 @@ def reference_turns(model, processor, media, device, history) -> dict:
         def run():
             session = Session(model, processor, media, max_new_tokens=64, generate_kwargs=steering(processor, answer))
             if state is not None:
-                session.bank, session._messages, session._mem_masks = copy.deepcopy(state[0]), list(state[1]), list(state[2])
+                session.bank, session._messages, session._mem_cells = copy.deepcopy(state[0]), list(state[1]), list(state[2])
             encode_media(session, cache_sam2=False)
             return session.ask(question)
 

@@ -282,6 +282,23 @@ def test_mem_count_mismatch_is_refused(tiny_model, frames):
         model(**inputs, mem_masks=[mask])
 
 
+def test_mem_cells_stand_for_their_masks(tiny_model, frames):
+    """A session sends `mem_slot_cells` instead of masks: the model reads exactly the same."""
+    model, processor = tiny_model
+    inputs = _inputs(model, processor, frames, "[1]: <1> <|mem|> Describe [1].")
+    mask = torch.zeros(len(frames), *frames.shape[1:3], dtype=torch.bool)
+    mask[0, 20:50, 30:70] = True
+    cells = mem_slot_cells(mask, inputs["video_grid_thw"][0])
+    with torch.no_grad():
+        from_masks = model(**inputs, mem_masks=[mask]).logits
+        from_cells = model(**inputs, mem_cells=[cells]).logits
+        assert torch.equal(from_masks, from_cells)
+        with pytest.raises(PromptError, match="masks or as cells, not both"):
+            model(**inputs, mem_masks=[mask], mem_cells=[cells])
+        with pytest.raises(PromptError, match=r"cells \(1, 2, 2\) do not match"):
+            model(**inputs, mem_cells=[cells[:1, :2, :2]])
+
+
 def test_prompt_outside_the_frame_is_refused():
     with pytest.raises(PromptError, match="outside the 120x90 frame"):
         RefPrompt.from_pixels(0, 90, 120, 768, point=(130, 10))

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from .cache_budget import CacheBudget
-from .calls import AskCall, CallResult, MediaCache, ObjectCall, PackedMasks, Progress, report, run_call
+from .calls import AskCall, CallResult, MediaCache, ObjectCall, Progress, report, run_call
 from .errors import CallCancelled, PromptError, SessionBusyError, TooManyObjectsError
 from .media import Media
 from .memory import MemoryObject, ObjectMemoryBank
-from .model import RefPrompt, mem_slots
+from .model import RefPrompt, cell_slots, mem_slot_cells
 from .model import processing as P
 
 Runner = Callable[[object, "Progress | None"], CallResult]
@@ -96,7 +96,7 @@ class Session:
         self.cache: MediaCache | None = None  # vision tokens + SAM 2 frame features of the media
         self._lock = threading.RLock()
         self._messages: list[dict] = []
-        self._mem_masks: list[PackedMasks] = []  # every `<|mem|>` of the history, in order
+        self._mem_cells: list[torch.Tensor] = []  # `mem_slot_cells` of every `<|mem|>` object of the history
 
     # ---- model calls -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -204,27 +204,30 @@ class Session:
             start = time.perf_counter()
             mentioned = self._mentions(text)  # validates ids before any model work
             grid = self.grid_thw
-            mem_objects = [(i, mem_slots(torch.from_numpy(self.bank.get(i).masks), grid[0])) for i in mentioned]
-            prefix = P.mem_prefix(mem_objects, self.media.num_frames) if mentioned else ""
+            # The cells decide the prompt's `<|mem|>` tokens and are what the model reads of each mask:
+            # computed once here, they travel with the call instead of the masks.
+            cells = [mem_slot_cells(torch.from_numpy(self.bank.get(i).masks), grid[0]) for i in mentioned]
+            objects = [(i, cell_slots(c)) for i, c in zip(mentioned, cells)]
+            prefix = P.mem_prefix(objects, self.media.num_frames) if mentioned else ""
             user = P.user_message(prefix + P.typed(text), with_video=not self._messages)
-            mem_masks = self._mem_masks + [PackedMasks.pack(self.bank.get(i).masks) for i in mentioned]
-            call = AskCall(self.media.frames, self._messages + [user], mem_masks, self.max_new_tokens,
-                           self.generate_kwargs)  # fmt: skip
-            self._check_length(call.messages, text)
+            inputs = P.tokenize_chat(self.processor, self._messages + [user], grid)
+            self._check_length(inputs["input_ids"].shape[1], text, grid)
+            mem_cells = self._mem_cells + cells
+            call = AskCall(self.media.frames, inputs, mem_cells, self.max_new_tokens, self.generate_kwargs)
             out = self._run(call, progress, cancel)
             result = self._record_turn(text, out.answer, out.masks, start)
             self._messages += [user, {"role": "assistant", "content": [{"type": "text", "text": result.raw_answer}]}]
-            self._mem_masks = mem_masks
+            self._mem_cells = mem_cells
             return result
 
-    def _check_length(self, messages: list[dict], question: str) -> None:
-        """Refuse, before any model work, a prompt whose answer would run past the model's positions."""
+    def _check_length(self, total: int, question: str, grid: torch.Tensor) -> None:
+        """Refuse, before any model work, a prompt of `total` tokens whose answer would run past the
+        model's positions."""
         limit = self.model.config.text_config.max_position_embeddings
-        total = P.tokenize_chat(self.processor, messages, self.grid_thw)["input_ids"].shape[1]
         if total + self.max_new_tokens <= limit:
             return
         asked = len(self.processor.tokenizer(question, add_special_tokens=False)["input_ids"])
-        media = P.num_video_tokens(self.grid_thw)
+        media = P.num_video_tokens(grid)
         room = max(0, limit - self.max_new_tokens - (total - asked))
         raise PromptError(
             f"the question is too long: {asked} tokens, where the model reads {limit} positions and this media "
@@ -272,7 +275,7 @@ class Session:
             self.bank.clear()
             self.turns.clear()
             self._messages.clear()
-            self._mem_masks = []
+            self._mem_cells = []
 
 
 def _cancelled() -> CallCancelled:

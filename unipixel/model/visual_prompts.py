@@ -70,7 +70,11 @@ def mem_slot_cells(mask: torch.Tensor, grid_thw) -> torch.Tensor:
     return F.max_pool2d(m.float(), kernel_size=28)[:, 0] > 0
 
 
+def cell_slots(cells: torch.Tensor) -> list[int]:
+    """Temporal slots of `mem_slot_cells` output where the object is present: one `<|mem|>` token each."""
+    return cells.flatten(1).any(dim=1).nonzero()[:, 0].tolist()
+
+
 def mem_slots(mask: torch.Tensor, grid_thw) -> list[int]:
     """Temporal slots where the object is present: one `<|mem|>` token each."""
-    cells = mem_slot_cells(mask, grid_thw)
-    return [t for t in range(cells.shape[0]) if cells[t].any()]
+    return cell_slots(mem_slot_cells(mask, grid_thw))
