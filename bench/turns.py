@@ -153,11 +153,19 @@ def session_turns(model, processor, media, device, point) -> dict:
         out[name], result = timed(lambda: session.ask(question), device)
         assert result.raw_answer == P.clean_answer(answer), result.raw_answer
     # Time to the first token of turn 2: its new tokens only, or the whole conversation prefilled.
+    # The prefill's length is kept too: it bounds the ratio (the LLM's work grows with it).
     session.max_new_tokens = 1
-    for name, keys_and_values in (("turn 2, first token", kv), ("turn 2, first token, whole prefill", None)):
-        restore(keys_and_values)
-        session.generate_kwargs = steering(processor, TURN2_TEXT[1])
-        out[name], _ = timed(lambda: session.ask(TURN2_TEXT[0]), device)
+    fed = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        for name, keys_and_values in (("turn 2, first token", kv), ("turn 2, first token, whole prefill", None)):
+            restore(keys_and_values)
+            session.generate_kwargs = steering(processor, TURN2_TEXT[1])
+            fed.clear()
+            out[name], _ = timed(lambda: session.ask(TURN2_TEXT[0]), device)
+            out[f"{name} [tokens]"] = fed[0]
+    finally:
+        hook.remove()
     return out, history
 
 
@@ -243,7 +251,7 @@ def print_report(name: str, device: str, result: dict, repeats: int) -> bool:
     for key in refs:
         print(f"    {key:<22} {turns[key]:>11.3f}  {refs[key]:>13.3f}  {refs[key] / turns[key]:>16.2f}x")
     for key in ("turn 2, first token", "turn 2, first token, whole prefill"):
-        print(f"    {key:<36} {turns[key]:>8.3f}")
+        print(f"    {key:<36} {turns[key]:>8.3f}  (prefills {turns[key + ' [tokens]']:.0f} tokens)")
     print("(b) teacher-forced answer  cached, warm [s]  cached, cold [s]  reference [s]")
     for objects in (1, 3):
         print(f"    {objects} object(s){'':<13}{dec[(objects, 'warm')]:>16.3f}  {dec[(objects, 'cold')]:>16.3f}  {dec[(objects, 'reference')]:>13.3f}")
