@@ -118,7 +118,7 @@ class ObjectCall:
 
 @dataclass
 class AskCall:
-    """One generated answer to the last user message of `messages`."""
+    """One generated answer to the last user message of the chat in `inputs`."""
 
     frames: np.ndarray
     inputs: dict  # `tokenize_chat` of the whole chat, the new user message last
