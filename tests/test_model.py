@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, LogitsProcessor, LogitsProcessorList
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 import unipixel
 from unipixel import CheckpointError, PromptError
@@ -259,6 +260,34 @@ def test_mem_features_use_window_order(tiny_model, rng):
     torch.testing.assert_close(got[0], want)
 
 
+def _cells_by_definition(mask: torch.Tensor, grid_thw) -> torch.Tensor:
+    """Spec §4 as the reference computes it: pair frames by max, resize to the LLM frame, pool by 28."""
+    t, h, w = (int(v) for v in grid_thw)
+    m = mask.to(torch.uint8)
+    m = torch.cat([m, m[-1:]]) if m.shape[0] % 2 else m
+    m = m if m.any() else torch.ones_like(m)
+    m = m.view(-1, 2, *m.shape[1:]).amax(dim=1)
+    m = torch.nn.functional.interpolate(m[:, None], size=(h * 14, w * 14), mode="nearest")
+    return torch.nn.functional.max_pool2d(m.float(), kernel_size=28)[:, 0] > 0
+
+
+@pytest.mark.parametrize("shape", [(16, 480, 640), (1, 90, 120), (5, 77, 131), (2, 1080, 1920)])
+@pytest.mark.parametrize("content", ["sparse", "empty", "one pixel", "blob"])
+def test_mem_slot_cells_follow_the_definition(rng, shape, content):
+    """The fast cells (sampled rows and columns only) equal the resize-and-pool definition exactly."""
+    t, h, w = shape
+    rh, rw = smart_resize(h, w, factor=28, min_pixels=P.MIN_PIXELS, max_pixels=P.max_pixels(t))
+    grid = torch.tensor([(t + t % 2) // 2, rh // 14, rw // 14])
+    mask = torch.zeros(shape, dtype=torch.bool)
+    if content == "sparse":  # isolated pixels: some fall between the rows or columns a resize samples
+        mask = torch.from_numpy(rng.random(shape) < 2e-4)
+    elif content == "one pixel":
+        mask[-1, h // 3, w // 5] = True
+    elif content == "blob":
+        mask[0, h // 4 : h // 2, w // 3 : w // 2] = True
+    assert torch.equal(mem_slot_cells(mask, grid), _cells_by_definition(mask, grid))
+
+
 def test_mem_slots_and_text(rng):
     grid = torch.tensor([3, 20, 28])
     mask = torch.zeros(6, 90, 120, dtype=torch.bool)
@@ -280,6 +309,23 @@ def test_mem_count_mismatch_is_refused(tiny_model, frames):
     mask[0, :10, :10] = True  # one slot -> one embedding for two tokens
     with pytest.raises(PromptError, match=r"2 <\|mem\|> token\(s\) but 1"):
         model(**inputs, mem_masks=[mask])
+
+
+def test_mem_cells_stand_for_their_masks(tiny_model, frames):
+    """A session sends `mem_slot_cells` instead of masks: the model reads exactly the same."""
+    model, processor = tiny_model
+    inputs = _inputs(model, processor, frames, "[1]: <1> <|mem|> Describe [1].")
+    mask = torch.zeros(len(frames), *frames.shape[1:3], dtype=torch.bool)
+    mask[0, 20:50, 30:70] = True
+    cells = mem_slot_cells(mask, inputs["video_grid_thw"][0])
+    with torch.no_grad():
+        from_masks = model(**inputs, mem_masks=[mask]).logits
+        from_cells = model(**inputs, mem_cells=[cells]).logits
+        assert torch.equal(from_masks, from_cells)
+        with pytest.raises(PromptError, match="masks or as cells, not both"):
+            model(**inputs, mem_masks=[mask], mem_cells=[cells])
+        with pytest.raises(PromptError, match=r"cells \(1, 2, 2\) do not match"):
+            model(**inputs, mem_cells=[cells[:1, :2, :2]])
 
 
 def test_prompt_outside_the_frame_is_refused():

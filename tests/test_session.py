@@ -22,6 +22,7 @@ from unipixel.errors import (
 )
 from unipixel.media import media_from_frames
 from unipixel.memory import ObjectMemoryBank
+from unipixel.model import mem_slot_cells
 from unipixel.model import processing as P
 from unipixel.session import Session, VisualPrompt
 
@@ -86,13 +87,13 @@ def steered_answers(session, processor, text: str, spelled: str = ""):
 
 @contextlib.contextmanager
 def model_inputs(model):
-    """The whole prompt (input_ids) of every `generate` call, and the `<|mem|>` masks it was given
-    (those of the tokens not already in the conversation's keys and values)."""
+    """The whole prompt (input_ids) of every `generate` call, and the `<|mem|>` objects it was given
+    as `mem_slot_cells` (those of the tokens not already in the conversation's keys and values)."""
     calls = []
     generate = model.generate
 
     def recording(*args, **kwargs):
-        calls.append((kwargs["input_ids"].clone(), kwargs.get("mem_masks")))
+        calls.append((kwargs["input_ids"].clone(), kwargs.get("mem_cells")))
         return generate(*args, **kwargs)
 
     model.generate = recording
@@ -160,19 +161,19 @@ def test_mentions_put_one_mem_token_per_present_slot_in_the_prompt(tiny_model, v
 
     with model_inputs(model) as calls:
         session.ask("What is [2] doing?")
-    ids, mem_masks = calls[0]
-    assert int((ids == mem_id).sum()) == 1 and len(mem_masks) == 1
+    ids, mem_cells = calls[0]
+    assert int((ids == mem_id).sum()) == 1 and len(mem_cells) == 1
     text = processor.tokenizer.decode(ids[0])
     assert "denoted as <1> to <6>. The highlighted regions are as follows:\n[2]: <3>-<4> <|mem|>\nWhat is [2]" in text
 
     with model_inputs(model) as calls:
         session.ask("Compare [1] with [3], then [1] again.")
-    ids, mem_masks = calls[0]
+    ids, mem_cells = calls[0]
     # History keeps turn 1's token; [1] is injected once however often it is mentioned. Turn 1's
     # mask is in the conversation's keys and values already: only the new ones are encoded.
     expected = 1 + 1 + expected_mem_tokens(point.masks)
     assert int((ids == mem_id).sum()) == expected
-    assert len(mem_masks) == 2 and torch.equal(mem_masks[1], torch.from_numpy(point.masks))
+    assert len(mem_cells) == 2 and torch.equal(mem_cells[1], mem_slot_cells(torch.from_numpy(point.masks), session.grid_thw[0]))
     assert "[1]: <1>-<2> <|mem|>\n[3]: " in processor.tokenizer.decode(ids[0])
 
 
@@ -223,12 +224,12 @@ def test_unknown_id_is_refused_and_the_session_stays_usable(tiny_model, video):
     session = session_for(tiny_model, video)
     session.add_object(brush(2))
     session.ask("What is [1] doing?")
-    before = (session.bank.ids, len(session.turns), len(session._messages), len(session._mem_masks))
+    before = (session.bank.ids, len(session.turns), len(session._messages), len(session._mem_cells))
 
     with pytest.raises(ObjectNotFoundError, match=r"\[7\].*known objects: \[1\]"):
         session.ask("Is [1] bigger than [7]?")
 
-    assert (session.bank.ids, len(session.turns), len(session._messages), len(session._mem_masks)) == before
+    assert (session.bank.ids, len(session.turns), len(session._messages), len(session._mem_cells)) == before
     result = session.ask("Is [1] moving?")
     assert len(session.turns) == 2 and result.question == "Is [1] moving?"
 
@@ -276,7 +277,7 @@ def test_answer_overflowing_the_bank_records_nothing(tiny_model, video):
     ):
         session.ask("Please segment both squares.")
     assert session.bank.ids == [1, 2] and session.bank.next_id == 3
-    assert session.turns == [] and session._messages == [] and session._mem_masks == []
+    assert session.turns == [] and session._messages == [] and session._mem_cells == []
     with steered_answers(session, processor, "<|seg|>"):
         assert [o.id for o in session.ask("Please segment one.").new_objects] == [3]
 

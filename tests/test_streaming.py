@@ -93,7 +93,7 @@ def test_stop_keeps_the_answer_so_far_with_the_objects_it_segmented(tiny_model, 
     assert session.bank.ids == [1, 2, 3] and [o.id for o in result.new_objects] == [2, 3]
     assert all(o.masks.shape == (6, 96, 128) and o.turn == 1 for o in result.new_objects)
     assert session.turns == [result] and history(session) == [result.raw_answer]
-    assert len(session._mem_masks) == 1  # the mention of [1]
+    assert len(session._mem_cells) == 1  # the mention of [1]
 
     # The next question works, and reads the stopped answer as the history.
     after = session.ask("And now?")

@@ -107,21 +107,6 @@ class MediaCache:
 
 
 @dataclass
-class PackedMasks:
-    """Boolean masks [..., H, W] stored 8 pixels a byte, so that they cross processes cheaply."""
-
-    shape: tuple[int, ...]
-    bits: np.ndarray
-
-    @classmethod
-    def pack(cls, masks: np.ndarray) -> PackedMasks:
-        return cls(tuple(masks.shape), np.packbits(np.asarray(masks, dtype=bool), axis=None))
-
-    def unpack(self) -> np.ndarray:
-        return np.unpackbits(self.bits, count=int(np.prod(self.shape))).reshape(self.shape).astype(bool)
-
-
-@dataclass
 class ObjectCall:
     """Memory pre-filling of one drawn point or box: the known answer `[id] <|seg|>` in one prefill."""
 
@@ -134,11 +119,13 @@ class ObjectCall:
 
 @dataclass
 class AskCall:
-    """One generated answer to the last user message of `messages`."""
+    """One generated answer to the last user message of the chat in `inputs`."""
 
     frames: np.ndarray
-    messages: list[dict]  # the whole chat, the new user message last
-    mem_masks: list[PackedMasks]  # every `<|mem|>` of the chat, in order
+    inputs: dict  # `tokenize_chat` of the whole chat, the new user message last
+    # `mem_slot_cells` [grid_t, grid_h/2, grid_w/2] of every `<|mem|>` object of the chat, in order:
+    # what the model reads of a mask, a few hundred bytes where the mask is megabytes
+    mem_cells: list[torch.Tensor]
     max_new_tokens: int
     generate_kwargs: dict = field(default_factory=dict)
     cache: MediaCache | None = None
@@ -236,14 +223,13 @@ def _segment_object(model, processor, call: ObjectCall, progress) -> CallResult:
 def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | None = None,
             stop: Callable[[], bool] | None = None) -> CallResult:
     cache = media_cache(model, processor, call.frames, call.cache, progress)
-    inputs = P.tokenize_chat(processor, call.messages, cache.vision["video_grid_thw"])
+    inputs = call.inputs
     reused, covered = (0, 0)
     if cache.kv is not None:
-        reused, covered = cache.kv.reusable(inputs["input_ids"], model.config.mem_token_id, len(call.mem_masks))
+        reused, covered = cache.kv.reusable(inputs["input_ids"], model.config.mem_token_id, len(call.mem_cells))
     past = cache.kv.cache if reused else DynamicCache(config=model.config)
     if reused:
         past.crop(reused - past.get_seq_length())  # a negative count: the tokens to drop from the end
-    mem_masks = [torch.from_numpy(m.unpack()) for m in call.mem_masks[covered:]]
     report(progress, 0.2, "generating the answer")
     cache.kv = None  # `past` grows in place: a call that fails midway must not leave it half-written
     kwargs = dict(call.generate_kwargs)
@@ -260,7 +246,7 @@ def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | N
         **inputs,
         **cache.vision,
         past_key_values=past,
-        mem_masks=mem_masks or None,
+        mem_cells=call.mem_cells[covered:] or None,
         sam2_video=cache.sam2,
         decode_input_segs=False,
         max_new_tokens=call.max_new_tokens,
@@ -268,7 +254,7 @@ def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | N
         **kwargs,
     )
     text = answer_text(processor.tokenizer, out.sequences[0, prompt_length:])
-    cache.kv = ConversationKV(out.sequences[:, : past.get_seq_length()], past, len(call.mem_masks))
+    cache.kv = ConversationKV(out.sequences[:, : past.get_seq_length()], past, len(call.mem_cells))
     masks = None if out.masks is None else out.masks.numpy()
     return CallResult(masks, cache, text, stopped=stopper is not None and stopper.fired)
 

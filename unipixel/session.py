@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from .cache_budget import CacheBudget
-from .calls import AskCall, CallResult, MediaCache, ObjectCall, PackedMasks, Progress, TextCallback, report, run_call
+from .calls import AskCall, CallResult, MediaCache, ObjectCall, Progress, TextCallback, report, run_call
 from .errors import CallCancelled, PromptError, SessionBusyError, TooManyObjectsError
 from .media import Media
 from .memory import MemoryObject, ObjectMemoryBank
-from .model import RefPrompt, mem_slots
+from .model import RefPrompt, cell_slots, mem_slot_cells
 from .model import processing as P
 
 Runner = Callable[[object, "Progress | None"], CallResult]
@@ -99,7 +99,7 @@ class Session:
         self.cache: MediaCache | None = None  # vision tokens + SAM 2 frame features of the media
         self._lock = threading.RLock()
         self._messages: list[dict] = []
-        self._mem_masks: list[PackedMasks] = []  # every `<|mem|>` of the history, in order
+        self._mem_cells: list[torch.Tensor] = []  # `mem_slot_cells` of every `<|mem|>` object of the history
 
     # ---- model calls -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -215,29 +215,34 @@ class Session:
             if not text:
                 raise PromptError("the question is empty: type a question or an instruction")
             start = time.perf_counter()
-            user, mem_masks = self._user_turn(text)  # validates ids before any model work
-            call = AskCall(self.media.frames, self._messages + [user], mem_masks, self.max_new_tokens,
-                           self.generate_kwargs)  # fmt: skip
-            self._check_length(call.messages, text)
+            user, mem_cells = self._user_turn(text)  # validates ids before any model work
+            grid = self.grid_thw
+            inputs = P.tokenize_chat(self.processor, self._messages + [user], grid)
+            self._check_length(inputs["input_ids"].shape[1], text, grid)
+            call = AskCall(self.media.frames, inputs, mem_cells, self.max_new_tokens, self.generate_kwargs)
             streamed = None if on_text is None else (lambda raw: on_text(streamed_answer(raw)))
             out = self._run(call, progress, cancel, on_text=streamed, stop=None if stop is None else stop.is_set)
             result = self._record_turn(text, out.answer, out.masks, start, stopped=out.stopped)
-            self._commit_turn(user, result.raw_answer, mem_masks)
+            self._commit_turn(user, result.raw_answer, mem_cells)
             return result
 
-    def _user_turn(self, text: str) -> tuple[dict, list[PackedMasks]]:
+    def _user_turn(self, text: str) -> tuple[dict, list[torch.Tensor]]:
         """The user message of a question (its `[id]` mentions introduced with their masks) and
-        every `<|mem|>` mask of the history once it is added."""
+        the `<|mem|>` cells of the whole history once it is added.
+
+        The cells decide the prompt's `<|mem|>` tokens and are what the model reads of each mask:
+        computed once here, they travel with the call instead of the masks."""
         mentioned = self._mentions(text)
         grid = self.grid_thw
-        mem_objects = [(i, mem_slots(torch.from_numpy(self.bank.get(i).masks), grid[0])) for i in mentioned]
-        prefix = P.mem_prefix(mem_objects, self.media.num_frames) if mentioned else ""
+        cells = [mem_slot_cells(torch.from_numpy(self.bank.get(i).masks), grid[0]) for i in mentioned]
+        objects = [(i, cell_slots(c)) for i, c in zip(mentioned, cells)]
+        prefix = P.mem_prefix(objects, self.media.num_frames) if mentioned else ""
         user = P.user_message(prefix + P.typed(text), with_video=not self._messages)
-        return user, self._mem_masks + [PackedMasks.pack(self.bank.get(i).masks) for i in mentioned]
+        return user, self._mem_cells + cells
 
-    def _commit_turn(self, user: dict, raw_answer: str, mem_masks: list[PackedMasks]) -> None:
+    def _commit_turn(self, user: dict, raw_answer: str, mem_cells: list[torch.Tensor]) -> None:
         self._messages += [user, {"role": "assistant", "content": [{"type": "text", "text": raw_answer}]}]
-        self._mem_masks = mem_masks
+        self._mem_cells = mem_cells
 
     def restore_turn(self, question: str, answer: str, raw_answer: str, masks: list[np.ndarray]) -> TurnResult:
         """Record a turn answered elsewhere (a batch run: `unipixel.reopen`) as `ask` would have, with
@@ -270,14 +275,14 @@ class Session:
             self._commit_turn(user, raw_answer, mem_masks)
             return result
 
-    def _check_length(self, messages: list[dict], question: str) -> None:
-        """Refuse, before any model work, a prompt whose answer would run past the model's positions."""
+    def _check_length(self, total: int, question: str, grid: torch.Tensor) -> None:
+        """Refuse, before any model work, a prompt of `total` tokens whose answer would run past the
+        model's positions."""
         limit = self.model.config.text_config.max_position_embeddings
-        total = P.tokenize_chat(self.processor, messages, self.grid_thw)["input_ids"].shape[1]
         if total + self.max_new_tokens <= limit:
             return
         asked = len(self.processor.tokenizer(question, add_special_tokens=False)["input_ids"])
-        media = P.num_video_tokens(self.grid_thw)
+        media = P.num_video_tokens(grid)
         room = max(0, limit - self.max_new_tokens - (total - asked))
         raise PromptError(
             f"the question is too long: {asked} tokens, where the model reads {limit} positions and this media "
@@ -325,7 +330,7 @@ class Session:
             self.bank.clear()
             self.turns.clear()
             self._messages.clear()
-            self._mem_masks = []
+            self._mem_cells = []
 
 
 def streamed_answer(raw: str) -> str:

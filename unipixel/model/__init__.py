@@ -6,7 +6,7 @@ from .layout import register_published_layout
 from .loading import default_device, default_dtype, load_model
 from .modeling import PixelGenerateOutput, PixelQwen2_5_VLForConditionalGeneration, VideoFeatures
 from .sam2_video import SAM2Video
-from .visual_prompts import RefPrompt, mem_slots
+from .visual_prompts import RefPrompt, cell_slots, mem_slot_cells, mem_slots
 
 AutoConfig.register(PixelQwen2_5_VLConfig.model_type, PixelQwen2_5_VLConfig, exist_ok=True)
 AutoModel.register(PixelQwen2_5_VLConfig, PixelQwen2_5_VLForConditionalGeneration, exist_ok=True)
@@ -23,6 +23,8 @@ __all__ = [
     "VideoFeatures",
     "default_device",
     "default_dtype",
+    "cell_slots",
     "load_model",
+    "mem_slot_cells",
     "mem_slots",
 ]

@@ -92,7 +92,7 @@ class PixelQwen2_5_VLModel(Qwen2_5_VLModel):
 
 class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     config_class = PixelQwen2_5_VLConfig
-    _prompt_kwargs = ("ref_prompts", "mem_masks", "video_features")
+    _prompt_kwargs = ("ref_prompts", "mem_masks", "mem_cells", "video_features")
     # SAM 2 keeps float32 weights and runs under autocast, as its own predictor does: several of its
     # ops (layer norms, positional encodings) take float32 inputs whatever the weights are.
     _keep_in_fp32_modules_strict = ["sam2"]
@@ -167,14 +167,23 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         return torch.cat(out)
 
     def encode_mem_masks(self, masks: list[torch.Tensor], features: VideoFeatures) -> torch.Tensor:
-        """Object masks [T, H, W] -> [K, d] embeddings for the `<|mem|>` tokens (spec §4).
+        """Object masks [T, H, W] -> [K, d] embeddings for the `<|mem|>` tokens (spec §4)."""
+        grid = features.grid_thw[0]
+        return self.encode_mem_cells([mem_slot_cells(m.to(self.device), grid) for m in masks], features)
+
+    def encode_mem_cells(self, cells_per_object: list[torch.Tensor], features: VideoFeatures) -> torch.Tensor:
+        """`mem_slot_cells` of each object -> [K, d] `<|mem|>` embeddings, one per present slot.
 
         The reference indexes the window-ordered merger inputs with raster-order cell masks; the
         weights were trained that way, so we do the same.
         """
+        grid_t, grid_h, grid_w = (int(v) for v in features.grid_thw[0])
         out = []
-        for mask in masks:
-            cells = mem_slot_cells(mask.to(self.device), features.grid_thw[0])
+        for cells in cells_per_object:
+            if tuple(cells.shape) != (grid_t, grid_h // 2, grid_w // 2):
+                raise PromptError(f"<|mem|> cells {tuple(cells.shape)} do not match the media's "
+                                  f"{(grid_t, grid_h // 2, grid_w // 2)} merged-token grid")  # fmt: skip
+            cells = cells.to(self.device)
             per_slot = cells[0].numel()
             for t in range(cells.shape[0]):
                 if cells[t].any():
@@ -208,8 +217,11 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
             raise PromptError(f"the text has {len(pos)} {what} token(s) but {count} {what} input(s) were given")
         return pos
 
-    def build_inputs_embeds(self, input_ids, features: VideoFeatures | None, ref_prompts, mem_masks):
-        """Token embeddings with the `<|ref|>` and `<|mem|>` tokens replaced (batch of one)."""
+    def build_inputs_embeds(self, input_ids, features: VideoFeatures | None, ref_prompts, mem_masks, mem_cells=None):
+        """Token embeddings with the `<|ref|>` and `<|mem|>` tokens replaced (batch of one).
+
+        `<|mem|>` objects come as masks [T, H, W] or, already reduced, as `mem_slot_cells` (what a
+        session computed anyway to write the prompt): one or the other, never both."""
         embeds = self.get_input_embeddings()(input_ids)
         cfg = self.config
         if ref_prompts is not None or (input_ids == cfg.ref_token_id).any():
@@ -217,10 +229,17 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
             pos = self._special_positions(input_ids, cfg.ref_token_id, len(prompts), "<|ref|>")
             if prompts:
                 embeds[0, pos] = self.encode_ref_prompts(prompts, int(features.grid_thw[0, 0])).to(embeds.dtype)
-        if mem_masks is not None or (input_ids == cfg.mem_token_id).any():
+        if mem_masks is not None or mem_cells is not None or (input_ids == cfg.mem_token_id).any():
             if features is None:
                 raise PromptError("<|mem|> tokens need the video features of the media")
-            mem = self.encode_mem_masks(mem_masks, features) if mem_masks else embeds.new_zeros(0, embeds.shape[-1])
+            if mem_masks and mem_cells:
+                raise PromptError("give the <|mem|> objects as masks or as cells, not both")
+            if mem_cells:
+                mem = self.encode_mem_cells(mem_cells, features)
+            elif mem_masks:
+                mem = self.encode_mem_masks(mem_masks, features)
+            else:
+                mem = embeds.new_zeros(0, embeds.shape[-1])
             pos = self._special_positions(input_ids, cfg.mem_token_id, len(mem), "<|mem|>")
             embeds[0, pos] = mem.to(embeds.dtype)
         return embeds
@@ -250,6 +269,7 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         video_features: VideoFeatures | None = None,
         ref_prompts: list[RefPrompt] | None = None,
         mem_masks: list[torch.Tensor] | None = None,
+        mem_cells: list[torch.Tensor] | None = None,
         sam2_video: SAM2Video | None = None,
         mm_encoder_outputs=None,
         **kwargs,
@@ -257,6 +277,7 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         """Qwen2.5-VL forward plus the pixel paths (batch of one for `<|ref|>`/`<|mem|>`/`<|seg|>`).
 
         `video_features` (from `encode_video`) replaces `pixel_values_videos` to reuse an encoding.
+        `mem_cells` (`mem_slot_cells` of each object) replaces `mem_masks` where they are computed.
         With `sam2_video`, every input position followed by `<|seg|>` is decoded into a mask.
         """
         input_ids, attention_mask, position_ids, video_grid_thw, second_per_grid_ts, mm_token_type_ids = (
@@ -274,7 +295,7 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
             if input_ids is None or (input_ids == self.config.video_token_id).any():
                 mm_encoder_outputs = {"video": BaseModelOutputWithPooling(pooler_output=(video_features.embeds,))}
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.build_inputs_embeds(input_ids, video_features, ref_prompts, mem_masks)
+            inputs_embeds = self.build_inputs_embeds(input_ids, video_features, ref_prompts, mem_masks, mem_cells)
         with self._record_prenorm() as states:
             out = super().forward(
                 input_ids=input_ids,

@@ -173,7 +173,8 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             cond[0] = self._condition(state, output_dict, 0, n, points if clicks and frame == 0 else None)
         if clicks is not None and frame > 0:  # a later frame with clicks conditions the track too
             cond[frame] = self._condition(state, output_dict, frame, n, points)
-        masks = torch.zeros(n, video.num_frames, video.height, video.width, dtype=torch.bool)
+        # Every frame is written below: no zero fill of n * T full-resolution masks.
+        masks = torch.empty(n, video.num_frames, video.height, video.width, dtype=torch.bool)
         for f in range(video.num_frames):
             if f in cond:
                 logits = cond[f]["pred_masks"]
@@ -200,6 +201,8 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
         """
         clicks = clicks or [None] * tokens.shape[0]
         plain = [i for i, c in enumerate(clicks) if c is None]
+        if len(plain) == len(clicks):  # the usual answer: one batch, its masks as they come
+            return self._track(video, tokens, progress=progress)
         masks = torch.zeros(tokens.shape[0], video.num_frames, video.height, video.width, dtype=torch.bool)
         if plain:
             masks[plain] = self._track(video, tokens[plain], progress=progress)

@@ -51,26 +51,42 @@ class TemporalPositionEncoding(nn.Module):
         return torch.cat([torch.sin(y), torch.cos(y)], dim=-1)
 
 
+def _nearest_index(size_in: int, size_out: int, device) -> torch.Tensor:
+    """The source index `F.interpolate(mode="nearest")` reads for each output index (its own rounding)."""
+    ramp = torch.arange(size_in, dtype=torch.float32, device=device)[None, None, :, None]
+    return F.interpolate(ramp, size=(size_out, 1), mode="nearest")[0, 0, :, 0].long()
+
+
 def mem_slot_cells(mask: torch.Tensor, grid_thw) -> torch.Tensor:
     """Object mask [T, H, W] -> [grid_t, grid_h/2, grid_w/2] bool merged-token cells (spec §4 `<|mem|>`).
 
     Frames are padded to even by repeating the last and paired by max; each pair is resized to the
-    LLM frame size and max-pooled by 28. An all-empty object covers the whole frame.
+    LLM frame size (nearest) and max-pooled by 28. An all-empty object covers the whole frame.
+    Computed as that definition reads (tests/test_model.py checks it against the resize and pool
+    themselves), but on the sampled rows and columns only, in bytes: this runs on every mention.
     """
     grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
-    m = mask.to(torch.uint8)  # bytes, not floats, at full resolution: this runs on every mention
+    h, w = mask.shape[1:]
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.uint8)
     if m.shape[0] % 2:
         m = torch.cat([m, m[-1:]])
-    if not m.any():
-        m = torch.ones_like(m)
-    m = m.view(-1, 2, *m.shape[1:]).amax(dim=1)
-    if m.shape[0] != grid_t:
+    if m.shape[0] // 2 != grid_t:
         raise PromptError(f"mask has {mask.shape[0]} frames but the video has {grid_t * 2} (padded)")
-    m = F.interpolate(m[:, None], size=(grid_h * 14, grid_w * 14), mode="nearest")
-    return F.max_pool2d(m.float(), kernel_size=28)[:, 0] > 0
+    rows = _nearest_index(h, grid_h * 14, m.device)
+    cols = _nearest_index(w, grid_w * 14, m.device)
+    m = (m[0::2] | m[1::2]).index_select(1, rows)  # nearest resize of the rows, then pool them by 28
+    m = m.view(grid_t, grid_h // 2, 28, w).amax(dim=2).index_select(2, cols)
+    cells = m.view(grid_t, grid_h // 2, grid_w // 2, 28).amax(dim=3) > 0
+    if not cells.any() and not mask.any():
+        cells = torch.ones_like(cells)
+    return cells
+
+
+def cell_slots(cells: torch.Tensor) -> list[int]:
+    """Temporal slots of `mem_slot_cells` output where the object is present: one `<|mem|>` token each."""
+    return cells.flatten(1).any(dim=1).nonzero()[:, 0].tolist()
 
 
 def mem_slots(mask: torch.Tensor, grid_thw) -> list[int]:
     """Temporal slots where the object is present: one `<|mem|>` token each."""
-    cells = mem_slot_cells(mask, grid_thw)
-    return [t for t in range(cells.shape[0]) if cells[t].any()]
+    return cell_slots(mem_slot_cells(mask, grid_thw))
