@@ -479,7 +479,7 @@ def _decode_from(path: Path, start: int):
     try:
         width, height = next(reader)["size"]
         for raw in reader:
-            yield np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+            yield np.frombuffer(raw, np.uint8).reshape(height, width, 3).copy()  # writable, for torch
     except Exception as err:  # as in _decode_sample
         raise _ffmpeg_failure(path, err) from err
     finally:
