@@ -408,6 +408,15 @@ def track_plan(media: Media, max_frames: int = DEFAULT_MAX_TRACKED_FRAMES) -> Tr
                      max_frames)
 
 
+def plan_for(media: Media, frame_indices: list[int]) -> TrackPlan:
+    """The plan whose tracked frames are `frame_indices` (those of a `MaskTrack` of this media)."""
+    where = {source: t for t, source in enumerate(frame_indices)}
+    n = media.num_source_frames
+    stride = max(1, round(n / len(frame_indices)))
+    return TrackPlan(media.path, media.kind, list(frame_indices), [where[i] for i in media.frame_indices], stride, n,
+                     len(frame_indices))  # fmt: skip
+
+
 class SourceFrameReader:
     """Tracked frame `t` of a `TrackPlan` as [H, W, 3] uint8, for a tracker that walks forward or
     backward: one decoder streams forward keeping the last `window` frames; a step back past them

@@ -55,8 +55,13 @@ def overlay_frame(
     frame: np.ndarray, objects: Iterable[MemoryObject], frame_index: int, alpha: float = 0.45
 ) -> np.ndarray:
     """A copy of `frame` with every visible object's mask on `frame_index` filled, outlined and tagged."""
+    return overlay_masks(frame, [(obj, obj.masks[frame_index]) for obj in objects if obj.visible], alpha)
+
+
+def overlay_masks(frame: np.ndarray, masks: Iterable[tuple[MemoryObject, np.ndarray]], alpha: float = 0.45) -> np.ndarray:
+    """A copy of `frame` with each (object, [H,W] mask) pair filled, outlined and tagged in the object's color."""
     out = np.array(frame, dtype=np.uint8, copy=True)
-    shown = [(obj, obj.masks[frame_index]) for obj in objects if obj.visible and obj.masks[frame_index].any()]
+    shown = [(obj, mask) for obj, mask in masks if mask.any()]
     thickness = _stroke(out.shape)
     for obj, mask in shown:
         _blend(out, mask, obj.color, alpha)
