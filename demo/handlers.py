@@ -281,7 +281,7 @@ class Playground:
             _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
         except UniPixelError as err:
             raise gr.Error(str(err)) from err
-        key = f"{_file_key(path, num_frames)}:{bool(track_source)}"
+        key = _file_key(path, num_frames) + (":source-frames" if track_source else "")
         if st.session is not None and key == st.media_key:
             return None, key  # the same media again (e.g. its example picked twice): keep the session
         progress(0.1, desc="reading the media")

@@ -1,6 +1,7 @@
 """Masks at the source frame rate: SAM 2 tracks through every source frame of a real (ffmpeg-decoded)
 video while the LLM reads the sampled frames; brush masks are tracked both ways; exports and batch
 scores use the source frames; long videos are tracked with a stride, and say so."""
+import dataclasses
 import json
 import zipfile
 
@@ -11,9 +12,9 @@ import torch
 from PIL import Image
 
 from unipixel.batch import score_turn
-from unipixel.export import export_masks_zip, export_overlay, export_rle_json, write_video
+from unipixel.export import export_masks_zip, export_overlay, export_rle_json, write_gif, write_video
 from unipixel.media import SourceFrameReader, load_media, media_from_frames, track_plan
-from unipixel.memory import MaskTrack, rle_encode
+from unipixel.memory import MaskTrack, ObjectMemoryBank, rle_encode
 from unipixel.metrics import score_masks
 from unipixel.model.sam2_video import BACKWARD, FORWARD, TrackPrompt
 from unipixel.session import Session, VisualPrompt
@@ -109,7 +110,7 @@ def test_a_long_video_is_tracked_with_a_stride_and_a_note(tiny_model, media):
         track_plan(media, 0)
 
 
-def test_source_frames_decode_the_same_forward_and_backward(media):
+def test_source_frames_decode_the_same_forward_and_backward(media, tmp_path):
     plan = track_plan(media)
     forward = [SourceFrameReader(plan, media.frames)(t) for t in range(plan.num_frames)]
     reader = SourceFrameReader(plan, np.zeros_like(media.frames), window=3)  # sampled frames not from the file
@@ -117,10 +118,11 @@ def test_source_frames_decode_the_same_forward_and_backward(media):
     for t in range(plan.num_frames):
         if t not in plan.sampled_positions:
             assert np.array_equal(forward[t], backward[t])
-    # The file's frames at the sampled positions are the sampled frames.
-    decoded = SourceFrameReader(plan, np.zeros_like(media.frames))
-    decoded._sampled_at = {}
-    assert all(np.array_equal(decoded(t), media.frames[k]) for k, t in enumerate(plan.sampled_positions))
+    # The file's frames at the sampled positions are the sampled frames (the same decoder), also for a GIF.
+    for source in (media, load_media(write_gif(moving_square(), tmp_path / "square.gif", fps=10), SAMPLED)):
+        plan = track_plan(source)
+        decoded = SourceFrameReader(dataclasses.replace(plan, sampled_positions=[]), source.frames[:0])
+        assert all(np.array_equal(decoded(t), source.frames[k]) for k, t in enumerate(plan.sampled_positions))
 
 
 def test_track_directions_from_a_middle_frame(tiny_model):
@@ -153,6 +155,7 @@ def test_exports_at_the_source_frame_rate(tiny_model, media, tmp_path):
     assert rle["frames"] == list(range(SOURCE_FRAMES)) and len(rle["objects"][0]["segmentations"]) == SOURCE_FRAMES
     names = zipfile.ZipFile(export_masks_zip(bank, tmp_path / "masks.zip")).namelist()
     assert sorted(names) == [f"obj001_source{i:05d}.png" for i in range(SOURCE_FRAMES)]
+    assert ObjectMemoryBank.from_json(bank.to_json()).get(1).track == bank.get(1).track  # saved with the bank
 
 
 def test_batch_scores_every_annotated_source_frame(tiny_model, media, tmp_path):

@@ -1,8 +1,10 @@
 """SAM 2.1 video predictor that takes `<|seg|>` prompt tokens, with per-media frame features.
 
 UniPixel spec §4 (`<|seg|>` path): the seg tokens are extra sparse prompt tokens for frame 0 of a
-fresh video state; SAM 2 then propagates forward with its memory. We extend the `sam2` package's
-predictor by subclassing, so the module names (and so the checkpoint keys) stay the package's.
+fresh video state; SAM 2 then propagates forward with its memory. `track` is the general form:
+any frames conditioned by seg tokens, clicks or a mask, tracked forward and/or backward, through the
+sampled frames or every source frame. We extend the `sam2` package's predictor by subclassing, so
+the module names (and so the checkpoint keys) stay the package's.
 """
 from __future__ import annotations
 
@@ -152,7 +154,7 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             self._seg_tokens = None
 
     def init_video_state(self, video: SAM2Video) -> dict:
-        """The inference state of `init_state`, built from frames already in memory."""
+        """The inference state of `init_state`, over `video`'s frames (held, or made on demand)."""
         device = self.device
         return {
             "video": video,
@@ -167,7 +169,6 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             "point_inputs_per_obj": {},
             "mask_inputs_per_obj": {},
             "cached_features": {},
-            "frame_features": video.features,
             "constants": {},
             "obj_id_to_idx": OrderedDict(),
             "obj_idx_to_id": OrderedDict(),
