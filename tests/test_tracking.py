@@ -190,3 +190,31 @@ def test_batch_scores_every_annotated_source_frame(tiny_model, media, tmp_path):
         **score_masks(pred[media.frame_indices][scored], truth[media.frame_indices][scored], "video").to_json(),
         "frames": scored,
     }
+
+
+def test_batch_cli_tracks_source_frames_and_scores_them(tiny_checkpoint, clip, media, tmp_path, capsys):
+    """`batch --track-source-frames`: the item's object has a track, its score covers the annotated
+    source frames the LLM never saw, and the run cannot be resumed with the other setting."""
+    from unipixel.batch import read_results
+    from unipixel.cli import main
+
+    (tmp_path / "gt").mkdir()
+    annotated = [1, 2, 5]  # none of them sampled: the sampled frames are 0, 3, 6, 9
+    assert not set(annotated) & set(media.frame_indices)
+    for i in annotated:
+        Image.fromarray(moving_square()[i, ..., 2] > 128).save(tmp_path / "gt" / f"{i:05d}.png")
+    item = {"id": "square", "media": str(clip), "num_frames": SAMPLED, "ground_truth": {"0": "gt"},
+            "turns": [{"object": {"kind": "point", "frame": 0, "points": [[20, 30, 1]]}}]}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(item) + "\n")
+    flags = ["--model", str(tiny_checkpoint), "--device", "cpu", "--max-new-tokens", "8"]
+    assert main(["batch", str(prompts), "--out", str(tmp_path / "run"), "--track-source-frames", *flags]) == 0
+    record = read_results(tmp_path / "run")["square"]
+    assert record["status"] == "ok", record
+    (turn,) = record["turns"]
+    assert turn["score"]["source_frames"] == annotated and 0 <= turn["score"]["j"] <= 1
+    assert turn["objects"][0]["track"]["frames"] == list(range(SOURCE_FRAMES))
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["track_source_frames"] is True
+    capsys.readouterr()
+    assert main(["batch", str(prompts), "--out", str(tmp_path / "run"), *flags]) != 0
+    assert "the other --track-source-frames setting" in capsys.readouterr().err
