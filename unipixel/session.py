@@ -36,7 +36,8 @@ class VisualPrompt:
 
     kind "point": `points` of (x, y, positive); the first positive point is the `<|ref|>` prompt
     and every click also refines the SAM 2 mask. kind "box": `box` (x1, y1, x2, y2).
-    kind "mask": `mask` [H, W] bool, stored as the object's mask on that frame.
+    kind "mask": `mask` [H, W] bool, stored as the object's mask on that frame (and tracked by SAM 2
+    both ways from it when the session tracks the source frames).
     """
 
     kind: str
