@@ -300,7 +300,7 @@ class Playground:
         media, bank = session.media, session.bank
         fps = max(1.0, (media.fps or 1.0) * media.num_frames / max(1, media.num_source_frames))
         return {
-            "overlay": str(export_overlay(media.frames, bank, out, fps=fps)),
+            "overlay": str(export_overlay(media.frames, bank, out, fps=fps, source=media)),
             "masks": str(export_masks_zip(bank, out / "masks_png.zip")),
             "rle": str(export_rle_json(bank, out / "masks_rle.json", frame_indices=media.frame_indices)),
             "bank": str(bank.save(out / "memory_bank.json")),
@@ -311,15 +311,17 @@ class Playground:
 
     # ---- media ------------------------------------------------------------------------------------
     def load_media(self, state, file, num_frames=DEFAULT_NUM_FRAMES, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-                   progress=gr.Progress()):
-        """Open a session on an uploaded image or video (sampled to `num_frames` frames)."""
+                   track_source=False, progress=gr.Progress()):
+        """Open a session on an uploaded image or video (sampled to `num_frames` frames); with
+        `track_source`, a video's masks are tracked through every source frame."""
         st = self._state(state)
         if not file:
             return {}
-        media, key = self._read_media(st, file, num_frames, max_new_tokens, progress)
-        return {"state": st} if media is None else self._open(st, media, key, max_new_tokens)
+        media, key = self._read_media(st, file, num_frames, max_new_tokens, progress, track_source)
+        return {"state": st} if media is None else self._open(st, media, key, max_new_tokens, track_source)
 
-    def _read_media(self, st: PlaygroundState, file, num_frames, max_new_tokens, progress) -> tuple[Media | None, str]:
+    def _read_media(self, st: PlaygroundState, file, num_frames, max_new_tokens, progress,
+                    track_source=False) -> tuple[Media | None, str]:  # fmt: skip
         """The media in `file` and its key, changing nothing; None when it is the media already open."""
         path = file if isinstance(file, str) else getattr(file, "path", None) or file.get("path")
         try:
@@ -327,7 +329,7 @@ class Playground:
             _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
         except UniPixelError as err:
             raise gr.Error(str(err)) from err
-        key = _file_key(path, num_frames)
+        key = _file_key(path, num_frames) + (":source-frames" if track_source else "")
         if st.session is not None and key == st.media_key:
             return None, key  # the same media again (e.g. its example picked twice): keep the session
         progress(0.1, desc="reading the media")
@@ -338,13 +340,14 @@ class Playground:
         except ValueError as err:  # a bad setting, e.g. frames to sample < 1
             raise gr.Error(str(err)) from err
 
-    def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens,
+    def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens, track_source=False,
               restore: Callable[[Session], None] | None = None) -> dict:
         """Replace the session's media: a call still running for the old one commits nothing.
         `restore` fills the new session (objects, chat) first; if it fails, the old session stays."""
         session = Session(self.model, self.processor, media,
                           max_new_tokens=_count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS),
-                          max_objects=self.max_objects, runner=gpu.runner, budget=self.budget)
+                          max_objects=self.max_objects, runner=gpu.runner, budget=self.budget,
+                          track_source_frames=bool(track_source))
         if restore is not None:
             restore(session)
         _stop_call(st)
@@ -356,13 +359,14 @@ class Playground:
         if st.workdir:  # downloads of the previous media
             shutil.rmtree(st.workdir, ignore_errors=True)
             st.workdir = None
-        for warning in media.warnings:
+        notes = [*media.warnings, *filter(None, [st.session.tracking_note])]
+        for warning in notes:
             gr.Warning(warning)
         views = self._all_views(st)
         views["frame"] = gr.update(value=0, maximum=max(media.num_frames - 1, 1), visible=media.is_video)
         views["playback"] = gr.update(visible=media.is_video)
         views["video"] = gr.update(value=views["video"], visible=media.is_video)  # the overlay of restored objects
-        views["media_info"] = " · ".join([_media_info(media), *media.warnings])
+        views["media_info"] = " · ".join([_media_info(media), *notes])
         return views
 
     def open_result(self, state, run, item, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress()):
@@ -386,16 +390,17 @@ class Playground:
 
     @user_errors
     def load_example(self, state, file, question, point, num_frames=DEFAULT_NUM_FRAMES,
-                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress()):
+                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS, track_source=False, progress=gr.Progress()):
         """An example: its media (kept if already open), its question, and its point drawn on frame 0.
         Everything is checked before the open media is replaced."""
         st = self._state(state)
         point = _example_point(point)
-        media, key = self._read_media(st, file, num_frames, max_new_tokens, progress) if file else (None, None)
+        media, key = (self._read_media(st, file, num_frames, max_new_tokens, progress, track_source) if file
+                      else (None, None))  # fmt: skip
         if point is not None:
             shown = media or self._need_session(st).media
             _check_inside(shown, *point)
-        views = {"state": st} if media is None else self._open(st, media, key, max_new_tokens)
+        views = {"state": st} if media is None else self._open(st, media, key, max_new_tokens, track_source)
         views["question"] = question or ""
         if point is not None:
             st.frame = 0

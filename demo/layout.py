@@ -92,6 +92,10 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                                            info="For videos; applies to the next media you load.")
                     max_new_tokens = gr.Slider(8, 2048, value=max_new_tokens, step=8,
                                                label="Max new tokens", info="Longest answer the model may write.")
+                    track_source = gr.Checkbox(value=True, label="Masks on every source frame",
+                                               info="For videos: SAM 2 tracks the objects through every frame "
+                                                    "while the model reads the sampled ones; applies to the next "
+                                                    "media you load.")  # fmt: skip
             with gr.Column(scale=3):
                 question = gr.Textbox(render=False, label="Question", elem_id="question", lines=1, max_lines=6,
                                       placeholder="e.g. Please segment the red circle. / What is [1] doing?")
@@ -242,12 +246,12 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                          api_name=api_name, **kwargs)
 
         # ---- events, in the same order
-        on(media_file.upload, app.load_media, [state, media_file, num_frames, max_new_tokens],
+        on(media_file.upload, app.load_media, [state, media_file, num_frames, max_new_tokens, track_source],
            all_views, "load_media", show_progress_on=[canvas, media_info], **media_work, **raw)
         example_views = [*all_views, "question", "tool"]
         examples.load_input_event.then(  # the example's inputs are filled first, then its media is opened
             adapt(app.load_example, example_views),
-            inputs=[state, media_file, question, example_point, num_frames, max_new_tokens],
+            inputs=[state, media_file, question, example_point, num_frames, max_new_tokens, track_source],
             outputs=[views[n] for n in example_views],
             api_name="load_example_media",
             show_progress_on=[canvas, media_info],

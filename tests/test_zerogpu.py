@@ -17,6 +17,8 @@ from demo.canvas import BOX, POINT
 from demo.handlers import Playground, delete_state
 from demo.layout import ASSETS
 from test_session import forcing
+from unipixel.export import write_video
+from unipixel.media import load_media
 
 VIDEO = str(ASSETS / "moving_shapes.mp4")
 MB = 1024**2
@@ -79,10 +81,10 @@ def downloads(views: dict) -> dict:
     return {"pngs": pngs, "rle": rle, "bank": bank}
 
 
-def playground_run(tiny_model, processor) -> dict:
+def playground_run(tiny_model, processor, video: str = VIDEO, track: bool = False) -> dict:
     """A point, a box and a brush object, an `[id]` follow-up and an answer with `<|seg|>`."""
     app = Playground(*tiny_model)
-    st = app.load_media(None, VIDEO, 4, 8)["state"]
+    st = app.load_media(None, video, 4, 8, track)["state"]
     try:
         app.add_point(st, 90, 200, True)
         app.add_object(st, POINT, None, "ball")
@@ -100,6 +102,7 @@ def playground_run(tiny_model, processor) -> dict:
         return {
             "objects": [(o.id, o.name, o.source, o.source_frame, o.turn) for o in bank],
             "masks": [o.masks.copy() for o in bank],
+            "tracks": [None if o.track is None else o.track.to_json() for o in bank],
             "chat": list(st.chat),
             "chips": views["chips"],
             "downloads": downloads(views),
@@ -126,6 +129,31 @@ def test_model_calls_cross_a_forked_process_boundary(tiny_model, monkeypatch):
     assert there["chat"] == here["chat"] and there["chips"] == here["chips"]
     assert there["downloads"] == here["downloads"]
     # No weights travel: beyond the frames, a call carries prompts, chat, packed masks, vision tokens.
+    assert all(size - frames < 2 * MB for size, frames in forked.sizes), forked.sizes
+
+
+@pytest.fixture
+def short_video(tmp_path):
+    """The first 10 frames of the example video, re-encoded: tracking every source frame stays quick."""
+    frames = load_media(VIDEO, 10).frames  # the example has 48 frames: every ~5th
+    return str(write_video(frames, tmp_path / "short.mp4", fps=12))
+
+
+def test_tracking_source_frames_crosses_the_boundary_too(tiny_model, short_video, monkeypatch):
+    """The calls carry a plan (the file path, frame numbers), not frames: the worker decodes them."""
+    model, processor = tiny_model
+    here = playground_run(tiny_model, processor, short_video, track=True)
+
+    forked = ForkedGPU()
+    monkeypatch.setattr(gpu, "ZERO_GPU", True)
+    monkeypatch.setattr(gpu, "remote", forked)
+    there = playground_run(tiny_model, processor, short_video, track=True)
+
+    assert len(forked.sizes) == 5  # point, box, brush (tracked from its mask), two questions
+    assert all(t is not None and t["frames"] == list(range(10)) for t in here["tracks"])
+    assert there["tracks"] == here["tracks"] and there["objects"] == here["objects"]
+    assert all(np.array_equal(a, b) for a, b in zip(there["masks"], here["masks"]))
+    assert there["downloads"] == here["downloads"] and len(here["downloads"]["rle"]["frames"]) == 10
     assert all(size - frames < 2 * MB for size, frames in forked.sizes), forked.sizes
 
 

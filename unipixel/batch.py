@@ -6,7 +6,9 @@
     RUN/items/<id>/     overlay.png or overlay.mp4
 
 Items are grouped by media: the media is loaded once and its features (a `MediaCache`) handed from
-one item's session to the next. Scores are computed on the sampled frames that have ground truth.
+one item's session to the next. Scores are computed on the sampled frames that have ground truth, or,
+with `track_source_frames`, on every annotated source frame (masks tracked through the source
+frames, the LLM reading the sampled ones, as the authors' evaluation does).
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ import numpy as np
 
 from .errors import UniPixelError
 from .export import export_overlay, playback_fps
-from .media import load_media
+from .media import DEFAULT_MAX_TRACKED_FRAMES, load_media
 from .memory import rle_encode
 from .metrics import aggregate, score_masks
-from .promptset import BadItem, PromptItem, ground_truth_masks, read_prompt_set, visual_prompt
+from .promptset import BadItem, PromptItem, ground_truth_masks, read_prompt_set, source_ground_truth, visual_prompt
 from .session import Session
 
 PACKAGES = ("unipixel-playground", "torch", "transformers", "sam2", "numpy", "pycocotools", "gradio")
@@ -107,11 +109,34 @@ def _check_same_run(old: dict, new: dict) -> None:
     for key, what in (("prompt_sha256", "prompt file"), ("config_sha256", "model config")):
         if old.get(key) != new.get(key):
             raise UniPixelError(f"this run folder holds results of another {what}: give a new --out to start a new run")
+    if old.get("track_source_frames", False) != new.get("track_source_frames", False):
+        raise UniPixelError("this run folder holds results of the other --track-source-frames setting: "
+                            "give a new --out to start a new run")  # fmt: skip
 
 
 def _object_record(obj) -> dict:
-    return {"id": obj.id, "name": obj.name, "source": obj.source, "span": obj.span,
-            "masks": [rle_encode(m) for m in obj.masks]}  # fmt: skip
+    record = {"id": obj.id, "name": obj.name, "source": obj.source, "span": obj.span,
+              "masks": [rle_encode(m) for m in obj.masks]}  # fmt: skip
+    if obj.track is not None:
+        record["track"] = obj.track.to_json()  # RLE per tracked source frame
+    return record
+
+
+def score_turn(truth, obj, session: Session) -> dict:
+    """The score of a turn's object (None: the answer segmented nothing) against its ground truth:
+    on the annotated sampled frames, or on every annotated tracked source frame when the session
+    tracks masks through the source frames."""
+    media = session.media
+    if session.track_plan is None:
+        frames, gt = ground_truth_masks(truth, media)
+        pred = obj.masks[frames] if obj is not None else np.zeros_like(gt)
+        return {**score_masks(pred, gt, media.kind).to_json(), "frames": frames}
+    sources, gt = source_ground_truth(truth, media)
+    tracked = set(session.track_plan.frame_indices)
+    keep = [i for i, s in enumerate(sources) if s in tracked]
+    sources, gt = [sources[i] for i in keep], gt[keep]
+    pred = obj.track.masks([obj.track.position(s) for s in sources]) if obj is not None else np.zeros_like(gt)
+    return {**score_masks(pred, gt, media.kind).to_json(), "source_frames": sources}
 
 
 def run_item(item: PromptItem, session: Session) -> dict:
@@ -129,9 +154,7 @@ def run_item(item: PromptItem, session: Session) -> dict:
         record["objects"] = [_object_record(o) for o in objects]
         record["seconds"] = round(time.perf_counter() - start, 3)
         if k in item.ground_truth:
-            frames, truth = ground_truth_masks(item.ground_truth[k], session.media)
-            pred = objects[0].masks[frames] if objects else np.zeros_like(truth)
-            record["score"] = {**score_masks(pred, truth, session.media.kind).to_json(), "frames": frames}
+            record["score"] = score_turn(item.ground_truth[k], objects[0] if objects else None, session)
         turns.append(record)
     return {"turns": turns}
 
@@ -166,13 +189,17 @@ def run_batch(
     default_frames: int = 16,
     report: Report = lambda text: print(text, file=sys.stderr),
     progress: bool = True,
+    track_source_frames: bool = False,
+    max_tracked_frames: int = DEFAULT_MAX_TRACKED_FRAMES,
 ) -> dict:
-    """Run every unfinished item of the prompt set; returns the summary (also in RUN/summary.json)."""
+    """Run every unfinished item of the prompt set; returns the summary (also in RUN/summary.json).
+    `track_source_frames`: masks through the source frames, scored on every annotated one."""
     from tqdm import tqdm
 
     prompt_file, out = Path(prompt_file), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = make_manifest(prompt_file, model, model_path)
+    manifest["track_source_frames"] = track_source_frames
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
@@ -205,7 +232,8 @@ def run_batch(
             media_seconds, cache = round(time.perf_counter() - start, 3), None
             for item in group:
                 bar.set_postfix_str(item.id)
-                session = Session(model, processor, media, max_new_tokens=max_new_tokens)
+                session = Session(model, processor, media, max_new_tokens=max_new_tokens,
+                                  track_source_frames=track_source_frames, max_tracked_frames=max_tracked_frames)
                 session.cache = cache  # the media's features, computed by the first item on it
                 finish(_item_record(item, session, out, media_seconds))
                 cache = session.cache
@@ -228,7 +256,7 @@ def _item_record(item: PromptItem, session: Session, out: Path, media_seconds: f
     try:
         record = run_item(item, session)
         folder = out / "items" / item_folder(item.id)
-        overlay = export_overlay(media.frames, session.bank, folder, fps=playback_fps(media))
+        overlay = export_overlay(media.frames, session.bank, folder, fps=playback_fps(media), source=media)
     except UniPixelError as err:
         return _error(item.id, str(err))
     record = {

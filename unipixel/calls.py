@@ -16,9 +16,12 @@ import numpy as np
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
+from .media import TrackPlan
+from .memory import MaskTrack
 from .model import RefPrompt
 from .model import processing as P
 from .model.sam2_video import SAM2Video
+from .tracking import mask_track, seg_tracks
 
 Progress = Callable[[float, str], None]
 TextCallback = Callable[[str], None]  # the answer so far, as the model wrote it
@@ -107,6 +110,21 @@ class MediaCache:
 
 
 @dataclass
+class PackedMasks:
+    """Boolean masks [..., H, W] stored 8 pixels a byte, so that they cross processes cheaply."""
+
+    shape: tuple[int, ...]
+    bits: np.ndarray
+
+    @classmethod
+    def pack(cls, masks: np.ndarray) -> PackedMasks:
+        return cls(tuple(masks.shape), np.packbits(np.asarray(masks, dtype=bool), axis=None))
+
+    def unpack(self) -> np.ndarray:
+        return np.unpackbits(self.bits, count=int(np.prod(self.shape))).reshape(self.shape).astype(bool)
+
+
+@dataclass
 class ObjectCall:
     """Memory pre-filling of one drawn point or box: the known answer `[id] <|seg|>` in one prefill."""
 
@@ -115,6 +133,18 @@ class ObjectCall:
     ref: RefPrompt
     clicks: tuple | None  # SAM 2 clicks (frame, coords in [0, 1], labels), or None
     cache: MediaCache | None = None
+    track: TrackPlan | None = None  # track the mask through these source frames
+
+
+@dataclass
+class MaskCall:
+    """A drawn mask on sampled frame `frame`, tracked by SAM 2 both ways from it."""
+
+    frames: np.ndarray
+    frame: int
+    mask: PackedMasks  # [H, W]
+    cache: MediaCache | None = None
+    track: TrackPlan | None = None
 
 
 @dataclass
@@ -129,14 +159,16 @@ class AskCall:
     max_new_tokens: int
     generate_kwargs: dict = field(default_factory=dict)
     cache: MediaCache | None = None
+    track: TrackPlan | None = None  # track the answer's masks through these source frames
 
 
 @dataclass
 class CallResult:
-    masks: np.ndarray | None  # [n, T, H, W] bool, one per `<|seg|>`
+    masks: np.ndarray | None  # [n, T, H, W] bool, one per `<|seg|>` (per drawn mask), on the sampled frames
     cache: MediaCache
     answer: str = ""  # the raw decoded answer of an AskCall
     stopped: bool = False  # an AskCall's generation was ended early by its `stop`
+    tracks: list[MaskTrack] | None = None  # per mask, through the source frames, when the call asked
 
 
 def report(progress: Progress | None, fraction: float, text: str) -> None:
@@ -216,8 +248,20 @@ def _segment_object(model, processor, call: ObjectCall, progress) -> CallResult:
     report(progress, 0.3, "locating the object")
     out = model(**inputs, **cache.vision, ref_prompts=[call.ref], logits_to_keep=1)
     report(progress, 0.6, "propagating the mask")
+    if call.track is not None:
+        tracks, masks = seg_tracks(model, out.seg_hidden, cache.sam2, call.frames, call.track, [call.clicks],
+                                   lambda f, t: report(progress, 0.6 + 0.4 * f, t))  # fmt: skip
+        return CallResult(masks, cache, tracks=tracks)
     masks = model.decode_seg_masks(out.seg_hidden, cache.sam2, clicks=[call.clicks])
     return CallResult(masks.numpy(), cache)
+
+
+def _track_mask(model, processor, call: MaskCall, progress) -> CallResult:
+    cache = media_cache(model, processor, call.frames, call.cache, progress)
+    report(progress, 0.3, "propagating the mask")
+    track, masks = mask_track(model, cache.sam2, call.frames, call.frame, call.mask.unpack(), call.track,
+                              lambda f, t: report(progress, 0.3 + 0.7 * f, t))  # fmt: skip
+    return CallResult(masks[None], cache, tracks=None if track is None else [track])
 
 
 def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | None = None,
@@ -247,7 +291,7 @@ def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | N
         **cache.vision,
         past_key_values=past,
         mem_cells=call.mem_cells[covered:] or None,
-        sam2_video=cache.sam2,
+        sam2_video=None if call.track is not None else cache.sam2,
         decode_input_segs=False,
         max_new_tokens=call.max_new_tokens,
         progress=lambda f, t: report(progress, 0.6 + 0.4 * f, t),
@@ -255,17 +299,21 @@ def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | N
     )
     text = answer_text(processor.tokenizer, out.sequences[0, prompt_length:])
     cache.kv = ConversationKV(out.sequences[:, : past.get_seq_length()], past, len(call.mem_cells))
-    masks = None if out.masks is None else out.masks.numpy()
-    return CallResult(masks, cache, text, stopped=stopper is not None and stopper.fired)
+    masks, tracks = None if out.masks is None else out.masks.numpy(), None
+    if call.track is not None and out.seg_hidden is not None:
+        tracks, masks = seg_tracks(model, out.seg_hidden, cache.sam2, call.frames, call.track, None,
+                                   lambda f, t: report(progress, 0.6 + 0.4 * f, t))  # fmt: skip
+    return CallResult(masks, cache, text, stopped=stopper is not None and stopper.fired, tracks=tracks)
 
 
-def run_call(model, processor, call: ObjectCall | AskCall, progress: Progress | None = None, *,
+def run_call(model, processor, call: ObjectCall | AskCall | MaskCall, progress: Progress | None = None, *,
              on_text: TextCallback | None = None, stop: Callable[[], bool] | None = None) -> CallResult:
     """Run one call on `model`, never at the same time as another call on it.
 
     For an AskCall, `on_text` receives the answer so far at each token that changes it, and a true
     `stop()` ends generation there: the answer so far is the result, with the masks of its `<|seg|>`s."""
     with model_lock(model), torch.inference_mode():
-        if isinstance(call, ObjectCall):
-            return _segment_object(model, processor, call, progress)
-        return _answer(model, processor, call, progress, on_text, stop)
+        if isinstance(call, AskCall):
+            return _answer(model, processor, call, progress, on_text, stop)
+        work = _segment_object if isinstance(call, ObjectCall) else _track_mask
+        return work(model, processor, call, progress)

@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--box", type=parse_box, kind="box", metavar="X1,Y1,X2,Y2[@F]", help="box, top-left and bottom-right")
     add("--mask", type=parse_mask, kind="mask", metavar="PNG[@F]", help="mask image, white (>= 128) is the object")
     infer.add_argument("--out", type=Path, default=None, help="output folder (default: ./outputs/<media stem>)")
+    _track_flags(infer)
     _model_flags(infer)
 
     batch = commands.add_parser(
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--model", default=None, help="hub id or checkpoint folder (default: the published UniPixel-3B)")
     batch.add_argument("--out", type=Path, required=True, help="run folder (created; reused to resume)")
     batch.add_argument("--frames", type=int, default=16, help="frames sampled from a video when an item gives no num_frames")
+    _track_flags(batch)
     _model_flags(batch)
 
     compare = commands.add_parser("compare", help="put two runs of the same prompt set side by side in one HTML file")
@@ -240,7 +242,7 @@ def write_outputs(out_dir: Path, media, session, result, model_path: str, offlin
 
     out_dir.mkdir(parents=True, exist_ok=True)
     bank = session.bank
-    written = [export_overlay(media.frames, bank, out_dir, fps=playback_fps(media))]
+    written = [export_overlay(media.frames, bank, out_dir, fps=playback_fps(media), source=media)]
     written += export_masks_png(bank, out_dir / "masks")
     written.append(export_rle_json(bank, out_dir / "masks.json", media.frame_indices))
     written.append(bank.save(out_dir / "memory.json"))
@@ -257,6 +259,16 @@ def write_outputs(out_dir: Path, media, session, result, model_path: str, offlin
     written.append(out_dir / "answer.json")
     written[-1].write_text(json.dumps(answer, indent=2))
     return written
+
+
+def _track_flags(parser) -> None:
+    from .media import DEFAULT_MAX_TRACKED_FRAMES
+
+    parser.add_argument("--track-source-frames", action="store_true",
+                        help="videos: SAM 2 tracks the masks through every source frame (the model reads the sampled "
+                             "frames), as the authors' evaluation does; overlay and masks at the source frame rate")
+    parser.add_argument("--max-tracked-frames", type=int, default=DEFAULT_MAX_TRACKED_FRAMES, metavar="N",
+                        help=f"past N source frames, track every k-th one (default {DEFAULT_MAX_TRACKED_FRAMES})")
 
 
 def load_for(args):
@@ -278,8 +290,8 @@ def run_infer(args) -> int:
     from .promptset import read_mask_png
     from .session import Session
 
-    if args.frames < 1 or args.max_new_tokens < 1:
-        raise PromptError("--frames and --max-new-tokens must be at least 1")
+    if args.frames < 1 or args.max_new_tokens < 1 or args.max_tracked_frames < 1:
+        raise PromptError("--frames, --max-new-tokens and --max-tracked-frames must be at least 1")
     # Cheap checks first, so a bad file or mask fails before the slow model load.
     media = load_media(args.media, num_frames=args.frames)
     objects = group_prompts(args.prompts or [], read_mask_png)
@@ -288,7 +300,10 @@ def run_infer(args) -> int:
         raise PromptError("the prompt is empty: give a question or an instruction")
 
     resolved, model, processor = load_for(args)
-    session = Session(model, processor, media, max_new_tokens=args.max_new_tokens)
+    session = Session(model, processor, media, max_new_tokens=args.max_new_tokens,
+                      track_source_frames=args.track_source_frames, max_tracked_frames=args.max_tracked_frames)
+    if session.tracking_note:
+        print(f"note: {session.tracking_note}", file=sys.stderr)
 
     bar = ProgressBar(steps=len(objects) + 2)  # each object, the answer, the files
     try:
@@ -317,13 +332,14 @@ def run_infer(args) -> int:
 def run_batch(args) -> int:
     from .batch import run_batch as run
 
-    if args.frames < 1 or args.max_new_tokens < 1:
-        raise PromptError("--frames and --max-new-tokens must be at least 1")
+    if args.frames < 1 or args.max_new_tokens < 1 or args.max_tracked_frames < 1:
+        raise PromptError("--frames, --max-new-tokens and --max-tracked-frames must be at least 1")
     if not args.prompts.is_file():
         raise PromptError(f"the prompt set '{args.prompts}' does not exist")
     resolved, model, processor = load_for(args)
     summary = run(args.prompts, model, processor, args.out, model_path=resolved.path,
-                  max_new_tokens=args.max_new_tokens, default_frames=args.frames)  # fmt: skip
+                  max_new_tokens=args.max_new_tokens, default_frames=args.frames,
+                  track_source_frames=args.track_source_frames, max_tracked_frames=args.max_tracked_frames)  # fmt: skip
     print(json.dumps(summary, indent=2))
     print(f"results written to {args.out}", file=sys.stderr)
     return 0

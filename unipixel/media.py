@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,6 +355,141 @@ def _decode_sample(path: Path, n: int, k: int) -> tuple[list[int], list[np.ndarr
         width, height = next(reader)["size"]
         return wanted, [np.frombuffer(raw, np.uint8).reshape(height, width, 3) for raw in reader]
     except Exception as err:  # same as _probe, plus RuntimeError for a frame cut short
+        raise _ffmpeg_failure(path, err) from err
+    finally:
+        reader.close()
+
+
+# ---------------------------------------------------------------- source frames (tracking at the source frame rate)
+
+# 10 s at 60 fps; a longer video is tracked on every k-th frame (plus the sampled ones), see `track_plan`.
+DEFAULT_MAX_TRACKED_FRAMES = 600
+
+
+@dataclass
+class TrackPlan:
+    """Which source frames of a media SAM 2 tracks masks through: plain data, cheap to send to a worker.
+
+    Every source frame, or every `stride`-th one when the video has more than the cap, always with
+    the sampled frames (so the sampled masks are the track's masks there): `frame_indices`
+    (increasing) and the position of each sampled frame in it.
+    """
+
+    path: str | None
+    kind: str
+    frame_indices: list[int]
+    sampled_positions: list[int]
+    stride: int
+    num_source_frames: int
+    max_frames: int
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frame_indices)
+
+    @property
+    def note(self) -> str | None:
+        """What the user should know when not every source frame is tracked."""
+        if self.stride == 1:
+            return None
+        return (f"The video has {self.num_source_frames} frames, over the limit of {self.max_frames} tracked "
+                f"frames: masks are tracked on every {self.stride}th frame (and on the sampled frames).")
+
+
+def track_plan(media: Media, max_frames: int = DEFAULT_MAX_TRACKED_FRAMES) -> TrackPlan:
+    """The source frames to track for `media`: all of them, or every k-th one past `max_frames`."""
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    n = media.num_source_frames if media.path is not None else media.num_frames  # in memory: only what we hold
+    stride = max(1, math.ceil(n / max_frames))
+    indices = sorted(set(range(0, n, stride)) | set(media.frame_indices))
+    where = {source: t for t, source in enumerate(indices)}
+    return TrackPlan(media.path, media.kind, indices, [where[i] for i in media.frame_indices], stride, n,
+                     max_frames)
+
+
+def plan_for(media: Media, frame_indices: list[int]) -> TrackPlan:
+    """The plan whose tracked frames are `frame_indices` (those of a `MaskTrack` of this media)."""
+    where = {source: t for t, source in enumerate(frame_indices)}
+    n = media.num_source_frames
+    stride = max(1, round(n / len(frame_indices)))
+    return TrackPlan(media.path, media.kind, list(frame_indices), [where[i] for i in media.frame_indices], stride, n,
+                     len(frame_indices))  # fmt: skip
+
+
+class SourceFrameReader:
+    """Tracked frame `t` of a `TrackPlan` as [H, W, 3] uint8, for a tracker that walks forward or
+    backward: one decoder streams forward keeping the last `window` frames; a step back past them
+    restarts it `window` frames earlier. The sampled frames come from `sampled` without decoding."""
+
+    def __init__(self, plan: TrackPlan, sampled: np.ndarray, window: int = 32):
+        self.plan, self.sampled, self.window = plan, sampled, window
+        self._sampled_at = {t: k for k, t in enumerate(plan.sampled_positions)}
+        self._buffer: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._stream, self._next, self._last = None, 0, -1
+
+    def __len__(self) -> int:
+        return self.plan.num_frames
+
+    def sampled_index(self, t: int) -> int | None:
+        """Which sampled frame tracked frame `t` is, or None."""
+        return self._sampled_at.get(t)
+
+    def __call__(self, t: int) -> np.ndarray:
+        if t in self._sampled_at:
+            return self.sampled[self._sampled_at[t]]
+        if t in self._buffer:
+            return self._buffer[t]
+        if self._stream is None or t < self._next:
+            self.close()
+            self._next = t if t > self._last else max(0, t - self.window + 1)
+            self._stream = self._frames_from(self._next)
+        while self._next <= t:
+            frame = next(self._stream, None)
+            if frame is None:
+                source = self.plan.frame_indices[t]
+                raise MediaError(f"Cannot read frame {source} of the video: it ends before (the file changed or is damaged).")
+            self._buffer[self._next] = frame
+            if len(self._buffer) > self.window:
+                self._buffer.popitem(last=False)
+            self._next += 1
+        self._last = t
+        return self._buffer[t]
+
+    def _frames_from(self, t: int):
+        """The tracked frames from position t on, decoded in one pass."""
+        wanted = set(self.plan.frame_indices[t:])
+        start = self.plan.frame_indices[t]
+        for source, frame in enumerate(_decode_from(Path(self.plan.path), start), start):
+            if source in wanted:
+                yield frame
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self._buffer.clear()
+
+
+def _decode_from(path: Path, start: int):
+    """Every frame of a video (or animated image) file from source frame `start` on."""
+    with path.open("rb") as f:
+        family = _sniff(f.read(16)) or _family_from_extension(path.suffix.lower())
+    if family == "image":  # an animated GIF or WebP
+        with Image.open(path) as im:
+            for i in range(start, getattr(im, "n_frames", 1)):
+                im.seek(i)
+                yield np.array(_to_rgb(im))
+        return
+    params = ["-map", "0:v:0", "-fps_mode", "passthrough"]
+    if start:
+        params += ["-vf", f"select='gte(n,{start})'"]
+    reader = imageio_ffmpeg.read_frames(str(path), output_params=params)
+    try:
+        width, height = next(reader)["size"]
+        for raw in reader:
+            yield np.frombuffer(raw, np.uint8).reshape(height, width, 3).copy()  # writable, for torch
+    except Exception as err:  # as in _decode_sample
         raise _ffmpeg_failure(path, err) from err
     finally:
         reader.close()

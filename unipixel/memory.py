@@ -69,6 +69,43 @@ def _as_bytes(counts: str | bytes) -> bytes:
 
 
 @dataclass
+class MaskTrack:
+    """An object's masks at the source frame rate: one COCO RLE per tracked source frame (a few KB
+    a frame where a bit mask of a 720p frame takes 115 KB), beside the sampled-frame masks."""
+
+    frame_indices: list[int]  # source frame of each tracked frame, increasing
+    rles: list[dict]
+
+    @classmethod
+    def from_masks(cls, frame_indices: list[int], masks: np.ndarray) -> MaskTrack:
+        return cls(list(frame_indices), _encode_stack(np.asarray(masks)))
+
+    def __len__(self) -> int:
+        return len(self.frame_indices)
+
+    def mask(self, t: int) -> np.ndarray:
+        """[H, W] bool mask of tracked frame t."""
+        return rle_decode(self.rles[t])
+
+    def masks(self, positions: list[int] | None = None) -> np.ndarray:
+        """[k, H, W] bool masks of the tracked frames at `positions` (all by default)."""
+        rles = self.rles if positions is None else [self.rles[t] for t in positions]
+        return _decode_stack(rles)
+
+    def position(self, source_frame: int) -> int | None:
+        """Where source frame `source_frame` is in the track, or None when it is not tracked."""
+        t = int(np.searchsorted(self.frame_indices, source_frame))
+        return t if t < len(self) and self.frame_indices[t] == source_frame else None
+
+    def to_json(self) -> dict:
+        return {"frames": list(self.frame_indices), "masks": self.rles}
+
+    @classmethod
+    def from_json(cls, data: dict) -> MaskTrack:
+        return cls([int(i) for i in data["frames"]], list(data["masks"]))
+
+
+@dataclass
 class MemoryObject:
     id: int
     masks: np.ndarray  # [T,H,W] bool at original resolution
@@ -78,6 +115,7 @@ class MemoryObject:
     source_frame: int | None = None
     turn: int | None = None
     visible: bool = True
+    track: MaskTrack | None = None  # masks through the source frames, when the session tracks them
 
     @property
     def span(self) -> tuple[int, int] | None:
@@ -150,6 +188,7 @@ class ObjectMemoryBank:
         name: str | None = None,
         source_frame: int | None = None,
         turn: int | None = None,
+        track: MaskTrack | None = None,
     ) -> MemoryObject:
         if len(self) >= self.max_objects:
             raise TooManyObjectsError(
@@ -169,6 +208,7 @@ class ObjectMemoryBank:
             color=color_for(object_id),
             source_frame=source_frame,
             turn=turn,
+            track=track,
         )
         self._objects[object_id] = obj
         self._next_id += 1
@@ -234,6 +274,7 @@ class ObjectMemoryBank:
                     "turn": obj.turn,
                     "visible": obj.visible,
                     "masks": _encode_stack(obj.masks),  # one RLE per frame
+                    **({"track": obj.track.to_json()} if obj.track is not None else {}),
                 }
                 for obj in self
             ],
@@ -252,6 +293,7 @@ class ObjectMemoryBank:
                 source_frame=item["source_frame"],
                 turn=item["turn"],
                 visible=item["visible"],
+                track=MaskTrack.from_json(item["track"]) if "track" in item else None,
             )
             bank._objects[obj.id] = obj
         bank._next_id = max([data["next_id"], *(i + 1 for i in bank.ids)])

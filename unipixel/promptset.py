@@ -8,7 +8,9 @@ One item a line (the README has a complete example):
 Paths are relative to the prompt file. Ground truth maps a turn index (0-based) to the masks of that
 turn's added object, or of the first object its answer segments: a list of COCO RLE, one per sampled
 frame (null where a frame is not annotated), or a folder of PNGs named by source frame index
-(`00005.png`), of which the sampled frames are scored.
+(`00005.png`), of which the sampled frames are scored. When the run tracks masks through the
+source frames (`batch --track-source-frames`), every annotated source frame is scored, and the list
+may hold one RLE per source frame.
 """
 from __future__ import annotations
 
@@ -145,18 +147,45 @@ def visual_prompt(obj: dict) -> VisualPrompt:
 def ground_truth_masks(truth: list | Path, media: Media) -> tuple[list[int], np.ndarray]:
     """(annotated sampled frames, their masks [k, H, W]) of one turn's ground truth."""
     if isinstance(truth, Path):
-        pngs = {int(p.stem): p for p in truth.glob("*.png") if p.stem.isdigit()}
+        pngs = _pngs(truth)
         frames = [t for t, source in enumerate(media.frame_indices) if source in pngs]
         masks = [read_mask_png(pngs[media.frame_indices[t]]) for t in frames]
     else:
         if len(truth) != media.num_frames:
             raise PromptError(f"the ground truth has {len(truth)} masks for {media.num_frames} sampled frames")
-        frames = [t for t, rle in enumerate(truth) if rle is not None]
-        try:
-            masks = [rle_decode(truth[t]) for t in frames]
-        except (KeyError, TypeError, ValueError) as err:
-            raise PromptError(f"the ground truth holds a malformed COCO RLE: {err!r}") from err
+        frames, masks = _decode_rles(truth)
+    return frames, _checked(masks, media)
+
+
+def source_ground_truth(truth: list | Path, media: Media) -> tuple[list[int], np.ndarray]:
+    """(annotated source frames, their masks [k, H, W]) of one turn's ground truth, for masks tracked
+    through the source frames: every annotated frame of a PNG folder or of a list with one RLE per
+    source frame; a list with one RLE per sampled frame annotates the sampled frames' source frames."""
+    if isinstance(truth, Path):
+        pngs = _pngs(truth)
+        frames = sorted(pngs)
+        return frames, _checked([read_mask_png(pngs[f]) for f in frames], media)
+    if len(truth) == media.num_source_frames:
+        frames, masks = _decode_rles(truth)
+        return frames, _checked(masks, media)
+    sampled, masks = ground_truth_masks(truth, media)
+    return [media.frame_indices[t] for t in sampled], masks
+
+
+def _pngs(folder: Path) -> dict[int, Path]:
+    return {int(p.stem): p for p in folder.glob("*.png") if p.stem.isdigit()}
+
+
+def _decode_rles(truth: list) -> tuple[list[int], list[np.ndarray]]:
+    frames = [t for t, rle in enumerate(truth) if rle is not None]
+    try:
+        return frames, [rle_decode(truth[t]) for t in frames]
+    except (KeyError, TypeError, ValueError) as err:
+        raise PromptError(f"the ground truth holds a malformed COCO RLE: {err!r}") from err
+
+
+def _checked(masks: list[np.ndarray], media: Media) -> np.ndarray:
     for m in masks:
         if m.shape != (media.height, media.width):
             raise PromptError(f"a ground-truth mask is {m.shape[1]}x{m.shape[0]}, the media {media.width}x{media.height}")
-    return frames, np.stack(masks) if masks else np.zeros((0, media.height, media.width), dtype=bool)
+    return np.stack(masks) if masks else np.zeros((0, media.height, media.width), dtype=bool)

@@ -69,12 +69,14 @@ def overlay_frame(
 
     `frame` may be a smaller copy of the source frame (a display-size view): the masks are fitted to it.
     """
+    return overlay_masks(frame, [(obj, obj.masks[frame_index]) for obj in objects if obj.visible], alpha)
+
+
+def overlay_masks(frame: np.ndarray, masks: Iterable[tuple[MemoryObject, np.ndarray]], alpha: float = 0.45) -> np.ndarray:
+    """A copy of `frame` with each (object, [H,W] mask) pair filled, outlined and tagged in the object's color;
+    masks larger than `frame` are fitted to it."""
     out = np.array(frame, dtype=np.uint8, copy=True)
-    fitted = (
-        (obj, fit_mask(obj.masks[frame_index], out.shape[:2]))
-        for obj in objects
-        if obj.visible and obj.masks[frame_index].any()
-    )
+    fitted = ((obj, fit_mask(mask, out.shape[:2])) for obj, mask in masks if mask.any())
     shown = [(obj, mask) for obj, mask in fitted if mask.any()]  # a speck may vanish at display size
     thickness = _stroke(out.shape)
     for obj, mask in shown:

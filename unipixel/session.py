@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from .cache_budget import CacheBudget
-from .calls import AskCall, CallResult, MediaCache, ObjectCall, Progress, TextCallback, report, run_call
+from .calls import (AskCall, CallResult, MaskCall, MediaCache, ObjectCall, PackedMasks, Progress, TextCallback, report,
+                    run_call)
 from .errors import CallCancelled, PromptError, SessionBusyError, TooManyObjectsError
-from .media import Media
+from .media import DEFAULT_MAX_TRACKED_FRAMES, Media, TrackPlan, track_plan
 from .memory import MemoryObject, ObjectMemoryBank
 from .model import RefPrompt, cell_slots, mem_slot_cells
 from .model import processing as P
@@ -37,7 +38,8 @@ class VisualPrompt:
 
     kind "point": `points` of (x, y, positive); the first positive point is the `<|ref|>` prompt
     and every click also refines the SAM 2 mask. kind "box": `box` (x1, y1, x2, y2).
-    kind "mask": `mask` [H, W] bool, stored as the object's mask on that frame.
+    kind "mask": `mask` [H, W] bool, stored as the object's mask on that frame (and tracked by SAM 2
+    both ways from it when the session tracks the source frames).
     """
 
     kind: str
@@ -73,6 +75,12 @@ class Session:
     runner `on_text` and/or `stop` (`run_call`'s keywords). The session sends plain data and applies
     what comes back, so the bank, chat and history only change here. `budget` (a `CacheBudget`)
     bounds the features all sessions keep; a session whose cache it dropped recomputes it.
+
+    `track_source_frames` (videos): SAM 2 tracks every object through every source frame (every
+    k-th past `max_tracked_frames`, see `track_plan`) while the LLM keeps the sampled frames, as the
+    authors' evaluation does; each object then has a `track` beside its sampled-frame `masks`
+    (which are the track's masks on the sampled frames), and a drawn brush mask is tracked by SAM 2
+    both ways from its frame.
     """
 
     def __init__(
@@ -86,6 +94,8 @@ class Session:
         generate_kwargs: dict | None = None,
         runner: Runner | None = None,
         budget: CacheBudget | None = None,
+        track_source_frames: bool = False,
+        max_tracked_frames: int = DEFAULT_MAX_TRACKED_FRAMES,
     ):
         self.model = model
         self.processor = processor
@@ -100,6 +110,15 @@ class Session:
         self._lock = threading.RLock()
         self._messages: list[dict] = []
         self._mem_cells: list[torch.Tensor] = []  # `mem_slot_cells` of every `<|mem|>` object of the history
+        # Which source frames SAM 2 tracks; None: the sampled frames only (an image has nothing more).
+        self.track_plan: TrackPlan | None = (
+            track_plan(media, max_tracked_frames) if track_source_frames and media.is_video else None
+        )
+
+    @property
+    def tracking_note(self) -> str | None:
+        """What the user should know about the tracked frames (a long video tracked with a stride)."""
+        return None if self.track_plan is None else self.track_plan.note
 
     # ---- model calls -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -151,15 +170,20 @@ class Session:
                 raise TooManyObjectsError(
                     f"the memory bank is full ({self.bank.max_objects} objects): delete one before adding another"
                 )
+            track = None
             if prompt.kind == "mask":
                 masks = self._brush_masks(prompt)
+                if self.track_plan is not None:
+                    call = MaskCall(self.media.frames, prompt.frame, PackedMasks.pack(masks[prompt.frame]),
+                                    track=self.track_plan)  # fmt: skip
+                    masks, track = _first(self._run(call, progress, cancel))
             elif prompt.kind in ("point", "box"):
                 ref, clicks = self._ref_prompt(prompt)
-                call = ObjectCall(self.media.frames, f"[{self.bank.next_id}]", ref, clicks)
-                masks = self._run(call, progress, cancel).masks[0]
+                call = ObjectCall(self.media.frames, f"[{self.bank.next_id}]", ref, clicks, track=self.track_plan)
+                masks, track = _first(self._run(call, progress, cancel))
             else:
                 raise PromptError(f"unknown prompt kind {prompt.kind!r}: use point, box or mask")
-            obj = self.bank.add(masks, prompt.kind, name=name, source_frame=prompt.frame)
+            obj = self.bank.add(masks, prompt.kind, name=name, source_frame=prompt.frame, track=track)
             report(progress, 1.0, f"added {obj.label}")
             return obj
 
@@ -219,10 +243,11 @@ class Session:
             grid = self.grid_thw
             inputs = P.tokenize_chat(self.processor, self._messages + [user], grid)
             self._check_length(inputs["input_ids"].shape[1], text, grid)
-            call = AskCall(self.media.frames, inputs, mem_cells, self.max_new_tokens, self.generate_kwargs)
+            call = AskCall(self.media.frames, inputs, mem_cells, self.max_new_tokens, self.generate_kwargs,
+                           track=self.track_plan)  # fmt: skip
             streamed = None if on_text is None else (lambda raw: on_text(streamed_answer(raw)))
             out = self._run(call, progress, cancel, on_text=streamed, stop=None if stop is None else stop.is_set)
-            result = self._record_turn(text, out.answer, out.masks, start, stopped=out.stopped)
+            result = self._record_turn(text, out.answer, out.masks, start, out.tracks, stopped=out.stopped)
             self._commit_turn(user, result.raw_answer, mem_cells)
             return result
 
@@ -296,7 +321,7 @@ class Session:
             self.bank.get(i)  # ObjectNotFoundError names the known ids
         return ids
 
-    def _record_turn(self, question: str, text: str, masks, start: float, stopped: bool = False) -> TurnResult:
+    def _record_turn(self, question: str, text: str, masks, start: float, tracks=None, stopped: bool = False) -> TurnResult:
         """Each `<|seg|>` becomes a new object shown as its label; a "[k] " before it stays only
         when k is a remembered object (else it would name an object that does not exist).
         Masks pair with the targets in order; a `<|seg|>` spelled out in plain characters beyond
@@ -312,7 +337,7 @@ class Session:
         answer, targets, new_objects, last = "", [], [], 0
         for k, match in enumerate(matches):
             named = match.group(1) if match.group(2) and int(match.group(2)) in self.bank else ""
-            obj = self.bank.add(masks[k], "answer", turn=turn)
+            obj = self.bank.add(masks[k], "answer", turn=turn, track=tracks[k] if tracks else None)
             answer += text[last : match.start()] + named
             targets.append(Target(obj.id, len(answer), len(answer) + len(obj.label)))
             new_objects.append(obj)
@@ -336,6 +361,11 @@ class Session:
 def streamed_answer(raw: str) -> str:
     """An answer still being written, for display: each `<|seg|>` as `SEG_PENDING`."""
     return raw.replace(P.SEG, SEG_PENDING)
+
+
+def _first(result: CallResult):
+    """The masks and track (None when not tracked) of a call's one object."""
+    return result.masks[0], result.tracks[0] if result.tracks else None
 
 
 def _cancelled() -> CallCancelled:

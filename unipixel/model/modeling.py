@@ -44,6 +44,7 @@ class PixelCausalLMOutput(CausalLMOutputWithPast):
 class PixelGenerateOutput(ModelOutput):
     sequences: torch.Tensor | None = None
     masks: torch.Tensor | None = None  # [n, T, H, W] bool: input `<|seg|>` first, then generated
+    seg_hidden: torch.Tensor | None = None  # [n, d] the states those masks are decoded from
 
 
 class PixelQwen2_5_VLModel(Qwen2_5_VLModel):
@@ -196,12 +197,18 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
 
         `clicks`: optional SAM 2 point refinements per object (see `PixelSAM2VideoPredictor.segment`).
         """
+        with self.sam2_autocast():
+            return self.sam2.segment(video, self.seg_tokens(seg_hidden), clicks=clicks, progress=progress)
+
+    def seg_tokens(self, seg_hidden: torch.Tensor) -> torch.Tensor:
+        """`<|seg|>` hidden states [n, d] -> SAM 2 prompt tokens [n, k, s] (spec §4)."""
         tokens = self.seg_head(seg_hidden.to(self.dtype))
-        tokens = tokens.view(seg_hidden.shape[0], self.config.sam2_hidden_tokens, -1)
-        # SAM 2 stores its memory in bfloat16, which float16 autocast cannot mix in: under float16
-        # weights, SAM 2 (float32 weights) runs in float32.
-        with self._autocast(self.dtype == torch.bfloat16):
-            return self.sam2.segment(video, tokens, clicks=clicks, progress=progress)
+        return tokens.view(seg_hidden.shape[0], self.config.sam2_hidden_tokens, -1)
+
+    def sam2_autocast(self):
+        """SAM 2 stores its memory in bfloat16, which float16 autocast cannot mix in: under float16
+        weights, SAM 2 (float32 weights) runs in float32."""
+        return self._autocast(self.dtype == torch.bfloat16)
 
     def _on_device(self, x):
         """The processor makes its tensors on the host; the model may be on a GPU."""
@@ -364,6 +371,8 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         new_tokens = out.sequences[0, input_ids.shape[1] :]
         hidden += [states[j][0, -1:] for j in (new_tokens == seg).nonzero()[:, 0].tolist()]
         masks = None
-        if sam2_video is not None and hidden and len(hidden := torch.cat(hidden)):
+        hidden = torch.cat(hidden) if hidden else None
+        hidden = hidden if hidden is not None and len(hidden) else None
+        if sam2_video is not None and hidden is not None:
             masks = self.decode_seg_masks(hidden, sam2_video, progress=progress)
-        return PixelGenerateOutput(sequences=out.sequences, masks=masks)
+        return PixelGenerateOutput(sequences=out.sequences, masks=masks, seg_hidden=hidden)

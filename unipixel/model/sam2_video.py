@@ -1,8 +1,10 @@
 """SAM 2.1 video predictor that takes `<|seg|>` prompt tokens, with per-media frame features.
 
 UniPixel spec §4 (`<|seg|>` path): the seg tokens are extra sparse prompt tokens for frame 0 of a
-fresh video state; SAM 2 then propagates forward with its memory. We extend the `sam2` package's
-predictor by subclassing, so the module names (and so the checkpoint keys) stay the package's.
+fresh video state; SAM 2 then propagates forward with its memory. `track` is the general form:
+any frames conditioned by seg tokens, clicks or a mask, tracked forward and/or backward, through the
+sampled frames or every source frame. We extend the `sam2` package's predictor by subclassing, so
+the module names (and so the checkpoint keys) stay the package's.
 """
 from __future__ import annotations
 
@@ -51,28 +53,82 @@ def build_sam2(name: str, image_size: int) -> "PixelSAM2VideoPredictor":
 class SAM2Video:
     """One media as SAM 2 sees it (UniPixel spec §3), plus its frame-feature cache.
 
-    `features` maps a frame index to the image encoder output of that frame; it is filled on first
-    use and reused by every later `<|seg|>` of the same media. `None` turns caching off (the
-    reference behaviour: every frame re-encoded for every token).
+    `images` holds the normalised frames: a [T, 3, S, S] tensor, or a `FrameSequence` that makes
+    each one on demand (a video's source frames, too many to hold at once). `features` maps a key
+    to the image encoder output of a frame; it is filled on first use and reused by every later
+    `<|seg|>` of the same media. `feature_keys[t]` is frame t's key (None: not cached); without
+    it the key is t. `features` None turns caching off (the reference behaviour: every frame
+    re-encoded for every token).
     """
 
-    images: torch.Tensor  # [T, 3, S, S], normalised
+    images: "torch.Tensor | FrameSequence"
     height: int
     width: int
     features: dict | None = field(default_factory=dict)
+    feature_keys: list | None = None
 
     @property
     def num_frames(self) -> int:
-        return self.images.shape[0]
+        return len(self.images)
+
+    def feature_key(self, frame: int):
+        if self.features is None:
+            return None
+        return frame if self.feature_keys is None else self.feature_keys[frame]
 
 
-def prepare_sam2_video(frames: np.ndarray, image_size: int, device, cache: bool = True) -> SAM2Video:
-    """[T, H, W, 3] uint8 RGB frames -> SAM 2 input: [0, 1], antialiased bilinear resize, ImageNet norm."""
+def normalise_frames(frames: np.ndarray, image_size: int, device) -> torch.Tensor:
+    """[T, H, W, 3] uint8 RGB -> SAM 2 input: [0, 1], antialiased bilinear resize, ImageNet norm."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 255.0
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return SAM2Video((x - mean) / std, frames.shape[1], frames.shape[2], {} if cache else None)
+    return (x - mean) / std
+
+
+def prepare_sam2_video(frames: np.ndarray, image_size: int, device, cache: bool = True) -> SAM2Video:
+    """SAM 2's view of [T, H, W, 3] uint8 RGB frames, all normalised at once."""
+    return SAM2Video(normalise_frames(frames, image_size, device), frames.shape[1], frames.shape[2],
+                     {} if cache else None)  # fmt: skip
+
+
+class FrameSequence:
+    """Normalised SAM 2 inputs made one frame at a time, so a long video never sits in memory as
+    float32: `read(t)` gives frame t as [H, W, 3] uint8, or an already normalised [3, S, S] tensor
+    (a frame the sampled video holds)."""
+
+    def __init__(self, read, count: int, image_size: int, device):
+        self.read, self.count, self.image_size, self.device = read, count, image_size, device
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, t: int) -> torch.Tensor:
+        frame = self.read(t)
+        if isinstance(frame, torch.Tensor):
+            return frame
+        return normalise_frames(frame[None], self.image_size, self.device)[0]
+
+
+@dataclass
+class TrackPrompt:
+    """What conditions one frame of a track, for the n objects tracked together (any of the three,
+    combined): `tokens` [n, k, s] `<|seg|>` prompt tokens; `points` (coords [P, 2] in [0, 1] of
+    the frame, labels [P]) SAM 2 clicks, for n = 1; `mask` [n, H, W] bool at video resolution
+    (SAM 2's `add_new_mask`: the mask is the frame's output and seeds the memory)."""
+
+    tokens: torch.Tensor | None = None
+    points: tuple[torch.Tensor, torch.Tensor] | None = None
+    mask: torch.Tensor | None = None
+
+    @property
+    def num_objects(self) -> int:
+        if self.tokens is not None:
+            return self.tokens.shape[0]
+        return self.mask.shape[0] if self.mask is not None else 1
+
+
+FORWARD, BACKWARD = "forward", "backward"
 
 
 class PixelSAM2VideoPredictor(SAM2VideoPredictor):
@@ -98,9 +154,10 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             self._seg_tokens = None
 
     def init_video_state(self, video: SAM2Video) -> dict:
-        """The inference state of `init_state`, built from frames already in memory."""
+        """The inference state of `init_state`, over `video`'s frames (held, or made on demand)."""
         device = self.device
         return {
+            "video": video,
             "images": video.images,
             "num_frames": video.num_frames,
             "offload_video_to_cpu": False,
@@ -112,7 +169,6 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             "point_inputs_per_obj": {},
             "mask_inputs_per_obj": {},
             "cached_features": {},
-            "frame_features": video.features,
             "constants": {},
             "obj_id_to_idx": OrderedDict(),
             "obj_idx_to_id": OrderedDict(),
@@ -123,90 +179,147 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
         }
 
     def _get_image_feature(self, inference_state, frame_idx, batch_size):
-        cache = inference_state.get("frame_features")
-        if cache is not None:
-            if frame_idx not in cache:
-                image = inference_state["images"][frame_idx].to(self.device).float().unsqueeze(0)
-                cache[frame_idx] = (image, self.forward_image(image))
+        video = inference_state["video"]
+        key = video.feature_key(frame_idx)
+        if key is not None:
+            cache = video.features
+            if key not in cache:
+                image = video.images[frame_idx].to(self.device).float().unsqueeze(0)
+                cache[key] = (image, self.forward_image(image))
             # The parent reads its one-frame cache; pointing it at our entry skips re-encoding.
-            inference_state["cached_features"] = {frame_idx: cache[frame_idx]}
+            inference_state["cached_features"] = {frame_idx: cache[key]}
         return super()._get_image_feature(inference_state, frame_idx, batch_size)
 
-    def _condition(self, state: dict, output_dict: dict, frame: int, batch: int, points=None) -> dict:
+    def _condition(self, state: dict, output_dict: dict, frame: int, prompt: TrackPrompt) -> dict:
         """Prompted output of an initial conditioning frame, with its memory encoded.
 
-        Same steps as the package's `add_new_points_or_box` + `propagate_in_video_preflight`.
+        Same steps as the package's `add_new_points_or_box` / `add_new_mask` followed by
+        `propagate_in_video_preflight`.
         """
-        out, _ = self._run_single_frame_inference(
-            inference_state=state,
-            output_dict=output_dict,
-            frame_idx=frame,
-            batch_size=batch,
-            is_init_cond_frame=True,
-            point_inputs=points,
-            mask_inputs=None,
-            reverse=False,
-            run_mem_encoder=False,
-        )
-        high_res = F.interpolate(
-            out["pred_masks"].to(self.device), size=(self.image_size,) * 2, mode="bilinear", align_corners=False
-        )
-        out["maskmem_features"], out["maskmem_pos_enc"] = self._run_memory_encoder(
-            state, frame, batch, high_res, out["object_score_logits"], is_mask_from_pts=True
-        )
-        return out
-
-    def _track(self, video: SAM2Video, tokens: torch.Tensor, clicks=None, progress=None) -> torch.Tensor:
-        """Condition frame 0 on the seg tokens [n, k, s] (plus clicks), then track forward."""
-        n = tokens.shape[0]
-        state = self.init_video_state(video)
-        output_dict = state["output_dict_per_obj"][self._obj_id_to_idx(state, 0)]
-        cond = output_dict["cond_frame_outputs"]
-        points = None
-        if clicks is not None:
-            frame, coords, labels = clicks
+        points = masks = None
+        if prompt.points is not None:
+            coords, labels = prompt.points
             points = {
                 "point_coords": (coords * self.image_size).to(self.device, torch.float32)[None],
                 "point_labels": labels.to(self.device, torch.int32)[None],
             }
-        with self._seg_prompt(tokens):
-            cond[0] = self._condition(state, output_dict, 0, n, points if clicks and frame == 0 else None)
-        if clicks is not None and frame > 0:  # a later frame with clicks conditions the track too
-            cond[frame] = self._condition(state, output_dict, frame, n, points)
-        # Every frame is written below: no zero fill of n * T full-resolution masks.
-        masks = torch.empty(n, video.num_frames, video.height, video.width, dtype=torch.bool)
-        for f in range(video.num_frames):
-            if f in cond:
-                logits = cond[f]["pred_masks"]
-            else:
-                out, logits = self._run_single_frame_inference(
-                    state, output_dict, f, n, is_init_cond_frame=False, point_inputs=None,
-                    mask_inputs=None, reverse=False, run_mem_encoder=True,
-                )  # fmt: skip
-                output_dict["non_cond_frame_outputs"][f] = out
-            _, video_res = self._get_orig_video_res_output(state, logits.to(self.device))
-            masks[:, f] = (video_res[:, 0] > 0).cpu()
-            if progress is not None:
-                progress((f + 1) / video.num_frames, "propagating masks")
+        if prompt.mask is not None:
+            masks = F.interpolate(prompt.mask.to(self.device, torch.float32)[:, None], size=(self.image_size,) * 2,
+                                  mode="bilinear", align_corners=False, antialias=True)  # fmt: skip
+            masks = (masks >= 0.5).float()
+        context = self._seg_prompt(prompt.tokens) if prompt.tokens is not None else contextlib.nullcontext()
+        with context:
+            out, _ = self._run_single_frame_inference(
+                inference_state=state,
+                output_dict=output_dict,
+                frame_idx=frame,
+                batch_size=prompt.num_objects,
+                is_init_cond_frame=True,
+                point_inputs=points,
+                mask_inputs=masks,
+                reverse=False,
+                run_mem_encoder=False,
+            )
+        high_res = F.interpolate(
+            out["pred_masks"].to(self.device), size=(self.image_size,) * 2, mode="bilinear", align_corners=False
+        )
+        out["maskmem_features"], out["maskmem_pos_enc"] = self._run_memory_encoder(
+            state, frame, prompt.num_objects, high_res, out["object_score_logits"], is_mask_from_pts=True
+        )
+        return out
+
+    def _memory_window(self) -> int:
+        """How many past frames a tracked frame can read (mask memories and object pointers)."""
+        return max(self.num_maskmem * self.memory_temporal_stride_for_eval + 2, self.max_obj_ptrs_in_encoder)
+
+    def iter_track(self, video: SAM2Video, prompts: dict[int, TrackPrompt], directions=(FORWARD, BACKWARD),
+                   progress=None):  # fmt: skip
+        """Track n objects through `video`: yields (frame, masks [n, H, W] bool on the CPU) frame by frame.
+
+        `prompts` maps each conditioning frame to its `TrackPrompt` (each an initial conditioning
+        frame, as a first SAM 2 prompt on a frame is). FORWARD runs from the first conditioning
+        frame to the end, BACKWARD from there (from the last one without FORWARD) to frame 0, each
+        with its own memory of the frames it tracked (the conditioning frames are shared), so masks
+        after a conditioning frame do not depend on whether the track also went backward. Only the
+        memories a frame can still read are kept, so a long video costs no more memory than a short
+        one; the frames' images come one at a time from `video.images`.
+        """
+        sizes = {p.num_objects for p in prompts.values()}
+        if len(sizes) != 1 or not prompts:
+            raise ValueError(f"every conditioning frame must prompt the same objects, got counts {sorted(sizes)}")
+        n = sizes.pop()
+        state = self.init_video_state(video)
+        output_dict = state["output_dict_per_obj"][self._obj_id_to_idx(state, 0)]
+        cond = output_dict["cond_frame_outputs"]
+        for frame in sorted(prompts):
+            cond[frame] = self._condition(state, output_dict, frame, prompts[frame])
+        forward = FORWARD in directions
+        orders = []
+        if forward:
+            orders.append((range(min(cond), video.num_frames), False))
+        if BACKWARD in directions:
+            orders.append((range(min(cond) - 1 if forward else max(cond), -1, -1), True))
+        total, done, window = sum(len(o) for o, _ in orders), 0, self._memory_window()
+        for order, reverse in orders:
+            memory = output_dict["non_cond_frame_outputs"] = {}
+            for f in order:
+                if f in cond:
+                    logits = cond[f]["pred_masks"]
+                else:
+                    out, logits = self._run_single_frame_inference(
+                        state, output_dict, f, n, is_init_cond_frame=False, point_inputs=None,
+                        mask_inputs=None, reverse=reverse, run_mem_encoder=True,
+                    )  # fmt: skip
+                    memory[f] = out
+                    memory.pop(f + window if reverse else f - window, None)  # out of every later frame's reach
+                _, video_res = self._get_orig_video_res_output(state, logits.to(self.device))
+                yield f, (video_res[:, 0] > 0).cpu()
+                done += 1
+                if progress is not None:
+                    progress(done / total, "propagating masks")
+
+    def track(self, video: SAM2Video, prompts: dict[int, TrackPrompt], directions=(FORWARD, BACKWARD),
+              progress=None) -> torch.Tensor:  # fmt: skip
+        """`iter_track` gathered: masks [n, T, H, W] bool, empty on the frames no direction reached."""
+        n = next(iter(prompts.values())).num_objects
+        masks = torch.zeros(n, video.num_frames, video.height, video.width, dtype=torch.bool)
+        for f, frame_masks in self.iter_track(video, prompts, directions, progress):
+            masks[:, f] = frame_masks
         return masks
+
+    @staticmethod
+    def seg_prompts(tokens: torch.Tensor, clicks=None) -> dict[int, TrackPrompt]:
+        """The conditioning of a `<|seg|>` track (spec §4): the seg tokens [n, k, s] prompt frame 0;
+        `clicks` (frame, coords [P, 2] in [0, 1], labels [P]) of one object precede them in the
+        prompt on frame 0, and condition a later frame like a SAM 2 click."""
+        if clicks is None:
+            return {0: TrackPrompt(tokens=tokens)}
+        frame, coords, labels = clicks
+        if frame == 0:
+            return {0: TrackPrompt(tokens=tokens, points=(coords, labels))}
+        return {0: TrackPrompt(tokens=tokens), frame: TrackPrompt(points=(coords, labels))}
 
     @torch.inference_mode()
     def segment(self, video: SAM2Video, tokens: torch.Tensor, clicks=None, progress=None) -> torch.Tensor:
-        """Masks of each object: tokens [n, k, s] -> [n, T, H, W] bool.
+        """Masks of each object: tokens [n, k, s] -> [n, T, H, W] bool, tracked forward from frame 0.
 
         Objects prompted by seg tokens alone are tracked together as one batch (one propagation);
         `clicks[i]`, if given, is (frame, coords [P, 2] in [0, 1], labels [P]) refining object i,
-        which is then tracked on its own: on frame 0 the clicks precede the seg tokens in the
-        prompt, on a later frame they condition the track like a SAM 2 click.
+        which is then tracked on its own (see `seg_prompts`).
         """
+        masks = torch.zeros(tokens.shape[0], video.num_frames, video.height, video.width, dtype=torch.bool)
+        for objects, group in self.segment_groups(video, tokens, clicks, progress):
+            masks[objects] = group
+        return masks
+
+    def segment_groups(self, video: SAM2Video, tokens: torch.Tensor, clicks=None, progress=None, track=None):
+        """The tracks of `segment`, one propagation per group: yields (object indices, what `track`
+        returns for them); `track(video, prompts)` defaults to forward tracking into [n, T, H, W]."""
+        track = track or (lambda v, prompts: self.track(v, prompts, (FORWARD,), progress))
         clicks = clicks or [None] * tokens.shape[0]
         plain = [i for i, c in enumerate(clicks) if c is None]
-        if len(plain) == len(clicks):  # the usual answer: one batch, its masks as they come
-            return self._track(video, tokens, progress=progress)
-        masks = torch.zeros(tokens.shape[0], video.num_frames, video.height, video.width, dtype=torch.bool)
         if plain:
-            masks[plain] = self._track(video, tokens[plain], progress=progress)
+            yield plain, track(video, self.seg_prompts(tokens[plain]))
         for i, c in enumerate(clicks):
             if c is not None:
-                masks[i] = self._track(video, tokens[i : i + 1], clicks=c, progress=progress)[0]
-        return masks
+                yield [i], track(video, self.seg_prompts(tokens[i : i + 1], c))
