@@ -132,6 +132,20 @@ class ObjectCall:
 
 
 @dataclass
+class RefineCall:
+    """SAM 2 clicks (or a box) on one frame correcting one object's track, which is then propagated
+    forward and backward from that frame (`PixelSAM2VideoPredictor.retrack`)."""
+
+    frames: np.ndarray
+    masks: PackedMasks  # the object's track [T, H, W] so far
+    frame: int
+    coords: torch.Tensor  # [P, 2] in [0, 1] of the frame
+    labels: torch.Tensor  # [P]: 1 positive, 0 negative, 2 and 3 a box's corners
+    keep: tuple[int, ...] = ()  # frames whose masks keep conditioning the track (earlier prompts)
+    cache: MediaCache | None = None
+
+
+@dataclass
 class AskCall:
     """One generated answer to the last user message of `messages`."""
 
@@ -193,7 +207,32 @@ def _segment_object(model, processor, call: ObjectCall, progress) -> CallResult:
     out = model(**inputs, **cache.vision, ref_prompts=[call.ref], logits_to_keep=1)
     report(progress, 0.6, "propagating the mask")
     masks = model.decode_seg_masks(out.seg_hidden, cache.sam2, clicks=[call.clicks])
+    frame = call.ref.frame
+    if frame > 0:
+        masks[0, :frame] = _track_back(model, cache.sam2, masks[0], call, progress)[:frame]
     return CallResult(masks.numpy(), cache)
+
+
+def _track_back(model, video: SAM2Video, masks: torch.Tensor, call: ObjectCall, progress) -> torch.Tensor:
+    """The playground's addition to the model's route (spec §4: the seg tokens condition frame 0, SAM 2
+    tracks forward) for a prompt on frame f > 0: SAM 2 conditioned on f by the drawn clicks (or the
+    `<|ref|>` point or box) with the model's mask on f as the mask prior, tracked backward to frame 0."""
+    if call.clicks is not None:
+        _, coords, labels = call.clicks
+    else:
+        coords, labels = call.ref.coords / model.config.sam2_image_size, call.ref.labels
+    report(progress, 0.8, "tracking back from the prompted frame")
+    return model.retrack(video, masks, call.ref.frame, coords, labels, forward=False,
+                         progress=lambda f, t: report(progress, 0.8 + 0.2 * f, t))  # fmt: skip
+
+
+def _refine(model, processor, call: RefineCall, progress) -> CallResult:
+    cache = media_cache(model, processor, call.frames, call.cache, progress)
+    report(progress, 0.2, "refining the mask")
+    masks = torch.from_numpy(call.masks.unpack())
+    masks = model.retrack(cache.sam2, masks, call.frame, call.coords, call.labels, keep=call.keep,
+                          progress=lambda f, t: report(progress, 0.2 + 0.8 * f, t))  # fmt: skip
+    return CallResult(masks[None].numpy(), cache)
 
 
 def _answer(model, processor, call: AskCall, progress) -> CallResult:
@@ -232,8 +271,11 @@ def _answer(model, processor, call: AskCall, progress) -> CallResult:
     return CallResult(masks, cache, text.strip())
 
 
-def run_call(model, processor, call: ObjectCall | AskCall, progress: Progress | None = None) -> CallResult:
+_WORK = {ObjectCall: _segment_object, RefineCall: _refine, AskCall: _answer}
+
+
+def run_call(model, processor, call: ObjectCall | RefineCall | AskCall, progress: Progress | None = None) -> CallResult:
     """Run one call on `model`, never at the same time as another call on it."""
-    work = _segment_object if isinstance(call, ObjectCall) else _answer
+    work = _WORK[type(call)]
     with model_lock(model), torch.inference_mode():
         return work(model, processor, call, progress)

@@ -132,21 +132,26 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             inference_state["cached_features"] = {frame_idx: cache[frame_idx]}
         return super()._get_image_feature(inference_state, frame_idx, batch_size)
 
-    def _condition(self, state: dict, output_dict: dict, frame: int, batch: int, points=None) -> dict:
-        """Prompted output of an initial conditioning frame, with its memory encoded.
+    def _condition(self, state: dict, output_dict: dict, frame: int, batch: int, points=None, *,
+                   mask=None, prior=None, is_init: bool = True) -> dict:
+        """Prompted output of a conditioning frame, with its memory encoded.
 
-        Same steps as the package's `add_new_points_or_box` + `propagate_in_video_preflight`.
+        Same steps as the package's `add_new_points_or_box` (or `add_new_mask` for `mask`, [n, 1, S, S])
+        + `propagate_in_video_preflight`. `prior`: mask logits fed with the points, as the package
+        feeds a frame's previous logits with new clicks; `is_init=False` reads the memory of the
+        conditioning frames already in `output_dict` (a correction of a tracked frame).
         """
         out, _ = self._run_single_frame_inference(
             inference_state=state,
             output_dict=output_dict,
             frame_idx=frame,
             batch_size=batch,
-            is_init_cond_frame=True,
+            is_init_cond_frame=is_init,
             point_inputs=points,
-            mask_inputs=None,
+            mask_inputs=mask,
             reverse=False,
             run_mem_encoder=False,
+            prev_sam_mask_logits=prior,
         )
         high_res = F.interpolate(
             out["pred_masks"].to(self.device), size=(self.image_size,) * 2, mode="bilinear", align_corners=False
@@ -155,6 +160,44 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             state, frame, batch, high_res, out["object_score_logits"], is_mask_from_pts=True
         )
         return out
+
+    def _points(self, coords: torch.Tensor, labels: torch.Tensor) -> dict:
+        """SAM 2 point inputs of clicks: coords [P, 2] in [0, 1], labels [P] -> a batch of one."""
+        return {
+            "point_coords": (coords * self.image_size).to(self.device, torch.float32)[None],
+            "point_labels": labels.to(self.device, torch.int32)[None],
+        }
+
+    def _video_masks(self, state: dict, logits: torch.Tensor) -> torch.Tensor:
+        """SAM 2 logits [n, 1, h, w] -> [n, H, W] bool masks at the media's resolution."""
+        _, video_res = self._get_orig_video_res_output(state, logits.to(self.device))
+        return (video_res[:, 0] > 0).cpu()
+
+    def propagate(self, state: dict, output_dict: dict, start: int, batch: int, *, reverse: bool = False,
+                  progress=None) -> dict[int, torch.Tensor]:
+        """Track from frame `start` to the last frame (`reverse`: to frame 0), start excluded.
+
+        As the package's `propagate_in_video` from `start`: each visited frame that is a conditioning
+        frame keeps its output; any other is predicted from SAM 2's memory (every conditioning frame,
+        plus the latest frames on the side it comes from, `reverse` picking that side) and stored as
+        a non-conditioning output, replacing one an earlier pass left there. Returns the mask logits
+        [batch, 1, h, w] of each visited frame, in visiting order; `progress(i, n)` after each.
+        """
+        cond = output_dict["cond_frame_outputs"]
+        frames = range(start - 1, -1, -1) if reverse else range(start + 1, state["num_frames"])
+        logits = {}
+        for i, f in enumerate(frames):
+            if f in cond:
+                logits[f] = cond[f]["pred_masks"]
+            else:
+                out, logits[f] = self._run_single_frame_inference(
+                    state, output_dict, f, batch, is_init_cond_frame=False, point_inputs=None,
+                    mask_inputs=None, reverse=reverse, run_mem_encoder=True,
+                )  # fmt: skip
+                output_dict["non_cond_frame_outputs"][f] = out
+            if progress is not None:
+                progress(i + 1, len(frames))
+        return logits
 
     def _track(self, video: SAM2Video, tokens: torch.Tensor, clicks=None, progress=None) -> torch.Tensor:
         """Condition frame 0 on the seg tokens [n, k, s] (plus clicks), then track forward."""
@@ -165,29 +208,63 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
         points = None
         if clicks is not None:
             frame, coords, labels = clicks
-            points = {
-                "point_coords": (coords * self.image_size).to(self.device, torch.float32)[None],
-                "point_labels": labels.to(self.device, torch.int32)[None],
-            }
+            points = self._points(coords, labels)
         with self._seg_prompt(tokens):
             cond[0] = self._condition(state, output_dict, 0, n, points if clicks and frame == 0 else None)
         if clicks is not None and frame > 0:  # a later frame with clicks conditions the track too
             cond[frame] = self._condition(state, output_dict, frame, n, points)
+        report = None if progress is None else (lambda i, total: progress((i + 1) / (total + 1), "propagating masks"))
+        logits = {0: cond[0]["pred_masks"], **self.propagate(state, output_dict, 0, n, progress=report)}
         masks = torch.zeros(n, video.num_frames, video.height, video.width, dtype=torch.bool)
-        for f in range(video.num_frames):
-            if f in cond:
-                logits = cond[f]["pred_masks"]
-            else:
-                out, logits = self._run_single_frame_inference(
-                    state, output_dict, f, n, is_init_cond_frame=False, point_inputs=None,
-                    mask_inputs=None, reverse=False, run_mem_encoder=True,
-                )  # fmt: skip
-                output_dict["non_cond_frame_outputs"][f] = out
-            _, video_res = self._get_orig_video_res_output(state, logits.to(self.device))
-            masks[:, f] = (video_res[:, 0] > 0).cpu()
-            if progress is not None:
-                progress((f + 1) / video.num_frames, "propagating masks")
+        for f, frame_logits in logits.items():
+            masks[:, f] = self._video_masks(state, frame_logits)
         return masks
+
+    @torch.inference_mode()
+    def retrack(self, video: SAM2Video, masks: torch.Tensor, frame: int, coords: torch.Tensor, labels: torch.Tensor,
+                *, keep=(), forward: bool = True, backward: bool = True, progress=None) -> torch.Tensor:
+        """One object's track [T, H, W] bool re-run from clicks on `frame`, SAM 2's way of correcting a track.
+
+        `masks` [T, H, W] bool is the object's track so far; in a fresh SAM 2 state:
+        1. each frame of `keep` becomes a conditioning frame given the object's mask there (the
+           package's `add_new_mask`), so the object's earlier prompts keep holding it;
+        2. `frame` is conditioned on the clicks (coords [P, 2] in [0, 1] of the frame; labels [P]:
+           1 positive, 0 negative, 2 and 3 a box's corners) with the object's mask on `frame` as
+           the mask prior, as the package's `add_new_points_or_box` feeds a frame's previous mask
+           logits with new clicks; with `keep` frames it also reads their memory (a correction);
+        3. SAM 2 propagates from `frame` to the last frame (`forward`), then to the first (`backward`).
+        Frames of `keep`, and frames not visited, keep `masks` exactly.
+        """
+        state = self.init_video_state(video)
+        output_dict = state["output_dict_per_obj"][self._obj_id_to_idx(state, 0)]
+        cond = output_dict["cond_frame_outputs"]
+        size = self.image_size
+        keep = sorted(set(keep) - {frame})
+        for f in keep:
+            mask = F.interpolate(masks[f][None, None].float().to(self.device), size=(size, size), mode="bilinear",
+                                 align_corners=False, antialias=True)  # fmt: skip
+            cond[f] = self._condition(state, output_dict, f, 1, mask=(mask >= 0.5).float())
+        low = size // 4  # the size of SAM 2's mask logits (its prompt encoder's mask input)
+        prior = F.interpolate(masks[frame][None, None].float().to(self.device), size=(low, low), mode="bilinear",
+                              align_corners=False, antialias=True) * 20.0 - 10.0  # ±10: the package's mask scores
+        cond[frame] = self._condition(state, output_dict, frame, 1, self._points(coords, labels), prior=prior,
+                                      is_init=not keep)  # fmt: skip
+        passes = [p for p, on in ((False, forward), (True, backward)) if on]
+        todo = sum(video.num_frames - 1 - frame if not p else frame for p in passes) or 1
+        done = 0
+
+        def report(i, total):
+            if progress is not None:
+                progress((done + i) / todo, "propagating the refined mask")
+
+        out = masks.clone().cpu()
+        out[frame] = self._video_masks(state, cond[frame]["pred_masks"])[0]
+        for reverse in passes:
+            for f, logits in self.propagate(state, output_dict, frame, 1, reverse=reverse, progress=report).items():
+                if f not in cond:
+                    out[f] = self._video_masks(state, logits)[0]
+            done += frame if reverse else video.num_frames - 1 - frame
+        return out
 
     @torch.inference_mode()
     def segment(self, video: SAM2Video, tokens: torch.Tensor, clicks=None, progress=None) -> torch.Tensor:
