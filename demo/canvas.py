@@ -16,6 +16,7 @@ from unipixel.session import VisualPrompt
 POINT, BOX, BRUSH = "Point", "Box", "Brush"
 TOOLS = (POINT, BOX, BRUSH)
 POSITIVE, NEGATIVE = "Positive (+)", "Negative (−)"
+NEW_OBJECT, REFINE = "New object", "Refine selected"  # what the drawn prompt is for
 
 
 @dataclass

@@ -158,3 +158,41 @@ def test_the_offline_model_tracks_a_point_back_and_a_refinement_moves_the_object
     assert (refined.id, refined.color) == (obj.id, obj.color)
     assert min(_iou(refined.masks[t], b.masks[t]) for t in range(len(b.masks))) > 0.6
     assert np.mean([_iou(refined.masks[t], b.masks[t]) for t in range(len(b.masks))]) > 0.8
+
+
+# ---- the playground -----------------------------------------------------------------------------
+def test_playground_refines_the_selected_object_and_undoes_it(tiny_model):
+    from demo.canvas import NEW_OBJECT, REFINE
+    from demo.handlers import Playground, delete_state
+    from demo.layout import ASSETS
+
+    app = Playground(*tiny_model)
+    st = app.load_media(None, str(ASSETS / "moving_shapes.mp4"), 4, 8)["state"]
+    try:
+        assert app.set_edit_mode(REFINE)["refine_button"]["visible"] is True
+        assert app.set_edit_mode(NEW_OBJECT)["add_button"]["visible"] is True
+        app.set_frame(st, 1)
+        app.add_point(st, 90, 120, True)
+        app.add_object(st, "Point", None, "ball")
+        obj = st.session.bank.get(1)
+        before = obj.masks.copy()
+        with pytest.warns(UserWarning, match=r"Click the frame to refine \[1\]"):
+            assert app.refine_object(st, 1) == {}
+        app.set_frame(st, 3)
+        app.add_point(st, 90, 120, False)
+        app.add_point(st, 200, 60, True)
+        with pytest.warns(UserWarning, match=r"no object \[9\]"):
+            assert app.refine_object(st, "[9]") == {}
+        assert len(st.draft.points) == 2, "a refused refinement keeps the drawn clicks"
+        views = app.refine_object(st, "[1] ball")
+        assert st.session.bank.ids == [1] and st.session.bank.get(1) is obj and obj.name == "ball"
+        assert changed(before, obj.masks) and st.draft.empty
+        assert "[1]</span> ball" in views["chips"] and views["objects"]["value"] == 1
+        views = app.undo_refinement(st, 1)
+        assert np.array_equal(obj.masks, before) and views["objects"]["value"] == 1
+        with pytest.warns(UserWarning, match="no refinement to undo"):
+            assert app.undo_refinement(st, 1) == {}
+        with pytest.warns(UserWarning, match="Select an object first"):
+            assert app.refine_object(st, None) == {}
+    finally:
+        delete_state(st)
