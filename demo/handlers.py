@@ -456,10 +456,10 @@ class Playground:
 
     @staticmethod
     def set_edit_mode(mode):
-        """New object or refine the selected one: the matching button shows, the prompt stays."""
+        """New object or refine the selected one: the matching buttons show, the prompt stays."""
         refining = mode == REFINE
-        return {"add_button": gr.update(visible=not refining), "refine_button": gr.update(visible=refining),
-                "undo_refine_button": gr.update(visible=refining)}
+        return {"add_button": gr.update(visible=not refining), "new_name": gr.update(visible=not refining),
+                "refine_button": gr.update(visible=refining), "undo_refine_button": gr.update(visible=refining)}
 
     @user_errors
     def refine_object(self, state, object_id, progress=gr.Progress(), *, cancel=None):

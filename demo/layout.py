@@ -134,8 +134,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                     add_btn = gr.Button("Add as object", variant="primary", scale=1, elem_id="add-object")
                     refine_btn = gr.Button("Refine selected object", variant="primary", scale=1, visible=False,
                                            elem_id="refine-object")
-                    undo_refine_btn = gr.Button("Undo refinement", size="sm", scale=1, visible=False,
-                                                elem_id="undo-refine")
+                    undo_refine_btn = gr.Button("Undo refinement", scale=1, visible=False, elem_id="undo-refine")
                 with gr.Accordion("Exact coordinates or a mask file", open=False):
                     with gr.Row():
                         px = gr.Number(label="x", precision=1)
@@ -255,8 +254,8 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         on(add_btn.click, cancellable(app.add_object), [state, tool, editor, new_name],
            [*canvas_views, "editor", *bank_views, "new_name"], "add_object",
            show_progress_on=[canvas, editor, chips], **model_work)
-        on(edit_mode.change, app.set_edit_mode, [edit_mode], ["add_button", "refine_button", "undo_refine_button"],
-           "set_edit_mode")
+        on(edit_mode.change, app.set_edit_mode, [edit_mode],
+           ["add_button", "new_name", "refine_button", "undo_refine_button"], "set_edit_mode")
         on(refine_btn.click, cancellable(app.refine_object), [state, objects], [*canvas_views, *bank_views],
            "refine_object", show_progress_on=[canvas, chips], **model_work)
         on(undo_refine_btn.click, app.undo_refinement, [state, objects], bank_views, "undo_refinement")

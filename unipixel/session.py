@@ -141,7 +141,12 @@ class Session:
     def add_object(self, prompt: VisualPrompt, *, name: str | None = None, progress: Progress | None = None,
                    cancel: threading.Event | None = None):
         """Add a drawn object to the bank; points and boxes are segmented by memory pre-filling.
-        A set `cancel` stops the call and adds nothing (`CallCancelled`)."""
+
+        The model's route conditions frame 0 on the seg tokens and tracks forward (spec §4). For a
+        point or box on frame f > 0, frames before f are replaced by SAM 2 tracking backward from f,
+        where f is conditioned on the drawn clicks (or the point or box) with the model's mask on f
+        as the mask prior; frames f and later stay the model's. A set `cancel` stops the call and
+        adds nothing (`CallCancelled`)."""
         with self._one_call():
             self._check_frame(prompt.frame)
             if len(self.bank) >= self.bank.max_objects:  # refuse before any model work
