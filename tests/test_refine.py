@@ -9,7 +9,7 @@ from unipixel.errors import CallCancelled, ObjectNotFoundError, PromptError
 from unipixel.session import Session, VisualPrompt
 
 from shapes_support import SHIPPED, needs_shipped
-from test_session import PROMPTS, brush, cancel_on, session_for, video  # noqa: F401 - `video` is a fixture
+from test_session import PROMPTS, brush, cancel_on, image, session_for, video  # noqa: F401 - fixtures
 from test_zerogpu import ForkedGPU
 
 NEGATIVE = VisualPrompt("point", frame=3, points=[(55, 45, False), (70, 40, True)])
@@ -60,6 +60,15 @@ def test_earlier_refinements_keep_conditioning_the_track(tiny_model, video):
     on_three = obj.masks[3].copy()
     session.refine(obj.id, VisualPrompt("point", frame=5, points=[(90, 45, True)]))
     assert np.array_equal(obj.masks[3], on_three) and np.array_equal(obj.masks[0], brush(0).mask)
+
+
+def test_an_image_object_is_refined_on_its_one_frame(tiny_model, image):
+    session = session_for(tiny_model, image)
+    obj = session.add_object(PROMPTS["point"](0))
+    before = obj.masks.copy()
+    session.refine(obj.id, VisualPrompt("box", frame=0, box=(5, 5, 60, 50)))
+    assert obj.masks.shape == before.shape and session.can_undo_refine(obj.id)
+    assert np.array_equal(session.undo_refine(obj.id).masks, before)
 
 
 @pytest.mark.parametrize(
