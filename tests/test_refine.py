@@ -52,6 +52,18 @@ def test_undo_restores_exactly_the_masks_before_each_refinement(tiny_model, vide
     assert np.array_equal(obj.masks, first)
 
 
+def test_undo_keeps_the_last_refinements_only(tiny_model, video, monkeypatch):
+    from unipixel import session as S
+
+    monkeypatch.setattr(S, "UNDO_STEPS", 1)
+    session = session_for(tiny_model, video)
+    obj = session.add_object(PROMPTS["point"](0))
+    session.refine(obj.id, NEGATIVE)
+    second = obj.masks.copy()
+    session.refine(obj.id, VisualPrompt("point", frame=5, points=[(90, 45, True)]))
+    assert np.array_equal(session.undo_refine(obj.id).masks, second) and not session.can_undo_refine(obj.id)
+
+
 def test_earlier_refinements_keep_conditioning_the_track(tiny_model, video):
     """A second refinement on another frame keeps the first refined frame's mask (and the drawn frame's)."""
     session = session_for(tiny_model, video)

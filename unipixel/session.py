@@ -26,6 +26,7 @@ from .model import RefPrompt, mem_slots
 from .model import processing as P
 
 Runner = Callable[[object, "Progress | None"], CallResult]
+UNDO_STEPS = 16  # refinements of one object that can be undone (each keeps its masks, packed)
 _MENTION = re.compile(r"\[(\d+)\]")
 _SEG_TARGET = re.compile(r"(\[(\d+)\]\s*)?<\|seg\|>")  # an optional "[k] " naming the mask's object
 
@@ -98,7 +99,7 @@ class Session:
         self._messages: list[dict] = []
         self._mem_masks: list[PackedMasks] = []  # every `<|mem|>` of the history, in order
         self._refined: dict[int, frozenset[int]] = {}  # object id -> the frames its refinements clicked on
-        self._undo: dict[int, list[tuple[np.ndarray, frozenset[int]]]] = {}  # object id -> states before each
+        self._undo: dict[int, list[tuple[PackedMasks, frozenset[int]]]] = {}  # object id -> states before each
 
     # ---- model calls -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -187,9 +188,10 @@ class Session:
             call = RefineCall(self.media.frames, PackedMasks.pack(obj.masks), prompt.frame, coords, labels,
                               tuple(sorted(keep)))  # fmt: skip
             masks = self._run(call, progress, cancel).masks[0]
-            previous = obj.masks
             self.bank.replace_masks(object_id, masks)
-            self._undo.setdefault(object_id, []).append((previous, refined))
+            history = self._undo.setdefault(object_id, [])
+            history.append((call.masks, refined))
+            del history[:-UNDO_STEPS]
             self._refined[object_id] = refined | {prompt.frame}
             report(progress, 1.0, f"refined {obj.label}")
             return obj
@@ -202,7 +204,7 @@ class Session:
             if not history:
                 raise PromptError(f"{obj.label} has no refinement to undo")
             masks, refined = history.pop()
-            self.bank.replace_masks(object_id, masks)
+            self.bank.replace_masks(object_id, masks.unpack())
             self._refined[object_id] = refined
             return obj
 
