@@ -171,7 +171,7 @@ def _shapes_session(index: int, frame: int):
 
 @needs_shipped
 def test_the_offline_model_tracks_a_point_on_a_middle_frame_back_to_the_first():
-    """Scene 11 of the held-out stream (13 frames), a point on frame 6: the model's route alone
+    """Scene 11 of the held-out stream (12 frames), a point on frame 6: the model's route alone
     (seg tokens on frame 0, forward) loses the shape before frame 6 (IoU 0.34 on frames 0-5); tracked
     back from the prompt they get 0.95 (bench/refine.py)."""
     from unipixel.train.conversations import interior_point
