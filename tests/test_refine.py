@@ -126,7 +126,8 @@ def test_reset_forgets_refinements(tiny_model, video):
 
 def test_objects_prompted_on_a_later_frame_are_tracked_back_from_it(tiny_model, video, monkeypatch):
     """Frames from the prompted one on are the model's route (spec §4); only those before it change."""
-    tracked = {kind: session_for(tiny_model, video).add_object(PROMPTS[kind](3)).masks for kind in ("point", "points", "box")}
+    kinds = ("point", "points", "box")
+    tracked = {kind: session_for(tiny_model, video).add_object(PROMPTS[kind](3)).masks for kind in kinds}
     monkeypatch.setattr(calls, "_track_back", lambda model, video, masks, call, progress: masks)
     for kind, masks in tracked.items():
         route = session_for(tiny_model, video).add_object(PROMPTS[kind](3)).masks  # the model's route alone

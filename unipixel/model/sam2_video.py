@@ -213,7 +213,11 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             cond[0] = self._condition(state, output_dict, 0, n, points if clicks and frame == 0 else None)
         if clicks is not None and frame > 0:  # a later frame with clicks conditions the track too
             cond[frame] = self._condition(state, output_dict, frame, n, points)
-        report = None if progress is None else (lambda done, total: progress((done + 1) / (total + 1), "propagating masks"))
+
+        def report(done, total):  # frame 0 counts as done
+            if progress is not None:
+                progress((done + 1) / (total + 1), "propagating masks")
+
         logits = {0: cond[0]["pred_masks"], **self.propagate(state, output_dict, 0, n, progress=report)}
         masks = torch.zeros(n, video.num_frames, video.height, video.width, dtype=torch.bool)
         for f, frame_logits in logits.items():
