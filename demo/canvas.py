@@ -22,6 +22,7 @@ POSITIVE, NEGATIVE = "Positive (+)", "Negative (−)"
 # Long side of the pictures the canvas and viewer get. A browser column shows ~1000 px; a 12 MP frame
 # sent whole is an ~9 MB PNG per click (seconds to encode and send), at this size it is ~1/10 of that.
 DISPLAY_LONG_SIDE = 1280
+NEW_OBJECT, REFINE = "New object", "Refine selected"  # what the drawn prompt is for
 
 
 @dataclass

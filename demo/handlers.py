@@ -36,7 +36,8 @@ from unipixel.reopen import load_item_media, read_item, restore_item
 from unipixel.session import Session, TurnResult
 
 from . import gpu
-from .canvas import BOX, BRUSH, NEGATIVE, POINT, CanvasDraft, CanvasView, mask_from_editor, mask_from_image
+from .canvas import (BOX, BRUSH, NEGATIVE, POINT, REFINE, CanvasDraft, CanvasView, mask_from_editor,
+                     mask_from_image)
 from .chips import chips_html, colorize, object_choices, rgb
 from .evaluate import resolve_run
 from .expiry import IdleSweeper
@@ -549,6 +550,41 @@ class Playground:
         st.draft = CanvasDraft(frame=st.frame)
         gr.Info(f"Added {obj.label} ({obj.source}).", duration=3)
         return {**self._canvas_views(st), **self._bank_views(st, selected=obj.id), "state": st, "new_name": ""}
+
+    @staticmethod
+    def set_edit_mode(mode):
+        """New object or refine the selected one: the matching buttons show, the prompt stays."""
+        refining = mode == REFINE
+        return {"add_button": gr.update(visible=not refining), "new_name": gr.update(visible=not refining),
+                "refine_button": gr.update(visible=refining), "undo_refine_button": gr.update(visible=refining)}
+
+    @user_errors
+    def refine_object(self, state, object_id, progress=gr.Progress(), *, cancel=None):
+        """Correct the selected object with the clicks (or box) drawn on the current frame: SAM 2 re-tracks
+        it forward and backward from that frame; it keeps its id, name and color. `cancel` stops the
+        model call; the object keeps its masks."""
+        st = self._state(state)
+        session = self._need_session(st)
+        object_id = _object_id(object_id)
+        session.bank.get(object_id)  # an unknown id is refused before looking at the prompt
+        prompt = st.draft.to_prompt()
+        if prompt is None or prompt.kind == "mask":
+            raise UniPixelError(f"Click the frame to refine [{object_id}]: a positive point adds to it, a negative "
+                                "one removes from it (or draw a box around it), then press Refine.")
+        obj = self._model_call(st, cancel, lambda stop: session.refine(
+            object_id, prompt, progress=_progress(progress), cancel=stop))
+        st.draft = CanvasDraft(frame=st.frame)
+        gr.Info(f"Refined {obj.label} from frame {prompt.frame}.", duration=3)
+        return {**self._canvas_views(st, editor=False), **self._bank_views(st, selected=obj.id), "state": st}
+
+    @user_errors
+    def undo_refinement(self, state, object_id):
+        """Bring back the selected object's masks from before its last refinement."""
+        st = self._state(state)
+        object_id = _object_id(object_id)
+        obj = self._need_session(st).undo_refine(object_id)
+        gr.Info(f"Undid the last refinement of {obj.label}.", duration=3)
+        return {**self._bank_views(st, selected=object_id), "state": st}
 
     # ---- chat -------------------------------------------------------------------------------------
     def ask(self, state, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress(), *, cancel=None):

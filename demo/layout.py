@@ -15,7 +15,7 @@ from gradio.context import LocalContext
 from unipixel.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from unipixel.memory import color_for
 
-from .canvas import NEGATIVE, POINT, POSITIVE, TOOLS
+from .canvas import NEGATIVE, NEW_OBJECT, POINT, POSITIVE, REFINE, TOOLS
 from .chips import CHIPS_CSS, STATUS_CSS, chips_html, status_html
 from .handlers import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES, Playground, PlaygroundState, brush, delete_state
 from .timeline import TIMELINE_CSS, TIMELINE_JS
@@ -118,6 +118,9 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                     tool = gr.Radio(list(TOOLS), value=POINT, label="Tool", elem_id="tool")
                     polarity = gr.Radio([POSITIVE, NEGATIVE], value=POSITIVE, label="Point",
                                         elem_id="polarity")
+                # A prompt makes a new object, or corrects the object selected in the memory bank.
+                edit_mode = gr.Radio([NEW_OBJECT, REFINE], value=NEW_OBJECT, label="The prompt is for",
+                                     elem_id="edit-mode")
                 canvas = gr.Image(label="Canvas: the objects on this frame; click to prompt", interactive=False,
                                   type="numpy", format=VIEW_FORMAT, elem_id="canvas", buttons=[])
                 editor = gr.ImageEditor(
@@ -144,6 +147,9 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                 with gr.Row():
                     new_name = gr.Textbox(label="Name (optional)", placeholder="e.g. red ball", scale=2)
                     add_btn = gr.Button("Add as object", variant="primary", scale=1, elem_id="add-object")
+                    refine_btn = gr.Button("Refine selected object", variant="primary", scale=1, visible=False,
+                                           elem_id="refine-object")
+                    undo_refine_btn = gr.Button("Undo refinement", scale=1, visible=False, elem_id="undo-refine")
                 with gr.Accordion("Exact coordinates or a mask file", open=False):
                     with gr.Row():
                         px = gr.Number(label="x", precision=1)
@@ -200,6 +206,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
             "viewer": viewer, "video": video, "chips": chips, "objects": objects, "name": name,
             "toggle": toggle_btn, "chat": chatbot, "question": question, "media_info": media_info,
             "tool": tool, "polarity": polarity, "new_name": new_name, "timeline": timeline, "playback": playback,
+            "add_button": add_btn, "refine_button": refine_btn, "undo_refine_button": undo_refine_btn,
             "dl_overlay": dl_overlay, "dl_masks": dl_masks, "dl_rle": dl_rle, "dl_bank": dl_bank,
         }
         canvas_views = ["state", "canvas", "draft", "viewer"]
@@ -275,6 +282,11 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         on(add_btn.click, cancellable(app.add_object), [state, tool, editor, new_name],
            [*canvas_views, "editor", *bank_views, "new_name"], "add_object",
            show_progress_on=[canvas, editor, chips], **model_work)
+        on(edit_mode.change, app.set_edit_mode, [edit_mode],
+           ["add_button", "new_name", "refine_button", "undo_refine_button"], "set_edit_mode")
+        on(refine_btn.click, cancellable(app.refine_object), [state, objects], [*canvas_views, *bank_views],
+           "refine_object", show_progress_on=[canvas, chips], **model_work)
+        on(undo_refine_btn.click, app.undo_refinement, [state, objects], bank_views, "undo_refinement")
         asking = [send_btn.click, question.submit]
         gr.on(asking, lambda: gr.update(visible=True), outputs=stop_btn, queue=False, api_visibility="private")
         on(asking, cancellable(app.ask_stream), [state, question, max_new_tokens],

@@ -148,6 +148,20 @@ class MaskCall:
 
 
 @dataclass
+class RefineCall:
+    """SAM 2 clicks (or a box) on one frame correcting one object's track, which is then propagated
+    forward and backward from that frame (`PixelSAM2VideoPredictor.retrack`)."""
+
+    frames: np.ndarray
+    masks: PackedMasks  # the object's track [T, H, W] so far
+    frame: int
+    coords: torch.Tensor  # [P, 2] in [0, 1] of the frame
+    labels: torch.Tensor  # [P]: 1 positive, 0 negative, 2 and 3 a box's corners
+    keep: tuple[int, ...] = ()  # frames whose masks keep conditioning the track (earlier prompts)
+    cache: MediaCache | None = None
+
+
+@dataclass
 class AskCall:
     """One generated answer to the last user message of the chat in `inputs`."""
 
@@ -253,7 +267,32 @@ def _segment_object(model, processor, call: ObjectCall, progress) -> CallResult:
                                    lambda f, t: report(progress, 0.6 + 0.4 * f, t))  # fmt: skip
         return CallResult(masks, cache, tracks=tracks)
     masks = model.decode_seg_masks(out.seg_hidden, cache.sam2, clicks=[call.clicks])
+    frame = call.ref.frame
+    if frame > 0:
+        masks[0, :frame] = _track_back(model, cache.sam2, masks[0], call, progress)[:frame]
     return CallResult(masks.numpy(), cache)
+
+
+def _track_back(model, video: SAM2Video, masks: torch.Tensor, call: ObjectCall, progress) -> torch.Tensor:
+    """The playground's addition to the model's route (spec §4: the seg tokens condition frame 0, SAM 2
+    tracks forward) for a prompt on frame f > 0: SAM 2 conditioned on f by the drawn clicks (or the
+    `<|ref|>` point or box) with the model's mask on f as the mask prior, tracked backward to frame 0."""
+    if call.clicks is not None:
+        _, coords, labels = call.clicks
+    else:
+        coords, labels = call.ref.coords / model.config.sam2_image_size, call.ref.labels
+    report(progress, 0.8, "tracking back from the prompted frame")
+    return model.retrack(video, masks, call.ref.frame, coords, labels, forward=False,
+                         progress=lambda f, t: report(progress, 0.8 + 0.2 * f, t))  # fmt: skip
+
+
+def _refine(model, processor, call: RefineCall, progress) -> CallResult:
+    cache = media_cache(model, processor, call.frames, call.cache, progress)
+    report(progress, 0.2, "refining the mask")
+    masks = torch.from_numpy(call.masks.unpack())
+    masks = model.retrack(cache.sam2, masks, call.frame, call.coords, call.labels, keep=call.keep,
+                          progress=lambda f, t: report(progress, 0.2 + 0.8 * f, t))  # fmt: skip
+    return CallResult(masks[None].numpy(), cache)
 
 
 def _track_mask(model, processor, call: MaskCall, progress) -> CallResult:
@@ -306,8 +345,11 @@ def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | N
     return CallResult(masks, cache, text, stopped=stopper is not None and stopper.fired, tracks=tracks)
 
 
-def run_call(model, processor, call: ObjectCall | AskCall | MaskCall, progress: Progress | None = None, *,
-             on_text: TextCallback | None = None, stop: Callable[[], bool] | None = None) -> CallResult:
+_WORK = {ObjectCall: _segment_object, MaskCall: _track_mask, RefineCall: _refine}
+
+
+def run_call(model, processor, call: ObjectCall | MaskCall | RefineCall | AskCall, progress: Progress | None = None,
+             *, on_text: TextCallback | None = None, stop: Callable[[], bool] | None = None) -> CallResult:
     """Run one call on `model`, never at the same time as another call on it.
 
     For an AskCall, `on_text` receives the answer so far at each token that changes it, and a true
@@ -315,5 +357,4 @@ def run_call(model, processor, call: ObjectCall | AskCall | MaskCall, progress: 
     with model_lock(model), torch.inference_mode():
         if isinstance(call, AskCall):
             return _answer(model, processor, call, progress, on_text, stop)
-        work = _segment_object if isinstance(call, ObjectCall) else _track_mask
-        return work(model, processor, call, progress)
+        return _WORK[type(call)](model, processor, call, progress)

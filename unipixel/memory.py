@@ -226,6 +226,12 @@ class ObjectMemoryBank:
         obj.name = _clean_name(name)
         return obj
 
+    def replace_masks(self, object_id: int, masks: np.ndarray) -> MemoryObject:
+        """New masks for an object (a refinement); its id, name and color stay."""
+        obj = self.get(object_id)
+        obj.masks = self._validate_masks(masks)
+        return obj
+
     def delete(self, object_id: int) -> MemoryObject:
         obj = self.get(object_id)
         del self._objects[object_id]

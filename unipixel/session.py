@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from .cache_budget import CacheBudget
-from .calls import (AskCall, CallResult, MaskCall, MediaCache, ObjectCall, PackedMasks, Progress, TextCallback, report,
-                    run_call)
+from .calls import (AskCall, CallResult, MaskCall, MediaCache, ObjectCall, PackedMasks, Progress, RefineCall,
+                    TextCallback, report, run_call)
 from .errors import CallCancelled, PromptError, SessionBusyError, TooManyObjectsError
 from .media import DEFAULT_MAX_TRACKED_FRAMES, Media, TrackPlan, track_plan
 from .memory import MemoryObject, ObjectMemoryBank
@@ -27,6 +27,7 @@ from .model import RefPrompt, cell_slots, mem_slot_cells
 from .model import processing as P
 
 Runner = Callable[[object, "Progress | None"], CallResult]
+UNDO_STEPS = 16  # refinements of one object that can be undone (each keeps its masks, packed)
 _MENTION = re.compile(r"\[(\d+)\]")
 _SEG_TARGET = re.compile(r"(\[(\d+)\]\s*)?<\|seg\|>")  # an optional "[k] " naming the mask's object
 SEG_PENDING = "[…]"  # a `<|seg|>` of an answer still being written: its object exists once the answer ends
@@ -110,6 +111,8 @@ class Session:
         self._lock = threading.RLock()
         self._messages: list[dict] = []
         self._mem_cells: list[torch.Tensor] = []  # `mem_slot_cells` of every `<|mem|>` object of the history
+        self._refined: dict[int, frozenset[int]] = {}  # object id -> the frames its refinements clicked on
+        self._undo: dict[int, list[tuple[PackedMasks, frozenset[int]]]] = {}  # object id -> states before each
         # Which source frames SAM 2 tracks; None: the sampled frames only (an image has nothing more).
         self.track_plan: TrackPlan | None = (
             track_plan(media, max_tracked_frames) if track_source_frames and media.is_video else None
@@ -163,7 +166,12 @@ class Session:
     def add_object(self, prompt: VisualPrompt, *, name: str | None = None, progress: Progress | None = None,
                    cancel: threading.Event | None = None):
         """Add a drawn object to the bank; points and boxes are segmented by memory pre-filling.
-        A set `cancel` stops the call and adds nothing (`CallCancelled`)."""
+
+        The model's route conditions frame 0 on the seg tokens and tracks forward (spec §4). For a
+        point or box on frame f > 0, frames before f are replaced by SAM 2 tracking backward from f,
+        where f is conditioned on the drawn clicks (or the point or box) with the model's mask on f
+        as the mask prior; frames f and later stay the model's. A set `cancel` stops the call and
+        adds nothing (`CallCancelled`)."""
         with self._one_call():
             self._check_frame(prompt.frame)
             if len(self.bank) >= self.bank.max_objects:  # refuse before any model work
@@ -186,6 +194,51 @@ class Session:
             obj = self.bank.add(masks, prompt.kind, name=name, source_frame=prompt.frame, track=track)
             report(progress, 1.0, f"added {obj.label}")
             return obj
+
+    def refine(self, object_id: int, prompt: VisualPrompt, *, progress: Progress | None = None,
+               cancel: threading.Event | None = None) -> MemoryObject:
+        """Correct an object's track with clicks (positive adds, negative removes) or a box on any frame.
+
+        SAM 2 is conditioned on that frame by the clicks with the object's mask there as the prior,
+        keeps the object's earlier prompts (the frame it was drawn on, frame 0 for an answer's
+        object, earlier refinements) as conditioning frames holding their masks, and re-tracks the
+        object forward and backward from the frame. The object keeps its id, name and color; its
+        masks are replaced whole or not at all (a set `cancel` raises `CallCancelled`, nothing
+        changes). `undo_refine` brings the previous masks back.
+        """
+        with self._one_call():
+            obj = self.bank.get(object_id)  # ObjectNotFoundError names the known ids
+            self._check_frame(prompt.frame)
+            if prompt.kind not in ("point", "box"):
+                raise PromptError(f"refine an object with clicks or a box, not a {prompt.kind!r} prompt")
+            coords, labels = self._sam_clicks(prompt)
+            refined = self._refined.get(object_id, frozenset())
+            keep = ({0 if obj.source_frame is None else obj.source_frame} | refined) - {prompt.frame}
+            call = RefineCall(self.media.frames, PackedMasks.pack(obj.masks), prompt.frame, coords, labels,
+                              tuple(sorted(keep)))  # fmt: skip
+            masks = self._run(call, progress, cancel).masks[0]
+            self.bank.replace_masks(object_id, masks)
+            history = self._undo.setdefault(object_id, [])
+            history.append((call.masks, refined))
+            del history[:-UNDO_STEPS]
+            self._refined[object_id] = refined | {prompt.frame}
+            report(progress, 1.0, f"refined {obj.label}")
+            return obj
+
+    def undo_refine(self, object_id: int) -> MemoryObject:
+        """Bring back an object's masks from before its last refinement."""
+        with self._one_call():
+            obj = self.bank.get(object_id)
+            history = self._undo.get(object_id)
+            if not history:
+                raise PromptError(f"{obj.label} has no refinement to undo")
+            masks, refined = history.pop()
+            self.bank.replace_masks(object_id, masks.unpack())
+            self._refined[object_id] = refined
+            return obj
+
+    def can_undo_refine(self, object_id: int) -> bool:
+        return bool(self._undo.get(object_id))
 
     def _check_frame(self, frame: int) -> None:
         if not 0 <= frame < self.media.num_frames:
@@ -214,11 +267,24 @@ class Session:
         ref = RefPrompt.from_pixels(prompt.frame, h, w, size, point=positives[0])
         if len(prompt.points) == 1:
             return ref, None
-        for x, y, _ in prompt.points:
-            RefPrompt.from_pixels(prompt.frame, h, w, size, point=(x, y))  # validates the click
-        coords = torch.tensor([(x / w, y / h) for x, y, _ in prompt.points], dtype=torch.float32)
-        labels = torch.tensor([int(positive) for _, _, positive in prompt.points])
-        return ref, (prompt.frame, coords, labels)
+        return ref, (prompt.frame, *self._sam_clicks(prompt))
+
+    def _sam_clicks(self, prompt: VisualPrompt) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2 clicks of a point or box prompt: coords [P, 2] in [0, 1], labels [P] (1 positive,
+        0 negative, 2 and 3 a box's corners), each checked to lie on the frame."""
+        h, w, size = self.media.height, self.media.width, self.model.config.sam2_image_size
+        if prompt.kind == "box":
+            if prompt.box is None:
+                raise PromptError("a box prompt needs two corners: draw the box first")
+            RefPrompt.from_pixels(prompt.frame, h, w, size, box=tuple(prompt.box))  # validates the box
+            xy, labels = [prompt.box[:2], prompt.box[2:]], [2, 3]
+        else:
+            if not prompt.points:
+                raise PromptError("click on the object first: a positive click adds to it, a negative one removes")
+            for x, y, _ in prompt.points:
+                RefPrompt.from_pixels(prompt.frame, h, w, size, point=(x, y))  # validates the click
+            xy, labels = [(x, y) for x, y, _ in prompt.points], [int(positive) for _, _, positive in prompt.points]
+        return torch.tensor([(x / w, y / h) for x, y in xy], dtype=torch.float32), torch.tensor(labels)
 
     # ---- questions -----------------------------------------------------------------------------
     def ask(self, text: str, *, progress: Progress | None = None, cancel: threading.Event | None = None,
@@ -353,6 +419,8 @@ class Session:
         """Forget the chat and the objects; keep what was computed for the media."""
         with self._lock:
             self.bank.clear()
+            self._refined.clear()
+            self._undo.clear()
             self.turns.clear()
             self._messages.clear()
             self._mem_cells = []

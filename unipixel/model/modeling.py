@@ -210,6 +210,12 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         weights, SAM 2 (float32 weights) runs in float32."""
         return self._autocast(self.dtype == torch.bfloat16)
 
+    def retrack(self, video: SAM2Video, masks: torch.Tensor, frame: int, coords: torch.Tensor, labels: torch.Tensor,
+                **kwargs) -> torch.Tensor:
+        """One object's track [T, H, W] re-run from SAM 2 clicks on `frame` (`PixelSAM2VideoPredictor.retrack`)."""
+        with self._autocast(self.dtype == torch.bfloat16):  # as in `decode_seg_masks`
+            return self.sam2.retrack(video, masks, frame, coords, labels, **kwargs)
+
     def _on_device(self, x):
         """The processor makes its tensors on the host; the model may be on a GPU."""
         return x.to(self.device) if isinstance(x, torch.Tensor) else x

@@ -190,11 +190,14 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             inference_state["cached_features"] = {frame_idx: cache[key]}
         return super()._get_image_feature(inference_state, frame_idx, batch_size)
 
-    def _condition(self, state: dict, output_dict: dict, frame: int, prompt: TrackPrompt) -> dict:
-        """Prompted output of an initial conditioning frame, with its memory encoded.
+    def _condition(self, state: dict, output_dict: dict, frame: int, prompt: TrackPrompt, *, prior=None,
+                   is_init: bool = True) -> dict:
+        """Prompted output of a conditioning frame, with its memory encoded.
 
         Same steps as the package's `add_new_points_or_box` / `add_new_mask` followed by
-        `propagate_in_video_preflight`.
+        `propagate_in_video_preflight`. `prior`: mask logits fed with the points, as the package
+        feeds a frame's previous logits with new clicks; `is_init=False` reads the memory of the
+        conditioning frames already in `output_dict` (a correction of a tracked frame).
         """
         points = masks = None
         if prompt.points is not None:
@@ -214,11 +217,12 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
                 output_dict=output_dict,
                 frame_idx=frame,
                 batch_size=prompt.num_objects,
-                is_init_cond_frame=True,
+                is_init_cond_frame=is_init,
                 point_inputs=points,
                 mask_inputs=masks,
                 reverse=False,
                 run_mem_encoder=False,
+                prev_sam_mask_logits=prior,
             )
         high_res = F.interpolate(
             out["pred_masks"].to(self.device), size=(self.image_size,) * 2, mode="bilinear", align_corners=False
@@ -272,8 +276,7 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
                     )  # fmt: skip
                     memory[f] = out
                     memory.pop(f + window if reverse else f - window, None)  # out of every later frame's reach
-                _, video_res = self._get_orig_video_res_output(state, logits.to(self.device))
-                yield f, (video_res[:, 0] > 0).cpu()
+                yield f, self._video_masks(state, logits)
                 done += 1
                 if progress is not None:
                     progress(done / total, "propagating masks")
@@ -287,6 +290,37 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             masks[:, f] = frame_masks
         return masks
 
+    def _video_masks(self, state: dict, logits: torch.Tensor) -> torch.Tensor:
+        """SAM 2 logits [n, 1, h, w] -> [n, H, W] bool masks at the media's resolution."""
+        _, video_res = self._get_orig_video_res_output(state, logits.to(self.device))
+        return (video_res[:, 0] > 0).cpu()
+
+    def propagate(self, state: dict, output_dict: dict, start: int, batch: int, *, reverse: bool = False,
+                  progress=None) -> dict[int, torch.Tensor]:
+        """Track from frame `start` to the last frame (`reverse`: to frame 0), start excluded.
+
+        As the package's `propagate_in_video` from `start`: each visited frame that is a conditioning
+        frame keeps its output; any other is predicted from SAM 2's memory (every conditioning frame,
+        plus the latest frames on the side it comes from, `reverse` picking that side) and stored as
+        a non-conditioning output, replacing one an earlier pass left there. Returns the mask logits
+        [batch, 1, h, w] of each visited frame, in visiting order; `progress(i, n)` after each.
+        """
+        cond = output_dict["cond_frame_outputs"]
+        frames = range(start - 1, -1, -1) if reverse else range(start + 1, state["num_frames"])
+        logits = {}
+        for i, f in enumerate(frames):
+            if f in cond:
+                logits[f] = cond[f]["pred_masks"]
+            else:
+                out, logits[f] = self._run_single_frame_inference(
+                    state, output_dict, f, batch, is_init_cond_frame=False, point_inputs=None,
+                    mask_inputs=None, reverse=reverse, run_mem_encoder=True,
+                )  # fmt: skip
+                output_dict["non_cond_frame_outputs"][f] = out
+            if progress is not None:
+                progress(i + 1, len(frames))
+        return logits
+
     @staticmethod
     def seg_prompts(tokens: torch.Tensor, clicks=None) -> dict[int, TrackPrompt]:
         """The conditioning of a `<|seg|>` track (spec §4): the seg tokens [n, k, s] prompt frame 0;
@@ -298,6 +332,49 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
         if frame == 0:
             return {0: TrackPrompt(tokens=tokens, points=(coords, labels))}
         return {0: TrackPrompt(tokens=tokens), frame: TrackPrompt(points=(coords, labels))}
+
+    @torch.inference_mode()
+    def retrack(self, video: SAM2Video, masks: torch.Tensor, frame: int, coords: torch.Tensor, labels: torch.Tensor,
+                *, keep=(), forward: bool = True, backward: bool = True, progress=None) -> torch.Tensor:
+        """One object's track [T, H, W] bool re-run from clicks on `frame`, SAM 2's way of correcting a track.
+
+        `masks` [T, H, W] bool is the object's track so far; in a fresh SAM 2 state:
+        1. each frame of `keep` becomes a conditioning frame given the object's mask there (the
+           package's `add_new_mask`), so the object's earlier prompts keep holding it;
+        2. `frame` is conditioned on the clicks (coords [P, 2] in [0, 1] of the frame; labels [P]:
+           1 positive, 0 negative, 2 and 3 a box's corners) with the object's mask on `frame` as
+           the mask prior, as the package's `add_new_points_or_box` feeds a frame's previous mask
+           logits with new clicks; with `keep` frames it also reads their memory (a correction);
+        3. SAM 2 propagates from `frame` to the last frame (`forward`), then to the first (`backward`).
+        Frames of `keep`, and frames not visited, keep `masks` exactly.
+        """
+        state = self.init_video_state(video)
+        output_dict = state["output_dict_per_obj"][self._obj_id_to_idx(state, 0)]
+        cond = output_dict["cond_frame_outputs"]
+        keep = sorted(set(keep) - {frame})
+        for f in keep:
+            cond[f] = self._condition(state, output_dict, f, TrackPrompt(mask=masks[f][None]))
+        low = self.image_size // 4  # the size of SAM 2's mask logits (its prompt encoder's mask input)
+        prior = F.interpolate(masks[frame][None, None].float().to(self.device), size=(low, low), mode="bilinear",
+                              align_corners=False, antialias=True) * 20.0 - 10.0  # ±10: the package's mask scores
+        cond[frame] = self._condition(state, output_dict, frame, TrackPrompt(points=(coords, labels)), prior=prior,
+                                      is_init=not keep)  # fmt: skip
+        passes = [p for p, on in ((False, forward), (True, backward)) if on]
+        todo = sum(video.num_frames - 1 - frame if not p else frame for p in passes) or 1
+        done = 0
+
+        def report(i, total):
+            if progress is not None:
+                progress((done + i) / todo, "propagating the refined mask")
+
+        out = masks.clone().cpu()
+        out[frame] = self._video_masks(state, cond[frame]["pred_masks"])[0]
+        for reverse in passes:
+            for f, logits in self.propagate(state, output_dict, frame, 1, reverse=reverse, progress=report).items():
+                if f not in cond:
+                    out[f] = self._video_masks(state, logits)[0]
+            done += frame if reverse else video.num_frames - 1 - frame
+        return out
 
     @torch.inference_mode()
     def segment(self, video: SAM2Video, tokens: torch.Tensor, clicks=None, progress=None) -> torch.Tensor:

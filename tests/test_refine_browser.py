@@ -1,0 +1,74 @@
+"""Refining an object in a real browser (Debian chromium through Playwright), on the tiny offline model."""
+from __future__ import annotations
+
+import pytest
+
+from test_browser import (  # noqa: F401 - `browser` and `url` are fixtures
+    CHROMIUM,
+    add_object,
+    browser,
+    click_canvas,
+    idle,
+    load_example,
+    open_page,
+    url,
+    viewer_src,
+)
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not __import__("pathlib").Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing"),
+]
+
+
+def set_frame(page, frame: int) -> None:
+    number = page.locator("#frame-slider input[type=number]")
+    number.fill(str(frame))
+    number.press("Enter")
+    idle(page)
+
+
+def video_src(page) -> str:
+    return page.locator("#overlay-video video").first.get_attribute("src")
+
+
+def test_refine_the_selected_object_on_a_later_frame_and_undo(browser, url, tmp_path):
+    context, page = open_page(browser, url)
+    try:
+        load_example(page, "Video · ask about a clicked ball [1]")
+        page.wait_for_function("document.querySelector('#draft').innerText.includes('1 positive')")
+        add_object(page, 1)
+        set_frame(page, 5)
+        tracked = viewer_src(page)
+        assert page.locator("#refine-object").count() == 0 or not page.locator("#refine-object").is_visible()
+
+        page.locator("#edit-mode label:has-text('Refine selected')").click()
+        page.locator("#refine-object").wait_for(state="visible")
+        assert not page.locator("#add-object").is_visible(), "one primary action at a time"
+        page.locator("#polarity label:has-text('Negative')").click()
+        click_canvas(page, 0.28, 0.83)
+        page.locator("#polarity label:has-text('Positive')").click()
+        click_canvas(page, 0.8, 0.3)
+        page.wait_for_function("document.querySelector('#draft').innerText.includes('1 negative')")
+        page.screenshot(path=tmp_path / "1_refine_clicks.png", full_page=True)
+
+        page.locator("#refine-object").click()
+        page.get_by_text("Refined [1] from frame 5.").wait_for()
+        idle(page)
+        refined = viewer_src(page)
+        assert refined != tracked
+        refined_video = video_src(page)
+        assert page.locator("#chips .up-chip").count() == 1, "a refinement makes no new object"
+        assert "1 negative" not in page.locator("#draft").inner_text(), "the clicks were used up"
+        page.screenshot(path=tmp_path / "2_refined.png", full_page=True)
+
+        page.locator("#undo-refine").click()
+        page.get_by_text("Undid the last refinement of [1].").wait_for()
+        idle(page)
+        assert viewer_src(page) != refined
+        page.wait_for_function(f"document.querySelector('#overlay-video video')?.src !== {refined_video!r}")
+        page.screenshot(path=tmp_path / "3_undone.png", full_page=True)
+        page.locator("#undo-refine").click()
+        page.get_by_text("[1] has no refinement to undo").wait_for()
+    finally:
+        context.close()
