@@ -1,8 +1,9 @@
 """Event handlers: each takes the per-session state and widget values, calls the library, and
 returns a dict from view names to new values (names the layout does not list stay unchanged).
 
-Library errors are the user's to fix (a bad prompt, an unknown id): they become a gr.Warning and
-the session stays as it was. A file that cannot be loaded raises gr.Error, so API clients see it too.
+Library errors are the user's to fix (a bad prompt, an unknown id, a file that cannot be loaded):
+they raise gr.Error, which the browser shows as a toast and gradio_client raises with the same
+message; the session stays as it was.
 """
 from __future__ import annotations
 
@@ -109,19 +110,23 @@ def return_memory() -> None:
 
 
 def user_errors(fn):
-    """Turn the library's errors into a warning toast; the state is returned unchanged (no update)."""
+    """Turn the library's errors into gr.Error: a toast in the browser, an exception with the same
+    message for API clients. Handlers check before they change anything, so the session stays as it was."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MediaError:
-            raise
         except UniPixelError as err:
-            gr.Warning(str(err))
-            return {}
+            raise user_error(err) from err
 
     return wrapper
+
+
+def user_error(err: UniPixelError) -> gr.Error:
+    # The user's mistake, not the server's: no traceback in the log.
+    return gr.Error(str(err), title="Cannot load this file" if isinstance(err, MediaError) else "Error",
+                    print_exception=False)
 
 
 def _progress(progress) -> Any:
@@ -278,7 +283,7 @@ class Playground:
             num_frames = _count(num_frames, "Frames to sample", DEFAULT_NUM_FRAMES)
             _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
         except UniPixelError as err:
-            raise gr.Error(str(err)) from err
+            raise user_error(err) from err
         key = _file_key(path, num_frames)
         if st.session is not None and key == st.media_key:
             return None, key  # the same media again (e.g. its example picked twice): keep the session
@@ -286,9 +291,9 @@ class Playground:
         try:
             return load_media(path, num_frames=num_frames), key
         except MediaError as err:
-            raise gr.Error(str(err), title="Cannot load this file") from err
+            raise user_error(err) from err
         except ValueError as err:  # a bad setting, e.g. frames to sample < 1
-            raise gr.Error(str(err)) from err
+            raise gr.Error(str(err), print_exception=False) from err
 
     def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens) -> dict:
         """Replace the session's media: a call still running for the old one commits nothing."""

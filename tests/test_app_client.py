@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app as app_module
@@ -33,14 +34,7 @@ def call(client: Client, api_name: str, *args) -> dict:
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]
     labels = [r["label"] for r in info["returns"]]
     result = result if isinstance(result, tuple) else (result,)
-    # An endpoint that only warned returns "no update" for every output: report it as nothing.
-    return {} if all(map(unchanged, result)) else dict(zip(labels, result))
-
-
-def unchanged(value) -> bool:
-    """gr.skip() as the client receives it."""
-    return value is None or (isinstance(value, dict) and value.get("__type__") == "update"
-                             and set(value) <= {"__type__", "props"})
+    return dict(zip(labels, result))
 
 
 def test_parse_args_defaults_and_flags():
@@ -99,7 +93,8 @@ def test_client_upload_point_object_ask_and_download(server):
     # A second client is another browser session: it sees none of the first one's objects or chat.
     other = Client(server[1], verbose=False)
     call(other, "/load_media", handle_file(IMAGE), 16, TOKENS)
-    assert call(other, "/delete_object", 1) == {}  # unknown there: a warning, nothing changes
+    with pytest.raises(AppError, match=r"There is no object \[1\]"):  # unknown there: nothing changes
+        call(other, "/delete_object", 1)
     out = call(other, "/show_all")
     assert "No objects yet" in out["Memory bank"]
     assert "[1]</span> red ball" in call(client, "/show_all")["Memory bank"]
@@ -126,3 +121,28 @@ def test_bad_upload_is_an_error_and_the_session_survives(server, tmp_path):
     with pytest.raises(Exception, match="broken.mp4"):
         client.predict(handle_file(str(bad)), 16, TOKENS, api_name="/load_media")
     assert "[1]</span>" in call(client, "/solo_object", 1)["Memory bank"]  # object [1] is still there
+
+
+@pytest.mark.parametrize("api_name, args, message", [
+    ("/ask", ("What is [99]?", TOKENS), "There is no object [99]; known objects: [1]."),  # a model call
+    ("/ask", ("   ", TOKENS), "the question is empty: type a question or an instruction"),
+    ("/add_object", ("Point", None, ""), "Nothing is drawn yet: click the object (or two corners of a box), "
+                                         "then press Add as object."),
+    ("/add_point", (999, 5, True), "(999, 5) is outside the 320x240 frame."),  # a canvas action
+    ("/set_frame", ("inf",), "The frame must be a finite number, not 'inf'."),
+    ("/rename_object", (99, "x"), "There is no object [99]; known objects: [1]."),  # a bank action
+    ("/solo_object", ("abc",), "'abc' is not an object id; use a whole number such as 1 or [1]."),
+    ("/delete_object", (99,), "There is no object [99]; known objects: [1]."),
+    ("/load_example_media", (handle_file(IMAGE), "q", "nan,1", 16, TOKENS), "The example point's x must be a finite number, "
+                                                              "not 'nan'."),  # media
+])
+def test_user_errors_reach_api_clients_with_the_toast_message(server, api_name, args, message):
+    client = Client(server[1], verbose=False)
+    call(client, "/load_media", handle_file(IMAGE), 16, TOKENS)
+    call(client, "/add_point", 80, 90, True)
+    call(client, "/add_object", "Point", None, "ball")
+    with pytest.raises(AppError) as caught:
+        client.predict(*args, api_name=api_name)
+    assert caught.value.message == message
+    out = call(client, "/show_all")  # the session is as it was
+    assert out["Object"]["choices"] == [["[1] ball", 1]] and "[1]</span> ball" in out["Memory bank"]
