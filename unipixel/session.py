@@ -7,6 +7,7 @@ Everything computed for the media (vision tokens, SAM 2 frame features) is compu
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import re
 import threading
@@ -21,7 +22,7 @@ from .cache_budget import CacheBudget
 from .calls import AskCall, CallResult, MediaCache, ObjectCall, PackedMasks, Progress, report, run_call
 from .errors import CallCancelled, PromptError, SessionBusyError, TooManyObjectsError
 from .media import Media
-from .memory import MemoryObject, ObjectMemoryBank
+from .memory import MemoryObject, ObjectMemoryBank, rle_decode, rle_encode
 from .model import RefPrompt, mem_slots
 from .model import processing as P
 
@@ -273,6 +274,64 @@ class Session:
             self.turns.clear()
             self._messages.clear()
             self._mem_masks = []
+
+    # ---- save and resume -------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything needed to go on with this conversation, JSON-ready (masks as COCO RLE): the bank,
+        the turns, and the model's own history (messages and the masks behind each `<|mem|>`).
+        The media is not included; `from_state` takes it again."""
+        with self._lock:
+            return {
+                "version": 1,
+                "max_new_tokens": self.max_new_tokens,
+                "bank": self.bank.to_json(),
+                "turns": [
+                    {"question": t.question, "answer": t.answer, "raw_answer": t.raw_answer, "seconds": t.seconds,
+                     "targets": [[g.object_id, g.start, g.end] for g in t.targets],
+                     "new_objects": [o.id for o in t.new_objects]}
+                    for t in self.turns
+                ],
+                "messages": copy.deepcopy(self._messages),
+                "mem_masks": [_rle_stack(packed.unpack()) for packed in self._mem_masks],
+            }
+
+    @classmethod
+    def from_state(cls, model, processor, media: Media, state: dict, **kwargs) -> Session:
+        """A session on `media` that goes on where `state` (from `Session.state`) stopped; the same
+        [id]s name the same objects. `kwargs` as for `Session` (max_new_tokens defaults to the saved one)."""
+        try:
+            bank = ObjectMemoryBank.from_json(state["bank"])
+            mem_masks = [PackedMasks.pack(_unrle_stack(m)) for m in state["mem_masks"]]
+            session = cls(model, processor, media, **{"max_new_tokens": state["max_new_tokens"], **kwargs})
+            expected = (media.num_frames, media.height, media.width)
+            for masks in [*(o.masks for o in bank), *(m.unpack() for m in mem_masks)]:
+                if tuple(masks.shape) != expected:
+                    raise PromptError(f"the saved masks are {'x'.join(map(str, masks.shape))} but this media has "
+                                      f"{'x'.join(map(str, expected))} (frames x height x width): open it with the "
+                                      "same media and frame count")
+            bank.max_objects = session.bank.max_objects  # this server's limit, not the saving one's
+            session.bank, session._mem_masks = bank, mem_masks
+            session._messages = copy.deepcopy(state["messages"])
+            session.turns = [
+                TurnResult(t["question"], t["answer"], t["raw_answer"], [Target(*g) for g in t["targets"]],
+                           [bank.get(i) for i in t["new_objects"] if i in bank], t["seconds"])
+                for t in state["turns"]
+            ]
+        except (KeyError, TypeError, ValueError) as err:
+            raise PromptError(f"the saved session is incomplete or damaged ({type(err).__name__}: {err})") from err
+        return session
+
+
+def _rle_stack(masks: np.ndarray) -> dict:
+    """Masks of any leading shape [..., H, W] as one RLE per [H, W] plane."""
+    planes = masks.reshape(-1, *masks.shape[-2:])
+    return {"shape": list(masks.shape), "rle": [rle_encode(plane) for plane in planes]}
+
+
+def _unrle_stack(data: dict) -> np.ndarray:
+    shape = tuple(data["shape"])
+    planes = [rle_decode(r) for r in data["rle"]]
+    return np.stack(planes).reshape(shape) if planes else np.zeros(shape, bool)
 
 
 def _cancelled() -> CallCancelled:
