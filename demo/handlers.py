@@ -31,6 +31,7 @@ from unipixel.media import Media, load_media
 from unipixel.memory import color_for
 from unipixel.render import overlay_frame
 from unipixel.session import Session
+from unipixel.session_file import open_session, save_session
 
 from . import gpu
 from .canvas import BOX, BRUSH, NEGATIVE, POINT, CanvasDraft, mask_from_editor, mask_from_image
@@ -39,6 +40,7 @@ from .expiry import IdleSweeper
 
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_MAX_NEW_TOKENS = 512
+DOWNLOADS = ("overlay", "masks", "rle", "bank")  # made by prepare_downloads; the saved session by save_session
 _OBJECT_ID = re.compile(r"\[?\s*(\d+)\s*(\].*)?", re.DOTALL)  # "3", "[3]" or "[3] name"
 
 
@@ -238,10 +240,9 @@ class Playground:
             "viewer": overlay_frame(media.frames[st.frame], bank, st.frame),
             **self._object_controls(st, choice),
         }
-        files = self._export(st) if len(bank) else {}
-        views["video"] = files.get("overlay") if media.is_video else None
-        for key in ("overlay", "masks", "rle", "bank"):  # plain paths, so API clients download the files
-            views[f"dl_{key}"] = files.get(key)
+        # Files are made when asked for (prepare_downloads, save_session): a rename, hide or solo
+        # encodes nothing; the bank changed, so the files made before are gone from the buttons.
+        views.update({f"dl_{key}": None for key in (*DOWNLOADS, "session")}, video=None)
         return views
 
     @staticmethod
@@ -250,6 +251,18 @@ class Playground:
             return {"name": "", "toggle": "Hide"}
         obj = st.session.bank.get(object_id)
         return {"name": obj.name, "toggle": "Hide" if obj.visible else "Show"}
+
+    @user_errors
+    def prepare_downloads(self, state, progress=gr.Progress()):
+        """Write the overlay (PNG or MP4, also shown as the overlay video), the masks and the memory bank."""
+        st = self._state(state)
+        session = self._need_session(st)
+        if not len(session.bank):
+            raise UniPixelError("No objects yet: add an object (or ask the model to segment one) first.")
+        progress(0.1, desc="writing the overlay and the masks")
+        files = self._export(st)  # plain paths, so API clients download the files
+        views = {f"dl_{key}": files[key] for key in DOWNLOADS}
+        return {**views, "video": files["overlay"] if session.media.is_video else None, "state": st}
 
     def _export(self, st: PlaygroundState) -> dict[str, str]:
         """Write the downloads into the session's own directory (Gradio copies them into its cache)."""
@@ -268,9 +281,12 @@ class Playground:
 
     # ---- media ------------------------------------------------------------------------------------
     def load_media(self, state, file, num_frames=DEFAULT_NUM_FRAMES, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-                   progress=gr.Progress()):
-        """Open a session on an uploaded image or video (sampled to `num_frames` frames)."""
+                   confirmed=True, progress=gr.Progress()):
+        """Open a session on an uploaded image or video (sampled to `num_frames` frames).
+        `confirmed` False (the user declined to replace the open session): nothing changes."""
         st = self._state(state)
+        if not confirmed:
+            return {"media_file": None}
         if not file:
             return {}
         media, key = self._read_media(st, file, num_frames, max_new_tokens, progress)
@@ -278,7 +294,7 @@ class Playground:
 
     def _read_media(self, st: PlaygroundState, file, num_frames, max_new_tokens, progress) -> tuple[Media | None, str]:
         """The media in `file` and its key, changing nothing; None when it is the media already open."""
-        path = file if isinstance(file, str) else getattr(file, "path", None) or file.get("path")
+        path = _path(file)
         try:
             num_frames = _count(num_frames, "Frames to sample", DEFAULT_NUM_FRAMES)
             _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
@@ -297,30 +313,66 @@ class Playground:
 
     def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens) -> dict:
         """Replace the session's media: a call still running for the old one commits nothing."""
-        _stop_call(st)
-        if st.session is not None:
-            st.session.close()
-        st.session = Session(self.model, self.processor, media,
-                             max_new_tokens=_count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS),
-                             max_objects=self.max_objects, runner=gpu.runner, budget=self.budget)
-        st.media_key, st.frame, st.draft, st.chat, st.colors, st.expired = key, 0, CanvasDraft(), [], {}, False
-        if st.workdir:  # downloads of the previous media
-            shutil.rmtree(st.workdir, ignore_errors=True)
-            st.workdir = None
+        _adopt(st, Session(self.model, self.processor, media,
+                           max_new_tokens=_count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS),
+                           max_objects=self.max_objects, runner=gpu.runner, budget=self.budget), key)
+        return self._media_views(st)
+
+    def _media_views(self, st: PlaygroundState) -> dict:
+        """Every view, after the session's media changed."""
+        media = st.session.media
         for warning in media.warnings:
             gr.Warning(warning)
         views = self._all_views(st)
-        views["frame"] = gr.update(value=0, maximum=max(media.num_frames - 1, 1), visible=media.is_video)
+        views["frame"] = gr.update(value=st.frame, maximum=max(media.num_frames - 1, 1), visible=media.is_video)
         views["video"] = gr.update(value=None, visible=media.is_video)
-        views["media_info"] = " · ".join([_media_info(media), *media.warnings])
+        name = [f"`{Path(media.path).name}`"] if media.path else []  # the page asks before replacing other media
+        views["media_info"] = " · ".join([*name, _media_info(media), *media.warnings])
+        return views
+
+    # ---- save and resume --------------------------------------------------------------------------
+    @user_errors
+    def save_session(self, state, progress=gr.Progress()):
+        """One zip with the media, the memory bank, the chat and the settings (open it with open_session)."""
+        st = self._state(state)
+        session = self._need_session(st)
+        progress(0.1, desc="saving the session")
+        extra = {"chat": st.chat, "colors": {str(k): list(v) for k, v in st.colors.items()}, "frame": st.frame,
+                 "num_frames": _requested_frames(st.media_key, session.media)}
+        return {"dl_session": str(save_session(session, st.directory() / "unipixel-session.zip", extra=extra)),
+                "state": st}
+
+    @user_errors
+    def open_session(self, state, file, confirmed=True, progress=gr.Progress()):
+        """Go on with a session saved by save_session: its media, objects (same [id]s), chat and settings.
+        Checked whole before the open session is replaced; `confirmed` False changes nothing."""
+        st = self._state(state)
+        if not file or not confirmed:
+            return {}
+        progress(0.1, desc="opening the saved session")
+        workdir = tempfile.mkdtemp(prefix="session-", dir=self.root)  # the restored media file lives here
+        try:
+            session, extra = open_session(_path(file), self.model, self.processor, workdir, runner=gpu.runner,
+                                          max_objects=self.max_objects, budget=self.budget)
+            chat, colors, frame, num_frames = _saved_views(extra, session.media)
+        except UniPixelError:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        media = session.media
+        _adopt(st, session, _file_key(media.path, num_frames) if media.path else None, workdir)
+        st.chat, st.colors, st.frame = chat, colors, frame
+        views = self._media_views(st)
+        views.update(num_frames=num_frames, max_new_tokens=session.max_new_tokens)
         return views
 
     @user_errors
     def load_example(self, state, file, question, point, num_frames=DEFAULT_NUM_FRAMES,
-                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress()):
+                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS, confirmed=True, progress=gr.Progress()):
         """An example: its media (kept if already open), its question, and its point drawn on frame 0.
-        Everything is checked before the open media is replaced."""
+        Everything is checked before the open media is replaced; `confirmed` False changes nothing."""
         st = self._state(state)
+        if not confirmed:
+            return {"media_file": None}
         point = _example_point(point)
         media, key = self._read_media(st, file, num_frames, max_new_tokens, progress) if file else (None, None)
         if point is not None:
@@ -484,14 +536,26 @@ class Playground:
         return {**self._bank_views(st), "state": st, "chat": list(st.chat), "question": ""}
 
     @user_errors
-    def reset(self, state):
+    def reset(self, state, confirmed=True):
         """Forget the chat and every object; the media and its cached features stay."""
         st = self._state(state)
         session = self._need_session(st)
+        if not confirmed:
+            return {}
         _stop_call(st)  # an answer still coming would mention objects that are about to go
         session.reset()
         st.chat, st.draft = [], CanvasDraft(frame=st.frame)
         return {**self._all_views(st)}
+
+    @user_errors
+    def clear_chat(self, state):
+        """Forget the conversation (the chat's own clear button); the objects stay."""
+        st = self._state(state)
+        session = self._need_session(st)
+        _stop_call(st)  # an answer still coming belongs to the conversation that is going
+        session.clear_chat()
+        st.chat = []
+        return {"state": st, "chat": []}
 
     # ---- memory bank ------------------------------------------------------------------------------
     @user_errors
@@ -537,11 +601,49 @@ class Playground:
         return {**self._bank_views(st), "state": st}
 
     @user_errors
-    def delete_object(self, state, object_id):
+    def delete_object(self, state, object_id, confirmed=True):
         st = self._state(state)
         object_id = _object_id(object_id)
-        self._need_session(st).bank.delete(object_id)
+        bank = self._need_session(st).bank
+        if not confirmed:
+            return {}
+        bank.delete(object_id)
         return {**self._canvas_views(st, editor=False), **self._bank_views(st), "state": st}
+
+
+def _adopt(st: PlaygroundState, session: Session, key: str | None, workdir: str | None = None) -> None:
+    """`session` replaces the open one: a call still running for that one commits nothing, and its
+    downloads go; `workdir` (if any) is the new session's own directory."""
+    _stop_call(st)
+    if st.session is not None:
+        st.session.close()
+    if st.workdir:
+        shutil.rmtree(st.workdir, ignore_errors=True)
+    st.session, st.workdir = session, workdir
+    st.media_key, st.frame, st.draft, st.chat, st.colors, st.expired = key, 0, CanvasDraft(), [], {}, False
+
+
+def _saved_views(extra: dict, media: Media) -> tuple[list[dict], dict, int, int]:
+    """The chat, the colors, the frame and the frames setting kept with a saved session, checked."""
+    try:
+        chat = [m for m in extra.get("chat", []) if isinstance(m, dict) and set(m) == {"role", "content"}
+                and m["role"] in ("user", "assistant") and isinstance(m["content"], str)]
+        colors = {int(k): tuple(int(c) for c in v[:3]) for k, v in dict(extra.get("colors", {})).items()}
+        frame = int(np.clip(_number(extra.get("frame", 0), "The frame"), 0, media.num_frames - 1))
+        num_frames = _count(extra.get("num_frames"), "Frames to sample", media.num_frames)
+    except (UniPixelError, TypeError, ValueError, AttributeError) as err:
+        raise MediaError(f"Cannot open the saved session: its settings are damaged ({err}).") from err
+    return chat, colors, frame, num_frames
+
+
+def _path(file) -> str:
+    """A path from a gr.File value: a str, a FileData, or its dict as API clients send it."""
+    return file if isinstance(file, str) else getattr(file, "path", None) or file.get("path")
+
+
+def _requested_frames(media_key: str | None, media: Media) -> int:
+    """The "frames to sample" setting the media was opened with (its key ends with it)."""
+    return int(media_key.rsplit(":", 1)[1]) if media_key else media.num_frames
 
 
 def _check_inside(media: Media, x: float, y: float) -> None:

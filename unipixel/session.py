@@ -271,6 +271,11 @@ class Session:
         """Forget the chat and the objects; keep what was computed for the media."""
         with self._lock:
             self.bank.clear()
+            self.clear_chat()
+
+    def clear_chat(self) -> None:
+        """Forget the conversation (the model no longer sees it); the objects stay, under the same [id]s."""
+        with self._lock:
             self.turns.clear()
             self._messages.clear()
             self._mem_masks = []

@@ -1,4 +1,4 @@
-"""Saving a session to one file and going on with it: the same [id]s, the same history, the same answers."""
+"""A session's conversation state: saved to one file and resumed with the same [id]s and answers; cleared."""
 import json
 import zipfile
 
@@ -86,3 +86,13 @@ def test_damaged_or_foreign_files_are_refused(tiny_model, video, tmp_path):
         zf.writestr("session.json", json.dumps(header))
     with pytest.raises(MediaError, match="not a file under media/"):
         open_session(broken, *tiny_model, tmp_path)
+
+
+def test_clear_chat_forgets_the_conversation_and_keeps_the_objects(tiny_model, video):
+    session = Session(*tiny_model, video, max_new_tokens=6)
+    session.add_object(VisualPrompt("mask", frame=0, mask=np.pad(np.ones((8, 8), bool), ((4, H - 12), (4, W - 12)))))
+    first = session.ask("What is [1]?").raw_answer
+    session.ask("And now?")
+    session.clear_chat()
+    assert session.turns == [] and session._messages == [] and session._mem_masks == [] and session.bank.ids == [1]
+    assert session.ask("What is [1]?").raw_answer == first, "the model sees a new conversation"
