@@ -70,7 +70,7 @@ def coverage(obj: MemoryObject) -> str:
     if present.size == 1:
         return ""  # an image: one frame, and it has a mask
     first, last = obj.span
-    where = f"frame {first}" if first == last else f"frames {first}–{last}"
+    where = f"frame {first}" if first == last else f"{first}–{last}"
     return f'<span class="up-coverage">{int(present.sum())}/{present.size} frames</span> ({where})'
 
 

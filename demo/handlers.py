@@ -362,7 +362,7 @@ class Playground:
         _adopt(st, session, _file_key(media.path, num_frames) if media.path else None, workdir)
         st.chat, st.colors, st.frame = chat, colors, frame
         views = self._media_views(st)
-        views.update(num_frames=num_frames, max_new_tokens=session.max_new_tokens)
+        views.update(num_frames=num_frames, max_new_tokens=session.max_new_tokens, media_file=None)
         return views
 
     @user_errors

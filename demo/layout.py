@@ -301,7 +301,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
            "prepare_downloads", show_progress_on=[video, prepare_btn], **media_work)
         on(save_btn.click, app.save_session, [state], ["state", "dl_session"], "save_session", **media_work)
         on(open_btn.upload, app.open_session, [state, open_btn, confirmed],
-           [*all_views, "num_frames", "max_new_tokens"], "open_session", show_progress_on=[canvas, media_info],
+           [*all_views, "num_frames", "max_new_tokens", "media_file"], "open_session", show_progress_on=[canvas, media_info],
            js=confirm_first("Open this saved session? The objects and the chat of the open one will be lost."),
            **media_work, **raw)
 

@@ -32,6 +32,8 @@ def ask(page, question: str, messages: int) -> None:
 
 
 def upload(page, selector: str, path) -> None:
+    if not page.locator(f"{selector} input[type=file]").count():  # it shows a file: clear it first
+        page.locator(f"{selector} button[aria-label='Clear']").click()
     page.locator(f"{selector} input[type=file]").set_input_files(str(path))
 
 
@@ -78,13 +80,10 @@ def test_nothing_is_lost_by_surprise(browser, url, tmp_path):
         assert len(asked) == 2 and page.locator("#chat .message-row").count() == 0
 
         # Chips tell how much of the video the mask covers.
-        page.locator("#frame-slider input[type=number]").fill("5")
-        page.locator("#frame-slider input[type=number]").press("Enter")
-        idle(page)
         click_canvas(page, 0.28, 0.83)
         page.wait_for_function("document.querySelector('#draft').innerText.includes('1 positive')")
-        add_object(page, 2)
-        chip = page.locator("#chips .up-chip[data-object-id='2']")
+        add_object(page, 1)  # the new media's session numbers from [1] again
+        chip = page.locator("#chips .up-chip[data-object-id='1']")
         assert "/16 frames" in chip.locator(".up-coverage").inner_text()
         chip.screenshot(path=tmp_path / "2_chip_coverage.png")
         page.screenshot(path=tmp_path / "3_accepted.png", full_page=True)
@@ -109,7 +108,9 @@ def test_saved_session_opens_in_another_browser_session(browser, url, tmp_path):
 
         load_example(page_b, "Image · segment the red circle")
         asked = answer_dialogs(page_b, accept=True)
-        upload(page_b, "#open-session", saved)
+        with page_b.expect_file_chooser() as chooser:
+            page_b.locator("#open-session").click()
+        chooser.value.set_files(str(saved))
         page_b.wait_for_selector("#chips .up-chip[data-object-id='1']")
         idle(page_b)
         assert asked == [], "an empty session is replaced without asking"

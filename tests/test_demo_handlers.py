@@ -12,7 +12,7 @@ import pytest
 
 from demo.canvas import BOX, BRUSH, NEGATIVE, POINT, POSITIVE, CanvasDraft
 from demo.chips import colorize
-from demo.handlers import Playground, PlaygroundState, delete_state
+from demo.handlers import DOWNLOADS, Playground, PlaygroundState, delete_state
 from demo.layout import ASSETS
 from unipixel.memory import ObjectMemoryBank, color_for
 from unipixel.session import Target
@@ -63,7 +63,9 @@ def test_point_object_gets_chip_overlay_and_downloads(app, image_state):
     assert '[1]</span> ball' in views["chips"] and "data:image/png;base64," in views["chips"]
     assert views["objects"]["choices"] == [("[1] ball", 1)] and views["objects"]["value"] == 1
     assert views["viewer"].shape == frame.shape
-    files = {k: Path(views[f"dl_{k}"]) for k in ("overlay", "masks", "rle", "bank")}
+    assert all(views[f"dl_{k}"] is None for k in DOWNLOADS), "files are made when asked for"
+    views = app.prepare_downloads(image_state)
+    files = {k: Path(views[f"dl_{k}"]) for k in DOWNLOADS}
     assert all(p.is_file() and p.parent == Path(image_state.workdir) for p in files.values())
     assert files["overlay"].name == "overlay.png" and views["video"] is None
     assert zipfile.ZipFile(files["masks"]).namelist() == ["obj001_frame000.png"]
@@ -117,9 +119,11 @@ def test_video_frames_overlay_video_and_chat(app):
         views = app.set_frame(st, 2)
         assert st.frame == 2
         app.add_point(st, 90, 120, True)
-        views = app.add_object(st, POINT, None, "ball")
+        app.add_object(st, POINT, None, "ball")
         assert st.session.bank.get(1).source_frame == 2
+        views = app.prepare_downloads(st)
         assert Path(views["video"]).suffix == ".mp4" and Path(views["video"]).stat().st_size > 0
+        assert app.rename_object(st, 1, "red ball")["video"] is None, "a changed bank takes its files away"
 
         views = app.ask(st, "What does [1] do?", TOKENS)
         chat = views["chat"]
@@ -230,6 +234,8 @@ def test_sessions_are_isolated(app):
         app.add_point(a, *RED_CIRCLE)
         app.add_object(a, POINT, None, "")
         assert len(a.session.bank) == 1 and len(b.session.bank) == 0 and b.draft.empty
+        app.prepare_downloads(a)
+        app.save_session(b)
         assert a.workdir != b.workdir and Path(a.workdir).parent == Path(app.root)
         workdir = Path(a.workdir)
     finally:
@@ -267,6 +273,7 @@ def test_an_idle_session_is_ended_and_says_so(tiny_model):
     st = app.load_media(None, IMAGE, 16, TOKENS)["state"]
     app.add_point(st, *RED_CIRCLE)
     app.add_object(st, POINT, None, "")
+    app.prepare_downloads(st)
     workdir = Path(st.workdir)
     assert app.sweeper.sweep() == 0 and st.session is not None  # not idle yet
 
