@@ -46,12 +46,13 @@ def session_dirs(tmp: Path) -> int:
     return sum(1 for _ in tmp.glob("unipixel-playground-*/session-*"))
 
 
-def start_server(model: str, port: int, tmp: Path, ttl: int) -> subprocess.Popen:
+def start_server(model: str, port: int, tmp: Path, ttl: int, root: Path = ROOT) -> subprocess.Popen:
+    """The app in `root` (another checkout to compare with, or this one) as a server on `port`."""
     env = {**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    cmd = [sys.executable, str(ROOT / "app.py"), "--model", model, "--device", "cpu", "--host", "127.0.0.1",
+    cmd = [sys.executable, str(root / "app.py"), "--model", model, "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--session-ttl", str(ttl / 60)]  # fmt: skip
     log = tmp / "server.log"  # a file, not a pipe: a full pipe would block the server's logging
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(cmd, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
