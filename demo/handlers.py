@@ -227,8 +227,9 @@ class Playground:
                                              brush=brush(color_for(session.bank.next_id)))
         return views
 
-    def _bank_views(self, st: PlaygroundState, *, selected: int | None = None) -> dict:
-        """Chips, the id dropdown, the mask viewer, the overlay video and the downloads."""
+    def _bank_views(self, st: PlaygroundState, *, selected: int | None = None, viewer: bool = True) -> dict:
+        """Chips, the id dropdown, the mask viewer (unless `viewer` is False: names are not drawn),
+        the overlay video and the downloads."""
         session = self._need_session(st)
         bank, media = session.bank, session.media
         st.colors.update({obj.id: obj.color for obj in bank})
@@ -237,9 +238,10 @@ class Playground:
         views = {
             "chips": chips_html(bank, media.frames),
             "objects": gr.update(choices=object_choices(bank), value=choice),
-            "viewer": overlay_frame(media.frames[st.frame], bank, st.frame),
             **self._object_controls(st, choice),
         }
+        if viewer:
+            views["viewer"] = overlay_frame(media.frames[st.frame], bank, st.frame)
         # Files are made when asked for (prepare_downloads, save_session): a rename, hide or solo
         # encodes nothing; the bank changed, so the files made before are gone from the buttons.
         views.update({f"dl_{key}": None for key in (*DOWNLOADS, "session")}, video=None)
@@ -573,7 +575,7 @@ class Playground:
         st = self._state(state)
         object_id = _object_id(object_id)
         self._need_session(st).bank.rename(object_id, name or "")
-        return {**self._bank_views(st, selected=object_id), "state": st}
+        return {**self._bank_views(st, selected=object_id, viewer=False), "state": st}
 
     @user_errors
     def toggle_object(self, state, object_id):
