@@ -64,7 +64,8 @@ def test_every_action_is_a_named_endpoint(server):
     endpoints = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
     expected = {"/load_media", "/load_example_media", "/set_frame", "/set_tool", "/add_point", "/set_box",
                 "/set_mask", "/undo_prompt", "/clear_prompt", "/add_object", "/ask", "/reset", "/select_object",
-                "/rename_object", "/toggle_object", "/solo_object", "/show_all", "/delete_object"}
+                "/rename_object", "/toggle_object", "/solo_object", "/show_all", "/delete_object", "/clear_chat",
+                "/prepare_downloads", "/save_session", "/open_session"}
     assert expected <= endpoints
     status = next(b for b in server[0].blocks.values() if getattr(b, "elem_id", None) == "status").value
     assert "device: <code>cpu</code>" in status and "dtype: <code>float32</code>" in status
