@@ -102,7 +102,6 @@ def test_killed_client_commits_nothing(server, outcomes):
     script = textwrap.dedent(f"""
         import time
         from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
         client = Client({url!r}, verbose=False)
         client.predict(handle_file({IMAGE!r}), 16, {TOKENS}, api_name="/load_media")
         job = client.submit("What happens?", {LONG}, api_name="/ask")
@@ -183,6 +182,7 @@ def test_signal_removes_the_session_folders(tiny_checkpoint, free_port, tmp_path
         call(client, "/load_media", handle_file(IMAGE), 16, TOKENS)
         call(client, "/set_box", 60, 40, 120, 100)
         call(client, "/add_object", "Box", None, "")
+        call(client, "/prepare_downloads")
         assert list(tmp_path.glob("unipixel-playground-*/session-*/*")), "the session wrote its files"
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 128 + signum

@@ -74,7 +74,7 @@ def playground_run(tiny_model, processor) -> dict:
             "masks": [o.masks.copy() for o in bank],
             "chat": list(st.chat),
             "chips": views["chips"],
-            "downloads": downloads(views),
+            "downloads": downloads(app.prepare_downloads(st)),
             "turns": [(t.question, t.raw_answer) for t in st.session.turns],
         }
     finally:
