@@ -47,7 +47,7 @@ def session_dirs(tmp: Path) -> int:
 
 
 def start_server(model: str, port: int, tmp: Path, ttl: int, root: Path = ROOT) -> subprocess.Popen:
-    """app.py of the checkout at `root` (another one: to compare with an older version)."""
+    """The app in `root` (another checkout to compare with, or this one) as a server on `port`."""
     env = {**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     cmd = [sys.executable, str(root / "app.py"), "--model", model, "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--session-ttl", str(ttl / 60)]  # fmt: skip

@@ -28,6 +28,8 @@ CHIPS_CSS = """
 .up-id { font-weight: 700; }
 .up-meta { font-size: 0.85em; opacity: 0.8; }
 .up-empty { opacity: 0.7; font-style: italic; }
+.up-chip.up-empty-mask { border-style: dotted; }
+.up-flag { color: #b02a37; font-weight: 600; }
 """
 STATUS_CSS = """
 .up-banner { padding: 8px 12px; margin-bottom: 6px; border-radius: 8px; background: #fff3cd; color: #664d03;
@@ -60,20 +62,29 @@ def tag(object_id: int, color: Sequence[int]) -> str:
     return f'<span class="up-tag" data-object-id="{object_id}" style="{style}">[{object_id}]</span>'
 
 
+def coverage(obj: MemoryObject) -> str:
+    """How much of the media the mask covers: "k/T frames (first–last)" for a video; empty masks flagged."""
+    present = obj.masks.any(axis=(1, 2))
+    if not present.any():  # e.g. an answer's <|seg|> that found nothing: shown, so the user can delete it
+        return '<span class="up-flag" title="this object has no mask on any frame">⚠ empty mask</span>'
+    if present.size == 1:
+        return ""  # an image: one frame, and it has a mask
+    first, last = obj.span
+    where = f"frame {first}" if first == last else f"{first}–{last}"
+    return f'<span class="up-coverage">{int(present.sum())}/{present.size} frames</span> ({where})'
+
+
 def chip(obj: MemoryObject, frames: np.ndarray) -> str:
-    span = obj.span
-    frames_text = "empty mask" if span is None else (
-        f"frame {span[0]}" if span[0] == span[1] else f"frames {span[0]}–{span[1]}"
-    )
-    hidden = "" if obj.visible else " up-hidden"
+    meta = " · ".join(filter(None, [html.escape(obj.source_text), coverage(obj)]))
+    classes = ("" if obj.visible else " up-hidden") + ("" if obj.span else " up-empty-mask")
     state = "" if obj.visible else " · hidden"
     thumb = png_data_uri(thumbnail(frames, obj.masks, size=96, color=obj.color))
     return (
-        f'<div class="up-chip{hidden}" data-object-id="{obj.id}" style="--chip-color: {rgb(obj.color)}">'
+        f'<div class="up-chip{classes}" data-object-id="{obj.id}" style="--chip-color: {rgb(obj.color)}">'
         f'<img src="{thumb}" alt="thumbnail of [{obj.id}]">'
         "<div>"
         f'<div><span class="up-swatch"></span><span class="up-id">[{obj.id}]</span> {html.escape(obj.name)}</div>'
-        f'<div class="up-meta">{html.escape(obj.source_text)} · {frames_text}{state}</div>'
+        f'<div class="up-meta">{meta}{state}</div>'
         "</div></div>"
     )
 

@@ -1,8 +1,9 @@
 """Event handlers: each takes the per-session state and widget values, calls the library, and
 returns a dict from view names to new values (names the layout does not list stay unchanged).
 
-Library errors are the user's to fix (a bad prompt, an unknown id): they become a gr.Warning and
-the session stays as it was. A file that cannot be loaded raises gr.Error, so API clients see it too.
+Library errors are the user's to fix (a bad prompt, an unknown id, a file that cannot be loaded):
+they raise gr.Error, which the browser shows as a toast and gradio_client raises with the same
+message; the session stays as it was.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from unipixel.media import Media, load_media
 from unipixel.memory import color_for
 from unipixel.reopen import load_item_media, read_item, restore_item
 from unipixel.session import Session, TurnResult
+from unipixel.session_file import open_session, save_session
 
 from . import gpu
 from .canvas import (BOX, BRUSH, NEGATIVE, POINT, REFINE, CanvasDraft, CanvasView, mask_from_editor,
@@ -44,7 +46,9 @@ from .expiry import IdleSweeper
 from .timeline import play_frames, timeline_html
 
 DEFAULT_NUM_FRAMES = 16
+_TRACKED = ":source-frames"  # the media key of a session tracking every source frame
 DEFAULT_MAX_NEW_TOKENS = 512
+DOWNLOADS = ("overlay", "masks", "rle", "bank")  # made by prepare_downloads; the saved session by save_session
 _OBJECT_ID = re.compile(r"\[?\s*(\d+)\s*(\].*)?", re.DOTALL)  # "3", "[3]" or "[3] name"
 
 
@@ -124,30 +128,30 @@ def return_memory() -> None:
 
 
 def user_errors(fn):
-    """Turn the library's errors into a warning toast; the state is returned unchanged (no update).
-    A generator handler yields that last "no update" instead."""
+    """Turn the library's errors into gr.Error: a toast in the browser, an exception with the same
+    message for API clients. Handlers check before they change anything, so the session stays as it was."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MediaError:
-            raise
         except UniPixelError as err:
-            gr.Warning(str(err))
-            return {}
+            raise user_error(err) from err
 
     @functools.wraps(fn)
     def streaming(*args, **kwargs):
         try:
             yield from fn(*args, **kwargs)
-        except MediaError:
-            raise
         except UniPixelError as err:
-            gr.Warning(str(err))
-            yield {}
+            raise user_error(err) from err
 
     return streaming if inspect.isgeneratorfunction(fn) else wrapper
+
+
+def user_error(err: UniPixelError) -> gr.Error:
+    # The user's mistake, not the server's: no traceback in the log.
+    return gr.Error(str(err), title="Cannot load this file" if isinstance(err, MediaError) else "Error",
+                    print_exception=False)
 
 
 def _progress(progress) -> Any:
@@ -268,8 +272,9 @@ class Playground:
             "timeline": timeline_html(bank, media.num_frames, st.frame),
         }
 
-    def _bank_views(self, st: PlaygroundState, *, selected: int | None = None) -> dict:
-        """Chips, the id dropdown, the masks (canvas, viewer, timeline), the overlay video and the downloads."""
+    def _bank_views(self, st: PlaygroundState, *, selected: int | None = None, viewer: bool = True) -> dict:
+        """Chips, the id dropdown, the timeline, the masks on the canvas and viewer (unless `viewer` is
+        False: a rename changes no mask and names are not drawn) and the cleared downloads."""
         session = self._need_session(st)
         bank, media = session.bank, session.media
         st.colors.update({obj.id: obj.color for obj in bank})
@@ -278,14 +283,14 @@ class Playground:
         views = {
             "chips": chips_html(bank, media.frames),
             "objects": gr.update(choices=object_choices(bank), value=choice),
-            "canvas": self._canvas_views(st, editor=False)["canvas"],
-            **self._frame_views(st),
+            "timeline": timeline_html(bank, media.num_frames, st.frame),
             **self._object_controls(st, choice),
         }
-        files = self._export(st) if len(bank) else {}
-        views["video"] = files.get("overlay") if media.is_video else None
-        for key in ("overlay", "masks", "rle", "bank"):  # plain paths, so API clients download the files
-            views[f"dl_{key}"] = files.get(key)
+        if viewer:
+            views.update(canvas=self._canvas_views(st, editor=False)["canvas"], **self._frame_views(st))
+        # Files are made when asked for (prepare_downloads, save_session): a rename, hide or solo
+        # encodes nothing; the bank changed, so the files made before are gone from the buttons.
+        views.update({f"dl_{key}": None for key in (*DOWNLOADS, "session")}, video=None)
         return views
 
     @staticmethod
@@ -294,6 +299,18 @@ class Playground:
             return {"name": "", "toggle": "Hide"}
         obj = st.session.bank.get(object_id)
         return {"name": obj.name, "toggle": "Hide" if obj.visible else "Show"}
+
+    @user_errors
+    def prepare_downloads(self, state, progress=gr.Progress()):
+        """Write the overlay (PNG or MP4, also shown as the overlay video), the masks and the memory bank."""
+        st = self._state(state)
+        session = self._need_session(st)
+        if not len(session.bank):
+            raise UniPixelError("No objects yet: add an object (or ask the model to segment one) first.")
+        progress(0.1, desc="writing the overlay and the masks")
+        files = self._export(st)  # plain paths, so API clients download the files
+        views = {f"dl_{key}": files[key] for key in DOWNLOADS}
+        return {**views, "video": files["overlay"] if session.media.is_video else None, "state": st}
 
     def _export(self, st: PlaygroundState) -> dict[str, str]:
         """Write the downloads into the session's own directory (Gradio copies them into its cache)."""
@@ -312,10 +329,13 @@ class Playground:
 
     # ---- media ------------------------------------------------------------------------------------
     def load_media(self, state, file, num_frames=DEFAULT_NUM_FRAMES, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-                   track_source=False, progress=gr.Progress()):
+                   track_source=False, confirmed=True, progress=gr.Progress()):
         """Open a session on an uploaded image or video (sampled to `num_frames` frames); with
-        `track_source`, a video's masks are tracked through every source frame."""
+        `track_source`, a video's masks are tracked through every source frame.
+        `confirmed` False (the user declined to replace the open session): nothing changes."""
         st = self._state(state)
+        if not confirmed:
+            return {"media_file": None}
         if not file:
             return {}
         media, key = self._read_media(st, file, num_frames, max_new_tokens, progress, track_source)
@@ -324,22 +344,22 @@ class Playground:
     def _read_media(self, st: PlaygroundState, file, num_frames, max_new_tokens, progress,
                     track_source=False) -> tuple[Media | None, str]:  # fmt: skip
         """The media in `file` and its key, changing nothing; None when it is the media already open."""
-        path = file if isinstance(file, str) else getattr(file, "path", None) or file.get("path")
+        path = _path(file)
         try:
             num_frames = _count(num_frames, "Frames to sample", DEFAULT_NUM_FRAMES)
             _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
         except UniPixelError as err:
-            raise gr.Error(str(err)) from err
-        key = _file_key(path, num_frames) + (":source-frames" if track_source else "")
+            raise user_error(err) from err
+        key = _file_key(path, num_frames) + (_TRACKED if track_source else "")
         if st.session is not None and key == st.media_key:
             return None, key  # the same media again (e.g. its example picked twice): keep the session
         progress(0.1, desc="reading the media")
         try:
             return load_media(path, num_frames=num_frames), key
         except MediaError as err:
-            raise gr.Error(str(err), title="Cannot load this file") from err
+            raise user_error(err) from err
         except ValueError as err:  # a bad setting, e.g. frames to sample < 1
-            raise gr.Error(str(err)) from err
+            raise gr.Error(str(err), print_exception=False) from err
 
     def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens, track_source=False,
               restore: Callable[[Session], None] | None = None) -> dict:
@@ -351,23 +371,22 @@ class Playground:
                           track_source_frames=bool(track_source))
         if restore is not None:
             restore(session)
-        _stop_call(st)
-        if st.session is not None:
-            st.session.close()
-        st.session = session
-        st.media_key, st.frame, st.draft, st.colors, st.expired = key, 0, CanvasDraft(), {}, False
+        _adopt(st, session, key)
         st.chat = [message for turn in session.turns for message in self._chat_turn(st, turn)]
-        if st.workdir:  # downloads of the previous media
-            shutil.rmtree(st.workdir, ignore_errors=True)
-            st.workdir = None
+        return self._media_views(st)
+
+    def _media_views(self, st: PlaygroundState) -> dict:
+        """Every view, after the session's media changed."""
+        media = st.session.media
         notes = [*media.warnings, *filter(None, [st.session.tracking_note])]
         for warning in notes:
             gr.Warning(warning)
         views = self._all_views(st)
-        views["frame"] = gr.update(value=0, maximum=max(media.num_frames - 1, 1), visible=media.is_video)
+        views["frame"] = gr.update(value=st.frame, maximum=max(media.num_frames - 1, 1), visible=media.is_video)
         views["playback"] = gr.update(visible=media.is_video)
-        views["video"] = gr.update(value=views["video"], visible=media.is_video)  # the overlay of restored objects
-        views["media_info"] = " · ".join([_media_info(media), *notes])
+        views["video"] = gr.update(value=None, visible=media.is_video)
+        name = [f"`{Path(media.path).name}`"] if media.path else []  # the page asks before replacing other media
+        views["media_info"] = " · ".join([*name, _media_info(media), *notes])
         return views
 
     def open_result(self, state, run, item, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=gr.Progress()):
@@ -389,12 +408,50 @@ class Playground:
                 duration=4)
         return views
 
+    # ---- save and resume --------------------------------------------------------------------------
+    @user_errors
+    def save_session(self, state, progress=gr.Progress()):
+        """One zip with the media, the memory bank, the chat and the settings (open it with open_session)."""
+        st = self._state(state)
+        session = self._need_session(st)
+        progress(0.1, desc="saving the session")
+        extra = {"chat": st.chat, "colors": {str(k): list(v) for k, v in st.colors.items()}, "frame": st.frame,
+                 "num_frames": _requested_frames(st.media_key, session.media)}
+        return {"dl_session": str(save_session(session, st.directory() / "unipixel-session.zip", extra=extra)),
+                "state": st}
+
+    @user_errors
+    def open_session(self, state, file, confirmed=True, progress=gr.Progress()):
+        """Go on with a session saved by save_session: its media, objects (same [id]s), chat and settings.
+        Checked whole before the open session is replaced; `confirmed` False changes nothing."""
+        st = self._state(state)
+        if not file or not confirmed:
+            return {}
+        progress(0.1, desc="opening the saved session")
+        workdir = tempfile.mkdtemp(prefix="session-", dir=self.root)  # the restored media file lives here
+        try:
+            session, extra = open_session(_path(file), self.model, self.processor, workdir, runner=gpu.runner,
+                                          max_objects=self.max_objects, budget=self.budget)
+            chat, colors, frame, num_frames = _saved_views(extra, session.media)
+        except UniPixelError:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        media = session.media
+        _adopt(st, session, _file_key(media.path, num_frames) if media.path else None, workdir)
+        st.chat, st.colors, st.frame = chat, colors, frame
+        views = self._media_views(st)
+        views.update(num_frames=num_frames, max_new_tokens=session.max_new_tokens, media_file=None)
+        return views
+
     @user_errors
     def load_example(self, state, file, question, point, num_frames=DEFAULT_NUM_FRAMES,
-                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS, track_source=False, progress=gr.Progress()):
+                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS, track_source=False, confirmed=True,
+                     progress=gr.Progress()):
         """An example: its media (kept if already open), its question, and its point drawn on frame 0.
-        Everything is checked before the open media is replaced."""
+        Everything is checked before the open media is replaced; `confirmed` False changes nothing."""
         st = self._state(state)
+        if not confirmed:
+            return {"media_file": None}
         point = _example_point(point)
         media, key = (self._read_media(st, file, num_frames, max_new_tokens, progress, track_source) if file
                       else (None, None))  # fmt: skip
@@ -663,14 +720,26 @@ class Playground:
         return {}
 
     @user_errors
-    def reset(self, state):
+    def reset(self, state, confirmed=True):
         """Forget the chat and every object; the media and its cached features stay."""
         st = self._state(state)
         session = self._need_session(st)
+        if not confirmed:
+            return {}
         _stop_call(st)  # an answer still coming would mention objects that are about to go
         session.reset()
         st.chat, st.draft = [], CanvasDraft(frame=st.frame)
         return {**self._all_views(st)}
+
+    @user_errors
+    def clear_chat(self, state):
+        """Forget the conversation (the chat's own clear button); the objects stay."""
+        st = self._state(state)
+        session = self._need_session(st)
+        _stop_call(st)  # an answer still coming belongs to the conversation that is going
+        session.clear_chat()
+        st.chat = []
+        return {"state": st, "chat": []}
 
     # ---- memory bank ------------------------------------------------------------------------------
     @user_errors
@@ -688,7 +757,7 @@ class Playground:
         st = self._state(state)
         object_id = _object_id(object_id)
         self._need_session(st).bank.rename(object_id, name or "")
-        return {**self._bank_views(st, selected=object_id), "state": st}
+        return {**self._bank_views(st, selected=object_id, viewer=False), "state": st}
 
     @user_errors
     def toggle_object(self, state, object_id):
@@ -716,16 +785,54 @@ class Playground:
         return {**self._bank_views(st), "state": st}
 
     @user_errors
-    def delete_object(self, state, object_id):
+    def delete_object(self, state, object_id, confirmed=True):
         st = self._state(state)
         object_id = _object_id(object_id)
-        self._need_session(st).bank.delete(object_id)
+        bank = self._need_session(st).bank
+        if not confirmed:
+            return {}
+        bank.delete(object_id)
         return {**self._canvas_views(st, editor=False), **self._bank_views(st), "state": st}
 
 
 def _exchange(bank, colors: dict, question: str, answer: str) -> list[dict]:
     """A question and its answer (HTML) as chat messages."""
     return [{"role": "user", "content": colorize(question, bank, colors=colors)}, {"role": "assistant", "content": answer}]
+
+
+def _adopt(st: PlaygroundState, session: Session, key: str | None, workdir: str | None = None) -> None:
+    """`session` replaces the open one: a call still running for that one commits nothing, and its
+    downloads go; `workdir` (if any) is the new session's own directory."""
+    _stop_call(st)
+    if st.session is not None:
+        st.session.close()
+    if st.workdir:
+        shutil.rmtree(st.workdir, ignore_errors=True)
+    st.session, st.workdir = session, workdir
+    st.media_key, st.frame, st.draft, st.chat, st.colors, st.expired = key, 0, CanvasDraft(), [], {}, False
+
+
+def _saved_views(extra: dict, media: Media) -> tuple[list[dict], dict, int, int]:
+    """The chat, the colors, the frame and the frames setting kept with a saved session, checked."""
+    try:
+        chat = [m for m in extra.get("chat", []) if isinstance(m, dict) and set(m) == {"role", "content"}
+                and m["role"] in ("user", "assistant") and isinstance(m["content"], str)]
+        colors = {int(k): tuple(int(c) for c in v[:3]) for k, v in dict(extra.get("colors", {})).items()}
+        frame = int(np.clip(_number(extra.get("frame", 0), "The frame"), 0, media.num_frames - 1))
+        num_frames = _count(extra.get("num_frames"), "Frames to sample", media.num_frames)
+    except (UniPixelError, TypeError, ValueError, AttributeError) as err:
+        raise MediaError(f"Cannot open the saved session: its settings are damaged ({err}).") from err
+    return chat, colors, frame, num_frames
+
+
+def _path(file) -> str:
+    """A path from a gr.File value: a str, a FileData, or its dict as API clients send it."""
+    return file if isinstance(file, str) else getattr(file, "path", None) or file.get("path")
+
+
+def _requested_frames(media_key: str | None, media: Media) -> int:
+    """The "frames to sample" setting the media was opened with (its key ends with it, then the tracking mark)."""
+    return int(media_key.removesuffix(_TRACKED).rsplit(":", 1)[1]) if media_key else media.num_frames
 
 
 def _check_inside(media: Media, x: float, y: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,15 @@ from unipixel.memory import color_for
 
 from .canvas import NEGATIVE, NEW_OBJECT, POINT, POSITIVE, REFINE, TOOLS
 from .chips import CHIPS_CSS, STATUS_CSS, chips_html, status_html
-from .handlers import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES, Playground, PlaygroundState, brush, delete_state
+from .handlers import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_NUM_FRAMES,
+    DOWNLOADS,
+    Playground,
+    PlaygroundState,
+    brush,
+    delete_state,
+)
 from .timeline import TIMELINE_CSS, TIMELINE_JS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -54,6 +63,21 @@ MEDIA_DECODERS = 4  # uploads decoded at once, apart from the model's calls
 VIEW_FORMAT = "jpeg"
 
 
+# Browser code that asks before work is lost. The page has work when it shows a chip or a chat message.
+HAS_WORK = "document.querySelector('#chips .up-chip, #chat .message-row') !== null"
+# The event's file (its 2nd input) is other media than the open one, whose name starts the media line.
+OTHER_MEDIA = ("((f) => { const name = f && (f.orig_name || String(f.path || '').split(/[\\\\/]/).pop());"
+               " return !!name && !(document.querySelector('#media-info')?.innerText || '').startsWith(name + ' ·');"
+               " })(args[1])")
+
+
+def confirm_first(question: str, when: str = HAS_WORK) -> str:
+    """Browser code run before an event: its last input (`confirmed`, True for API clients) becomes
+    the user's answer to `question`, asked only `when` (a JS expression over `args`, the inputs)."""
+    return (f"(...args) => {{ const ask = {when}; args[args.length - 1] = !ask || window.confirm({json.dumps(question)});"
+            " return args; }")
+
+
 def example_rows() -> list[list[str]]:
     return [[str(ASSETS / media), question, point] for media, question, point in EXAMPLES]
 
@@ -87,6 +111,13 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                     elem_id="media-file",
                 )
                 media_info = gr.Markdown("No media loaded yet.", label="Media", elem_id="media-info")
+                with gr.Row():
+                    open_btn = gr.UploadButton("Open saved session", file_types=[".zip"], size="sm",
+                                               elem_id="open-session")
+                    save_btn = gr.Button("Save session", size="sm", elem_id="save-session")
+                    dl_session = gr.DownloadButton("Download session (.zip)", size="sm", elem_id="dl-session")
+                # The browser's answer to "replace your work?" (confirm_first); API calls are confirmed.
+                confirmed = gr.Checkbox(True, visible=False, label="Confirmed")
                 with gr.Accordion("Settings", open=False):
                     num_frames = gr.Slider(1, 64, value=DEFAULT_NUM_FRAMES, step=1, label="Frames to sample",
                                            info="For videos; applies to the next media you load.")
@@ -196,6 +227,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
             video = gr.Video(label="Overlay video", interactive=False, visible=False, height=400, loop=True,
                              autoplay=True, elem_id="overlay-video")
         with gr.Row():
+            prepare_btn = gr.Button("Prepare downloads", size="md", elem_id="prepare-downloads")
             dl_overlay = gr.DownloadButton("Overlay (PNG / MP4)", size="md", elem_id="dl-overlay")
             dl_masks = gr.DownloadButton("Masks (PNG zip)", size="md", elem_id="dl-masks")
             dl_rle = gr.DownloadButton("Masks (COCO RLE JSON)", size="md", elem_id="dl-rle")
@@ -208,10 +240,12 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
             "tool": tool, "polarity": polarity, "new_name": new_name, "timeline": timeline, "playback": playback,
             "add_button": add_btn, "refine_button": refine_btn, "undo_refine_button": undo_refine_btn,
             "dl_overlay": dl_overlay, "dl_masks": dl_masks, "dl_rle": dl_rle, "dl_bank": dl_bank,
+            "dl_session": dl_session, "media_file": media_file, "num_frames": num_frames,
+            "max_new_tokens": max_new_tokens,
         }
         canvas_views = ["state", "canvas", "draft", "viewer"]
         bank_views = ["state", "chips", "objects", "name", "toggle", "canvas", "viewer", "timeline", "video",
-                      "dl_overlay", "dl_masks", "dl_rle", "dl_bank"]
+                      "dl_overlay", "dl_masks", "dl_rle", "dl_bank", "dl_session"]
         all_views = [*dict.fromkeys(["frame", "playback", "editor", "chat", "media_info", *canvas_views,
                                      *bank_views])]
         # The model lock (unipixel.calls) runs one model call at a time; each session has at most one
@@ -253,12 +287,17 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                          api_name=api_name, **kwargs)
 
         # ---- events, in the same order
-        on(media_file.upload, app.load_media, [state, media_file, num_frames, max_new_tokens, track_source],
-           all_views, "load_media", show_progress_on=[canvas, media_info], **media_work, **raw)
-        example_views = [*all_views, "question", "tool"]
+        replace_media = confirm_first("Open this media? The objects and the chat of the open one will be lost "
+                                      "(save the session first to keep them).", f"{HAS_WORK} && {OTHER_MEDIA}")
+        on(media_file.upload, app.load_media, [state, media_file, num_frames, max_new_tokens, track_source, confirmed],
+           [*all_views, "media_file"], "load_media", show_progress_on=[canvas, media_info], js=replace_media,
+           **media_work, **raw)
+        example_views = [*all_views, "question", "tool", "media_file"]
         examples.load_input_event.then(  # the example's inputs are filled first, then its media is opened
             adapt(app.load_example, example_views),
-            inputs=[state, media_file, question, example_point, num_frames, max_new_tokens, track_source],
+            inputs=[state, media_file, question, example_point, num_frames, max_new_tokens, track_source,
+                    confirmed],
+            js=replace_media,
             outputs=[views[n] for n in example_views],
             api_name="load_example_media",
             show_progress_on=[canvas, media_info],
@@ -293,13 +332,23 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
            [*bank_views, "chat", "question"], "ask", show_progress_on=[chatbot], **model_work, **raw,
            ).then(lambda: gr.update(visible=False), outputs=stop_btn, queue=False, api_visibility="private")
         on(stop_btn.click, app.stop_answer, [state], [], "stop_answer", queue=False)
-        on(reset_btn.click, app.reset, [state], all_views, "reset")
+        on(reset_btn.click, app.reset, [state, confirmed], all_views, "reset",
+           js=confirm_first("Clear the chat and every object? This cannot be undone."))
+        on(chatbot.clear, app.clear_chat, [state], ["state", "chat"], "clear_chat")
         on(objects.input, app.select_object, [state, objects], ["name", "toggle"], "select_object")
         on([rename_btn.click, name.submit], app.rename_object, [state, objects, name], bank_views, "rename_object")
         on(toggle_btn.click, app.toggle_object, [state, objects], bank_views, "toggle_object")
         on(solo_btn.click, app.solo_object, [state, objects], bank_views, "solo_object")
         on(all_btn.click, app.show_all, [state], bank_views, "show_all")
-        on(delete_btn.click, app.delete_object, [state, objects], [*canvas_views, *bank_views], "delete_object")
+        on(delete_btn.click, app.delete_object, [state, objects, confirmed], [*canvas_views, *bank_views],
+           "delete_object", js=confirm_first("Delete this object? This cannot be undone.", "args[1] != null"))
+        on(prepare_btn.click, app.prepare_downloads, [state], ["state", "video", *(f"dl_{k}" for k in DOWNLOADS)],
+           "prepare_downloads", show_progress_on=[video, prepare_btn], **media_work)
+        on(save_btn.click, app.save_session, [state], ["state", "dl_session"], "save_session", **media_work)
+        on(open_btn.upload, app.open_session, [state, open_btn, confirmed],
+           [*all_views, "num_frames", "max_new_tokens", "media_file"], "open_session", show_progress_on=[canvas, media_info],
+           js=confirm_first("Open this saved session? The objects and the chat of the open one will be lost."),
+           **media_work, **raw)
 
         if results_dir is not None:  # the Evaluate tab: batch runs under this directory
             from .evaluate import build_evaluate

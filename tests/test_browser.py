@@ -143,6 +143,7 @@ def test_two_sessions_do_not_share_objects(browser, url, tmp_path):
         add_object(page_a, 1)
         click_canvas(page_a, 0.8, 0.3)
         add_object(page_a, 2)
+        page_a.locator("#prepare-downloads").click()  # the overlay video is made when asked for
         page_a.wait_for_selector("#overlay-video video")
         page_a.screenshot(path=tmp_path / "4_session_a.png", full_page=True)
 

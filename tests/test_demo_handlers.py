@@ -12,7 +12,7 @@ import pytest
 
 from demo.canvas import BOX, BRUSH, NEGATIVE, POINT, POSITIVE, CanvasDraft
 from demo.chips import colorize
-from demo.handlers import Playground, PlaygroundState, delete_state
+from demo.handlers import DOWNLOADS, Playground, PlaygroundState, delete_state
 from demo.layout import ASSETS
 from unipixel.memory import ObjectMemoryBank, color_for
 from unipixel.session import Target
@@ -63,7 +63,9 @@ def test_point_object_gets_chip_overlay_and_downloads(app, image_state):
     assert '[1]</span> ball' in views["chips"] and "data:image/png;base64," in views["chips"]
     assert views["objects"]["choices"] == [("[1] ball", 1)] and views["objects"]["value"] == 1
     assert views["viewer"].shape == frame.shape
-    files = {k: Path(views[f"dl_{k}"]) for k in ("overlay", "masks", "rle", "bank")}
+    assert all(views[f"dl_{k}"] is None for k in DOWNLOADS), "files are made when asked for"
+    views = app.prepare_downloads(image_state)
+    files = {k: Path(views[f"dl_{k}"]) for k in DOWNLOADS}
     assert all(p.is_file() and p.parent == Path(image_state.workdir) for p in files.values())
     assert files["overlay"].name == "overlay.png" and views["video"] is None
     assert zipfile.ZipFile(files["masks"]).namelist() == ["obj001_frame000.png"]
@@ -117,9 +119,11 @@ def test_video_frames_overlay_video_and_chat(app):
         views = app.set_frame(st, 2)
         assert st.frame == 2
         app.add_point(st, 90, 120, True)
-        views = app.add_object(st, POINT, None, "ball")
+        app.add_object(st, POINT, None, "ball")
         assert st.session.bank.get(1).source_frame == 2
+        views = app.prepare_downloads(st)
         assert Path(views["video"]).suffix == ".mp4" and Path(views["video"]).stat().st_size > 0
+        assert app.rename_object(st, 1, "red ball")["video"] is None, "a changed bank takes its files away"
 
         views = app.ask(st, "What does [1] do?", TOKENS)
         chat = views["chat"]
@@ -154,18 +158,18 @@ def test_chip_controls_and_unknown_id(app, image_state):
     app.show_all(image_state)
     assert [o.visible for o in bank] == [True, True]
 
-    with pytest.warns(UserWarning, match=r"no object \[7\]"):
-        assert app.delete_object(image_state, 7) == {}
-    with pytest.warns(UserWarning, match="not an object id"):
-        assert app.rename_object(image_state, "abc", "x") == {}
-    with pytest.warns(UserWarning, match="cannot be empty"):
-        assert app.rename_object(image_state, 1, "  ") == {}
+    with pytest.raises(gr.Error, match=r"no object \[7\]"):
+        app.delete_object(image_state, 7)
+    with pytest.raises(gr.Error, match="not an object id"):
+        app.rename_object(image_state, "abc", "x")
+    with pytest.raises(gr.Error, match="cannot be empty"):
+        app.rename_object(image_state, 1, "  ")
     assert bank.ids == [1, 2] and bank.get(1).name == "red ball"
 
     views = app.delete_object(image_state, 1)
     assert bank.ids == [2] and "[1]" not in views["chips"] and views["objects"]["choices"] == [("[2] square", 2)]
-    with pytest.warns(UserWarning, match=r"no object \[1\]"):
-        assert app.ask(image_state, "What is [1]?", TOKENS) == {}
+    with pytest.raises(gr.Error, match=r"no object \[1\]"):
+        app.ask(image_state, "What is [1]?", TOKENS)
     assert image_state.chat == []
 
 
@@ -180,24 +184,24 @@ def test_bad_file_raises_and_keeps_the_session(app, image_state, tmp_path):
     assert image_state.session is session and session.bank.ids == [1]
 
 
-def test_empty_prompts_and_missing_media_warn(app, image_state):
-    with pytest.warns(UserWarning, match="Nothing is drawn"):
-        assert app.add_object(image_state, POINT, None, "") == {}
+def test_empty_prompts_and_missing_media_are_errors(app, image_state):
+    with pytest.raises(gr.Error, match="Nothing is drawn"):
+        app.add_object(image_state, POINT, None, "")
     app.click_canvas(image_state, BOX, POSITIVE, select(10, 10))
-    with pytest.warns(UserWarning, match="second corner"):
-        assert app.add_object(image_state, BOX, None, "") == {}
-    with pytest.warns(UserWarning, match="Nothing is painted"):
-        assert app.add_object(image_state, BRUSH, None, "") == {}
-    with pytest.warns(UserWarning, match="outside"):
-        assert app.add_point(image_state, 999, 5) == {}
-    with pytest.warns(UserWarning, match="empty"):
-        assert app.ask(image_state, "   ", TOKENS) == {}
+    with pytest.raises(gr.Error, match="second corner"):
+        app.add_object(image_state, BOX, None, "")
+    with pytest.raises(gr.Error, match="Nothing is painted"):
+        app.add_object(image_state, BRUSH, None, "")
+    with pytest.raises(gr.Error, match="outside"):
+        app.add_point(image_state, 999, 5)
+    with pytest.raises(gr.Error, match="empty"):
+        app.ask(image_state, "   ", TOKENS)
     assert len(image_state.session.bank) == 0
 
-    with pytest.warns(UserWarning, match="Load an image or a video first"):
-        assert app.ask(None, "hello", TOKENS) == {}
-    with pytest.warns(UserWarning, match="Load an image or a video first"):
-        assert app.add_point(PlaygroundState(), 1, 1) == {}
+    with pytest.raises(gr.Error, match="Load an image or a video first"):
+        app.ask(None, "hello", TOKENS)
+    with pytest.raises(gr.Error, match="Load an image or a video first"):
+        app.add_point(PlaygroundState(), 1, 1)
     assert app.load_media(None, None) == {}
 
 
@@ -230,6 +234,8 @@ def test_sessions_are_isolated(app):
         app.add_point(a, *RED_CIRCLE)
         app.add_object(a, POINT, None, "")
         assert len(a.session.bank) == 1 and len(b.session.bank) == 0 and b.draft.empty
+        app.prepare_downloads(a)
+        app.save_session(b)
         assert a.workdir != b.workdir and Path(a.workdir).parent == Path(app.root)
         workdir = Path(a.workdir)
     finally:
@@ -267,14 +273,15 @@ def test_an_idle_session_is_ended_and_says_so(tiny_model):
     st = app.load_media(None, IMAGE, 16, TOKENS)["state"]
     app.add_point(st, *RED_CIRCLE)
     app.add_object(st, POINT, None, "")
+    app.prepare_downloads(st)
     workdir = Path(st.workdir)
     assert app.sweeper.sweep() == 0 and st.session is not None  # not idle yet
 
     app.sweeper.ttl_s = 0.0
     assert app.sweeper.sweep() == 1
     assert st.session is None and st.expired and not workdir.exists() and app.budget.used_bytes == 0
-    with pytest.warns(UserWarning, match="idle for over 0 minutes"):
-        assert app.set_frame(st, 0) == {}
+    with pytest.raises(gr.Error, match="idle for over 0 minutes"):
+        app.set_frame(st, 0)
     app.sweeper.ttl_s = 3600
     assert app.load_media(st, IMAGE, 16, TOKENS)["state"].session is not None and not st.expired
 
@@ -284,20 +291,20 @@ def test_an_idle_session_is_ended_and_says_so(tiny_model):
 def test_object_ids_are_whole_numbers_only(app, image_state, object_id):
     app.set_mask(image_state, np.full((240, 320), 255, np.uint8))
     app.add_object(image_state, POINT, None, "")
-    with pytest.warns(UserWarning, match="is not an object id; use a whole number"):
-        assert app.delete_object(image_state, object_id) == {}
+    with pytest.raises(gr.Error, match="is not an object id; use a whole number"):
+        app.delete_object(image_state, object_id)
     assert image_state.session.bank.ids == [1]
     assert app.delete_object(image_state, "[1] its name") and image_state.session.bank.ids == []
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "inf", "1e400", "abc", True])
 def test_coordinates_and_frames_must_be_finite_numbers(app, image_state, value):
-    with pytest.warns(UserWarning, match="must be a finite number"):
-        assert app.add_point(image_state, value, 10) == {}
-    with pytest.warns(UserWarning, match="must be a finite number"):
-        assert app.set_box(image_state, 1, 1, 5, value) == {}
-    with pytest.warns(UserWarning, match="The frame must be a finite number"):
-        assert app.set_frame(image_state, value) == {}
+    with pytest.raises(gr.Error, match="must be a finite number"):
+        app.add_point(image_state, value, 10)
+    with pytest.raises(gr.Error, match="must be a finite number"):
+        app.set_box(image_state, 1, 1, 5, value)
+    with pytest.raises(gr.Error, match="The frame must be a finite number"):
+        app.set_frame(image_state, value)
     assert image_state.draft.empty and image_state.frame == 0
 
 
@@ -307,8 +314,8 @@ def test_example_with_a_bad_point_keeps_the_open_media(app, image_state, point, 
     app.set_mask(image_state, np.full((240, 320), 255, np.uint8))
     app.add_object(image_state, POINT, None, "")
     session = image_state.session
-    with pytest.warns(UserWarning, match=message):
-        assert app.load_example(image_state, VIDEO, "What is [1]?", point, 4, TOKENS) == {}
+    with pytest.raises(gr.Error, match=message):
+        app.load_example(image_state, VIDEO, "What is [1]?", point, 4, TOKENS)
     assert image_state.session is session and session.bank.ids == [1] and image_state.media_key.endswith(":16")
 
 
@@ -325,8 +332,8 @@ def test_media_or_chat_replaced_during_a_call_never_gets_its_result(app, image_s
         return runner(call, progress, **stream)
 
     session.runner = replaced_meanwhile
-    with pytest.warns(UserWarning, match="nothing was recorded"):
-        assert app.ask(image_state, "What is it?", TOKENS) == {}
+    with pytest.raises(gr.Error, match="nothing was recorded"):
+        app.ask(image_state, "What is it?", TOKENS)
     assert image_state.chat == [] and session.turns == [] and len(image_state.session.bank) == 0
     assert image_state.call is None
     assert (image_state.session is not session) == (replace == "upload")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
 import app as app_module
 from demo import gpu
@@ -126,7 +127,8 @@ def test_second_request_of_a_busy_session_is_refused_not_queued(server, outcomes
     client = opened(url)
     job = client.submit("What happens?", LONG, api_name="/ask")
     generating(job)
-    assert call(client, "/ask", "And now?", TOKENS) == {}, "refused with a warning, nothing changed"
+    with pytest.raises(AppError, match="still working on its previous request"):  # refused, nothing changed
+        call(client, "/ask", "And now?", TOKENS)
     job.cancel()
     wait_for(lambda: "CallCancelled" in outcomes, "the cancelled call to stop")
     assert outcomes == ["CallCancelled"], "the refused request never reached the model"
@@ -153,7 +155,8 @@ def test_mask_file_upload_through_the_api(server, tmp_path):
     assert "mask" in call(client, "/set_mask", handle_file(str(mask)))["Prompt"].lower()
     huge = tmp_path / "huge.png"
     Image.new("1", (10000, 10000)).save(huge)
-    assert call(client, "/set_mask", handle_file(str(huge))) == {}, "refused from its header with a warning"
+    with pytest.raises(AppError, match="pixel limit; scale it down"):  # refused from its header
+        call(client, "/set_mask", handle_file(str(huge)))
 
 
 def served(checkpoint, port: int, tmp: Path) -> subprocess.Popen:
@@ -179,6 +182,7 @@ def test_signal_removes_the_session_folders(tiny_checkpoint, free_port, tmp_path
         call(client, "/load_media", handle_file(IMAGE), 16, TOKENS)
         call(client, "/set_box", 60, 40, 120, 100)
         call(client, "/add_object", "Box", None, "")
+        call(client, "/prepare_downloads")
         assert list(tmp_path.glob("unipixel-playground-*/session-*/*")), "the session wrote its files"
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 128 + signum

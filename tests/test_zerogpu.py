@@ -105,7 +105,7 @@ def playground_run(tiny_model, processor, video: str = VIDEO, track: bool = Fals
             "tracks": [None if o.track is None else o.track.to_json() for o in bank],
             "chat": list(st.chat),
             "chips": views["chips"],
-            "downloads": downloads(views),
+            "downloads": downloads(app.prepare_downloads(st)),
             "turns": [(t.question, t.raw_answer) for t in st.session.turns],
         }
     finally:

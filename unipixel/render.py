@@ -152,12 +152,12 @@ def thumbnail(
         x0, y0, x1, y1, side = 0, 0, width, height, max(width, height)
     side = max(1, round(side))
     left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
-    tinted = frame.copy()
-    _blend(tinted, mask, color, 0.45)
     # The square may reach past the frame (elongated objects, empty masks): pad instead of squashing.
     crop = np.full((side, side, 3), _PAD_GRAY, np.uint8)
     sx0, sy0 = max(left, 0), max(top, 0)
     sx1, sy1 = min(left + side, width), min(top + side, height)
-    crop[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = tinted[sy0:sy1, sx0:sx1]
+    window = frame[sy0:sy1, sx0:sx1].copy()  # tint only what is shown: chips redraw on every bank action
+    _blend(window, mask[sy0:sy1, sx0:sx1], color, 0.45)
+    crop[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = window
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     return cv2.resize(crop, (size, size), interpolation=interpolation)

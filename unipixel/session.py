@@ -7,6 +7,7 @@ Everything computed for the media (vision tokens, SAM 2 frame features) is compu
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import re
 import threading
@@ -22,7 +23,7 @@ from .calls import (AskCall, CallResult, MaskCall, MediaCache, ObjectCall, Packe
                     TextCallback, report, run_call)
 from .errors import CallCancelled, PromptError, SessionBusyError, TooManyObjectsError
 from .media import DEFAULT_MAX_TRACKED_FRAMES, Media, TrackPlan, track_plan
-from .memory import MemoryObject, ObjectMemoryBank
+from .memory import MemoryObject, ObjectMemoryBank, rle_decode, rle_encode
 from .model import RefPrompt, cell_slots, mem_slot_cells
 from .model import processing as P
 
@@ -344,7 +345,7 @@ class Session:
             question = (question or "").strip()
             if not question:
                 raise PromptError("the question is empty: a restored turn needs the question it answered")
-            user, mem_masks = self._user_turn(question)
+            user, mem_cells = self._user_turn(question)
             if len(masks) > self.bank.max_objects - len(self.bank):
                 raise TooManyObjectsError(f"the turn segmented {len(masks)} objects but the memory bank has room for "
                                           f"{self.bank.max_objects - len(self.bank)} more")
@@ -363,7 +364,7 @@ class Session:
             new_objects = [self.bank.add(m, "answer", turn=turn) for m in masks]
             result = TurnResult(question, answer, raw_answer, targets, new_objects, 0.0)
             self.turns.append(result)
-            self._commit_turn(user, raw_answer, mem_masks)
+            self._commit_turn(user, raw_answer, mem_cells)
             return result
 
     def _check_length(self, total: int, question: str, grid: torch.Tensor) -> None:
@@ -421,9 +422,60 @@ class Session:
             self.bank.clear()
             self._refined.clear()
             self._undo.clear()
+            self.clear_chat()
+
+    def clear_chat(self) -> None:
+        """Forget the conversation (the model no longer sees it); the objects stay, under the same [id]s."""
+        with self._lock:
             self.turns.clear()
             self._messages.clear()
             self._mem_cells = []
+
+    # ---- save and resume -------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything needed to go on with this conversation, JSON-ready (masks as COCO RLE): the bank,
+        the turns, and the model's own history (messages and the masks behind each `<|mem|>`).
+        The media is not included; `from_state` takes it again."""
+        with self._lock:
+            return {
+                "version": 1,
+                "max_new_tokens": self.max_new_tokens,
+                "bank": self.bank.to_json(),
+                "turns": [
+                    {"question": t.question, "answer": t.answer, "raw_answer": t.raw_answer, "seconds": t.seconds,
+                     "stopped": t.stopped, "targets": [[g.object_id, g.start, g.end] for g in t.targets],
+                     "new_objects": [o.id for o in t.new_objects]}
+                    for t in self.turns
+                ],
+                "messages": copy.deepcopy(self._messages),
+                "mem_cells": [_rle_stack(cells.numpy()) for cells in self._mem_cells],
+            }
+
+    @classmethod
+    def from_state(cls, model, processor, media: Media, state: dict, **kwargs) -> Session:
+        """A session on `media` that goes on where `state` (from `Session.state`) stopped; the same
+        [id]s name the same objects. `kwargs` as for `Session` (max_new_tokens defaults to the saved one)."""
+        try:
+            bank = ObjectMemoryBank.from_json(state["bank"])
+            mem_cells = [torch.from_numpy(_unrle_stack(c)) for c in state["mem_cells"]]
+            session = cls(model, processor, media, **{"max_new_tokens": state["max_new_tokens"], **kwargs})
+            expected = (media.num_frames, media.height, media.width)
+            for masks in (o.masks for o in bank):
+                if tuple(masks.shape) != expected:
+                    raise PromptError(f"the saved masks are {'x'.join(map(str, masks.shape))} but this media has "
+                                      f"{'x'.join(map(str, expected))} (frames x height x width): open it with the "
+                                      "same media and frame count")
+            bank.max_objects = session.bank.max_objects  # this server's limit, not the saving one's
+            session.bank, session._mem_cells = bank, mem_cells
+            session._messages = copy.deepcopy(state["messages"])
+            session.turns = [
+                TurnResult(t["question"], t["answer"], t["raw_answer"], [Target(*g) for g in t["targets"]],
+                           [bank.get(i) for i in t["new_objects"] if i in bank], t["seconds"], t.get("stopped", False))
+                for t in state["turns"]
+            ]
+        except (KeyError, TypeError, ValueError) as err:
+            raise PromptError(f"the saved session is incomplete or damaged ({type(err).__name__}: {err})") from err
+        return session
 
 
 def streamed_answer(raw: str) -> str:
@@ -434,6 +486,18 @@ def streamed_answer(raw: str) -> str:
 def _first(result: CallResult):
     """The masks and track (None when not tracked) of a call's one object."""
     return result.masks[0], result.tracks[0] if result.tracks else None
+
+
+def _rle_stack(masks: np.ndarray) -> dict:
+    """Masks of any leading shape [..., H, W] as one RLE per [H, W] plane."""
+    planes = masks.reshape(-1, *masks.shape[-2:])
+    return {"shape": list(masks.shape), "rle": [rle_encode(plane) for plane in planes]}
+
+
+def _unrle_stack(data: dict) -> np.ndarray:
+    shape = tuple(data["shape"])
+    planes = [rle_decode(r) for r in data["rle"]]
+    return np.stack(planes).reshape(shape) if planes else np.zeros(shape, bool)
 
 
 def _cancelled() -> CallCancelled:
