@@ -164,8 +164,8 @@ def test_timeline_goto_and_play_move_the_frame(app):
         assert 'up-tl-now" data-frame="1"' in views["timeline"]
         assert app.goto_frame(st, gr.EventData(None, {"frame": 3})) == {"frame": 3}
         assert app.goto_frame(st, gr.EventData(None, {"frame": 99})) == {"frame": 3}, "clamped to the last"
-        with pytest.warns(UserWarning, match="timeline's frame must be a finite number"):
-            assert app.goto_frame(st, gr.EventData(None, {})) == {}
+        with pytest.raises(gr.Error, match="timeline's frame must be a finite number"):
+            app.goto_frame(st, gr.EventData(None, {}))
 
         async def frames():
             return [view async for view in app.play(st)]

@@ -1,6 +1,7 @@
 """Refining an object with SAM 2 clicks on any frame, undoing it, and objects prompted on a later
 frame tracked back to the first (issue 32, points 2 and 3)."""
 import numpy as np
+import gradio as gr
 import pytest
 
 from demo import gpu
@@ -217,13 +218,13 @@ def test_playground_refines_the_selected_object_and_undoes_it(tiny_model):
         app.add_object(st, "Point", None, "ball")
         obj = st.session.bank.get(1)
         before = obj.masks.copy()
-        with pytest.warns(UserWarning, match=r"Click the frame to refine \[1\]"):
-            assert app.refine_object(st, 1) == {}
+        with pytest.raises(gr.Error, match=r"Click the frame to refine \[1\]"):
+            app.refine_object(st, 1)
         app.set_frame(st, 3)
         app.add_point(st, 90, 120, False)
         app.add_point(st, 200, 60, True)
-        with pytest.warns(UserWarning, match=r"no object \[9\]"):
-            assert app.refine_object(st, "[9]") == {}
+        with pytest.raises(gr.Error, match=r"no object \[9\]"):
+            app.refine_object(st, "[9]")
         assert len(st.draft.points) == 2, "a refused refinement keeps the drawn clicks"
         views = app.refine_object(st, "[1] ball")
         assert st.session.bank.ids == [1] and st.session.bank.get(1) is obj and obj.name == "ball"
@@ -231,9 +232,9 @@ def test_playground_refines_the_selected_object_and_undoes_it(tiny_model):
         assert "[1]</span> ball" in views["chips"] and views["objects"]["value"] == 1
         views = app.undo_refinement(st, 1)
         assert np.array_equal(obj.masks, before) and views["objects"]["value"] == 1
-        with pytest.warns(UserWarning, match="no refinement to undo"):
-            assert app.undo_refinement(st, 1) == {}
-        with pytest.warns(UserWarning, match="Select an object first"):
-            assert app.refine_object(st, None) == {}
+        with pytest.raises(gr.Error, match="no refinement to undo"):
+            app.undo_refinement(st, 1)
+        with pytest.raises(gr.Error, match="Select an object first"):
+            app.refine_object(st, None)
     finally:
         delete_state(st)

@@ -42,7 +42,7 @@ def test_state_round_trip_goes_on_with_the_same_answers(tiny_model, video, tmp_p
     assert restored.bank.ids == [1] and restored.bank.get(1).name == "red square"
     np.testing.assert_array_equal(restored.bank.get(1).masks, session.bank.get(1).masks)
     assert restored.bank.next_id == session.bank.next_id and restored.max_new_tokens == 6
-    assert restored._messages == session._messages and len(restored._mem_masks) == len(session._mem_masks) == 1
+    assert restored._messages == session._messages and len(restored._mem_cells) == len(session._mem_cells) == 1
     assert [t.answer for t in restored.turns] == [t.answer for t in session.turns]
 
     # The next turn sees the same history, so greedy decoding gives the same answer in both.
@@ -94,5 +94,5 @@ def test_clear_chat_forgets_the_conversation_and_keeps_the_objects(tiny_model, v
     first = session.ask("What is [1]?").raw_answer
     session.ask("And now?")
     session.clear_chat()
-    assert session.turns == [] and session._messages == [] and session._mem_masks == [] and session.bank.ids == [1]
+    assert session.turns == [] and session._messages == [] and session._mem_cells == [] and session.bank.ids == [1]
     assert session.ask("What is [1]?").raw_answer == first, "the model sees a new conversation"

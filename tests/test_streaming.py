@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import gradio as gr
 import pytest
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -184,8 +185,8 @@ def test_playground_streams_the_chat_and_its_stop_keeps_the_answer(tiny_model):
                 break
             assert st.chat == [] and update["chat"][0]["content"] == "Please segment them."
             if not answers:  # a second question meanwhile is refused, and leaves Stop to this answer
-                with pytest.warns(UserWarning, match="still working"):
-                    assert app.ask(st, "And this?", 8) == {}
+                with pytest.raises(gr.Error, match="still working"):
+                    app.ask(st, "And this?", 8)
             answers.append(update["chat"][-1]["content"])
             if answers[-1].count(SEG_PENDING) >= 2:
                 app.stop_answer(st)
@@ -209,10 +210,12 @@ def test_playground_takes_back_a_streamed_answer_that_records_nothing(tiny_model
     st = app.load_media(None, str(ASSETS / "shapes.png"), 16, 64)["state"]
     try:
         st.session.generate_kwargs = {"logits_processor": forcing(processor, SEGS)}
-        with pytest.warns(UserWarning, match="room for 2 more"):
-            updates = list(app.ask_stream(st, "Please segment them.", 64))
-        assert any(SEG_PENDING in u.get("chat", [{}])[-1].get("content", "") for u in updates[:-2])
-        assert updates[-2:] == [{"chat": []}, {}], "the shown answer is taken back, then nothing changes"
+        updates = []
+        with pytest.raises(gr.Error, match="room for 2 more"):
+            for update in app.ask_stream(st, "Please segment them.", 64):
+                updates.append(update)
+        assert any(SEG_PENDING in u.get("chat", [{}])[-1].get("content", "") for u in updates[:-1])
+        assert updates[-1] == {"chat": []}, "the shown answer is taken back before the error"
         assert st.chat == [] and st.session.turns == [] and len(st.session.bank) == 0
     finally:
         delete_state(st)
