@@ -220,6 +220,10 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             prior = F.interpolate(prompt.prior.float().to(self.device)[:, None], size=(low, low), mode="bilinear",
                                   align_corners=False, antialias=True) * 20.0 - 10.0  # ±10: the package's scores
         context = self._seg_prompt(prompt.tokens) if prompt.tokens is not None else contextlib.nullcontext()
+        # A correction before every other conditioning frame is conditioned as the package's tracker
+        # reaches it, backward from them, so it reads their object pointers (under float32 weights
+        # SAM 2 needs one: its bfloat16 mask memories alone do not mix with the weights).
+        reverse = prompt.correction and frame < min(output_dict["cond_frame_outputs"], default=frame)
         with context:
             out, _ = self._run_single_frame_inference(
                 inference_state=state,
@@ -229,7 +233,7 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
                 is_init_cond_frame=not prompt.correction,
                 point_inputs=points,
                 mask_inputs=masks,
-                reverse=False,
+                reverse=reverse,
                 run_mem_encoder=False,
                 prev_sam_mask_logits=prior,
             )
