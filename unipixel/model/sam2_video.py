@@ -3,7 +3,8 @@
 UniPixel spec §4 (`<|seg|>` path): the seg tokens are extra sparse prompt tokens for frame 0 of a
 fresh video state; SAM 2 then propagates forward with its memory. `track` is the general form:
 any frames conditioned by seg tokens, clicks or a mask, tracked forward and/or backward, through the
-sampled frames or every source frame. We extend the `sam2` package's predictor by subclassing, so
+sampled frames or every source frame, on one propagation loop (`iter_track`) that `retrack`, the
+correction of a track, also runs on. We extend the `sam2` package's predictor by subclassing, so
 the module names (and so the checkpoint keys) stay the package's.
 """
 from __future__ import annotations
