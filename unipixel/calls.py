@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
+from . import tracking
 from .media import TrackPlan
 from .memory import MaskTrack
 from .model import RefPrompt
 from .model import processing as P
-from .model.sam2_video import SAM2Video
+from .model.sam2_video import BACKWARD, SAM2Video
 from .tracking import mask_track, seg_tracks
 
 Progress = Callable[[float, str], None]
@@ -159,6 +160,8 @@ class RefineCall:
     labels: torch.Tensor  # [P]: 1 positive, 0 negative, 2 and 3 a box's corners
     keep: tuple[int, ...] = ()  # frames whose masks keep conditioning the track (earlier prompts)
     cache: MediaCache | None = None
+    track: TrackPlan | None = None  # re-track through these source frames: then `source` is the object's
+    source: MaskTrack | None = None  # track so far (`masks` its sampled frames), and its frames are re-run
 
 
 @dataclass
@@ -265,6 +268,8 @@ def _segment_object(model, processor, call: ObjectCall, progress) -> CallResult:
     if call.track is not None:
         tracks, masks = seg_tracks(model, out.seg_hidden, cache.sam2, call.frames, call.track, [call.clicks],
                                    lambda f, t: report(progress, 0.6 + 0.4 * f, t))  # fmt: skip
+        if call.ref.frame > 0:
+            tracks[0], masks[0] = _track_back_source(model, cache.sam2, tracks[0], call, progress)
         return CallResult(masks, cache, tracks=tracks)
     masks = model.decode_seg_masks(out.seg_hidden, cache.sam2, clicks=[call.clicks])
     frame = call.ref.frame
@@ -273,25 +278,50 @@ def _segment_object(model, processor, call: ObjectCall, progress) -> CallResult:
     return CallResult(masks.numpy(), cache)
 
 
+def _ref_clicks(model, call: ObjectCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """What conditions the prompted frame of a backward track: the drawn clicks, or the `<|ref|>` point or box."""
+    if call.clicks is not None:
+        return call.clicks[1:]
+    return call.ref.coords / model.config.sam2_image_size, call.ref.labels
+
+
 def _track_back(model, video: SAM2Video, masks: torch.Tensor, call: ObjectCall, progress) -> torch.Tensor:
     """The playground's addition to the model's route (spec §4: the seg tokens condition frame 0, SAM 2
     tracks forward) for a prompt on frame f > 0: SAM 2 conditioned on f by the drawn clicks (or the
     `<|ref|>` point or box) with the model's mask on f as the mask prior, tracked backward to frame 0."""
-    if call.clicks is not None:
-        _, coords, labels = call.clicks
-    else:
-        coords, labels = call.ref.coords / model.config.sam2_image_size, call.ref.labels
+    coords, labels = _ref_clicks(model, call)
     report(progress, 0.8, "tracking back from the prompted frame")
     return model.retrack(video, masks, call.ref.frame, coords, labels, forward=False,
                          progress=lambda f, t: report(progress, 0.8 + 0.2 * f, t))  # fmt: skip
 
 
+def _track_back_source(model, video: SAM2Video, track: MaskTrack, call: ObjectCall, progress):
+    """`_track_back` through the plan's frames: the track before the prompted frame's tracked
+    position is SAM 2's backward track from it; the rest stays the model's route. Returns the
+    track and its sampled masks [T, H, W]."""
+    coords, labels = _ref_clicks(model, call)
+    report(progress, 0.8, "tracking back from the prompted frame")
+    back, _ = tracking.retrack(model, video, call.frames, call.track, track, call.ref.frame, coords, labels,
+                               directions=(BACKWARD,), progress=lambda f, t: report(progress, 0.8 + 0.2 * f, t))
+    cut = call.track.sampled_positions[call.ref.frame]
+    track = MaskTrack(track.frame_indices, back.rles[:cut] + track.rles[cut:])
+    return track, track.masks(call.track.sampled_positions)
+
+
 def _refine(model, processor, call: RefineCall, progress) -> CallResult:
     cache = media_cache(model, processor, call.frames, call.cache, progress)
     report(progress, 0.2, "refining the mask")
+
+    def propagating(fraction: float, _text: str) -> None:
+        report(progress, 0.2 + 0.8 * fraction, "propagating the refined mask")
+
+    if call.source is not None:
+        track, masks = tracking.retrack(model, cache.sam2, call.frames, call.track, call.source, call.frame,
+                                        call.coords, call.labels, call.keep, progress=propagating)  # fmt: skip
+        return CallResult(masks[None], cache, tracks=[track])
     masks = torch.from_numpy(call.masks.unpack())
     masks = model.retrack(cache.sam2, masks, call.frame, call.coords, call.labels, keep=call.keep,
-                          progress=lambda f, t: report(progress, 0.2 + 0.8 * f, t))  # fmt: skip
+                          progress=propagating)  # fmt: skip
     return CallResult(masks[None].numpy(), cache)
 
 

@@ -226,10 +226,13 @@ class ObjectMemoryBank:
         obj.name = _clean_name(name)
         return obj
 
-    def replace_masks(self, object_id: int, masks: np.ndarray) -> MemoryObject:
-        """New masks for an object (a refinement); its id, name and color stay."""
+    def replace_masks(self, object_id: int, masks: np.ndarray, track: MaskTrack | None = None) -> MemoryObject:
+        """New masks for an object (a refinement), and its new track when it has one; its id, name
+        and color stay."""
         obj = self.get(object_id)
         obj.masks = self._validate_masks(masks)
+        if track is not None:
+            obj.track = track
         return obj
 
     def delete(self, object_id: int) -> MemoryObject:

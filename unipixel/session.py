@@ -23,7 +23,7 @@ from .calls import (AskCall, CallResult, MaskCall, MediaCache, ObjectCall, Packe
                     TextCallback, report, run_call)
 from .errors import CallCancelled, PromptError, SessionBusyError, TooManyObjectsError
 from .media import DEFAULT_MAX_TRACKED_FRAMES, Media, TrackPlan, track_plan
-from .memory import MemoryObject, ObjectMemoryBank, rle_decode, rle_encode
+from .memory import MaskTrack, MemoryObject, ObjectMemoryBank, rle_decode, rle_encode
 from .model import RefPrompt, cell_slots, mem_slot_cells
 from .model import processing as P
 
@@ -113,7 +113,8 @@ class Session:
         self._messages: list[dict] = []
         self._mem_cells: list[torch.Tensor] = []  # `mem_slot_cells` of every `<|mem|>` object of the history
         self._refined: dict[int, frozenset[int]] = {}  # object id -> the frames its refinements clicked on
-        self._undo: dict[int, list[tuple[PackedMasks, frozenset[int]]]] = {}  # object id -> states before each
+        # object id -> its masks, track (None: untracked) and refined frames before each refinement
+        self._undo: dict[int, list[tuple[PackedMasks, MaskTrack | None, frozenset[int]]]] = {}
         # Which source frames SAM 2 tracks; None: the sampled frames only (an image has nothing more).
         self.track_plan: TrackPlan | None = (
             track_plan(media, max_tracked_frames) if track_source_frames and media.is_video else None
@@ -203,9 +204,11 @@ class Session:
         SAM 2 is conditioned on that frame by the clicks with the object's mask there as the prior,
         keeps the object's earlier prompts (the frame it was drawn on, frame 0 for an answer's
         object, earlier refinements) as conditioning frames holding their masks, and re-tracks the
-        object forward and backward from the frame. The object keeps its id, name and color; its
-        masks are replaced whole or not at all (a set `cancel` raises `CallCancelled`, nothing
-        changes). `undo_refine` brings the previous masks back.
+        object forward and backward from the frame: through the source frames when the session
+        tracks them (its track and its sampled masks, the track's there, change together). The
+        object keeps its id, name and color; its masks are replaced whole or not at all (a set
+        `cancel` raises `CallCancelled`, nothing changes). `undo_refine` brings the previous masks
+        (and track) back.
         """
         with self._one_call():
             obj = self.bank.get(object_id)  # ObjectNotFoundError names the known ids
@@ -215,26 +218,28 @@ class Session:
             coords, labels = self._sam_clicks(prompt)
             refined = self._refined.get(object_id, frozenset())
             keep = ({0 if obj.source_frame is None else obj.source_frame} | refined) - {prompt.frame}
+            tracked = self.track_plan is not None and obj.track is not None
             call = RefineCall(self.media.frames, PackedMasks.pack(obj.masks), prompt.frame, coords, labels,
-                              tuple(sorted(keep)))  # fmt: skip
-            masks = self._run(call, progress, cancel).masks[0]
-            self.bank.replace_masks(object_id, masks)
+                              tuple(sorted(keep)), track=self.track_plan if tracked else None,
+                              source=obj.track if tracked else None)  # fmt: skip
+            masks, track = _first(self._run(call, progress, cancel))
+            self.bank.replace_masks(object_id, masks, track)
             history = self._undo.setdefault(object_id, [])
-            history.append((call.masks, refined))
+            history.append((call.masks, call.source, refined))
             del history[:-UNDO_STEPS]
             self._refined[object_id] = refined | {prompt.frame}
             report(progress, 1.0, f"refined {obj.label}")
             return obj
 
     def undo_refine(self, object_id: int) -> MemoryObject:
-        """Bring back an object's masks from before its last refinement."""
+        """Bring back an object's masks (and track) from before its last refinement."""
         with self._one_call():
             obj = self.bank.get(object_id)
             history = self._undo.get(object_id)
             if not history:
                 raise PromptError(f"{obj.label} has no refinement to undo")
-            masks, refined = history.pop()
-            self.bank.replace_masks(object_id, masks.unpack())
+            masks, track, refined = history.pop()
+            self.bank.replace_masks(object_id, masks.unpack(), track)
             self._refined[object_id] = refined
             return obj
 
@@ -440,6 +445,7 @@ class Session:
             return {
                 "version": 1,
                 "max_new_tokens": self.max_new_tokens,
+                "track_source_frames": self.track_plan is not None,
                 "bank": self.bank.to_json(),
                 "turns": [
                     {"question": t.question, "answer": t.answer, "raw_answer": t.raw_answer, "seconds": t.seconds,
@@ -458,7 +464,9 @@ class Session:
         try:
             bank = ObjectMemoryBank.from_json(state["bank"])
             mem_cells = [torch.from_numpy(_unrle_stack(c)) for c in state["mem_cells"]]
-            session = cls(model, processor, media, **{"max_new_tokens": state["max_new_tokens"], **kwargs})
+            saved = {"max_new_tokens": state["max_new_tokens"],
+                     "track_source_frames": bool(state.get("track_source_frames", False))}
+            session = cls(model, processor, media, **{**saved, **kwargs})
             expected = (media.num_frames, media.height, media.width)
             for masks in (o.masks for o in bank):
                 if tuple(masks.shape) != expected:

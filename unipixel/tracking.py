@@ -31,23 +31,28 @@ def source_video(model, sampled: SAM2Video, frames: np.ndarray, plan: TrackPlan)
 
 
 def track_objects(model, video: SAM2Video, plan: TrackPlan, prompts: dict[int, TrackPrompt], directions,
-                  progress=None) -> tuple[list[MaskTrack], np.ndarray]:  # fmt: skip
-    """Track the prompted objects (prompts keyed by tracked frame) through `video`: each object's
-    `MaskTrack`, and its masks on the sampled frames [n, T, H, W] (the track's, there)."""
+                  progress=None, *, start: int | None = None, one_memory: bool = False,
+                  base: list[MaskTrack] | None = None) -> tuple[list[MaskTrack], np.ndarray]:  # fmt: skip
+    """Track the prompted objects (prompts keyed by tracked frame) through `video` (`iter_track`,
+    with its `start` and `one_memory`): each object's `MaskTrack`, and its masks on the sampled
+    frames [n, T, H, W] (the track's, there). A frame conditioned by a mask keeps that mask
+    exactly; the frames no direction reached keep `base`'s masks (a track per object), or are empty.
+    Each frame is encoded as it comes: no [T, H, W] stack of the tracked frames is ever held."""
     n = next(iter(prompts.values())).num_objects
-    sampled_at = {t: k for k, t in enumerate(plan.sampled_positions)}
     rles: list[dict[int, dict]] = [{} for _ in range(n)]
-    sampled = np.zeros((n, len(plan.sampled_positions), video.height, video.width), dtype=bool)
     with model.sam2_autocast():
-        for t, masks in model.sam2.iter_track(video, prompts, directions, progress):
+        for t, masks in model.sam2.iter_track(video, prompts, directions, progress, start=start, one_memory=one_memory):
+            if t in prompts and prompts[t].mask is not None:
+                masks = prompts[t].mask
             masks = masks.numpy()
             for i in range(n):
                 rles[i][t] = rle_encode(masks[i])
-            if t in sampled_at:
-                sampled[:, sampled_at[t]] = masks
-    empty = rle_encode(np.zeros((video.height, video.width), dtype=bool))  # frames no direction reached
-    tracks = [MaskTrack(plan.frame_indices, [r.get(t, empty) for t in range(plan.num_frames)]) for r in rles]
-    return tracks, sampled
+    empty = rle_encode(np.zeros((video.height, video.width), dtype=bool))
+    tracks = [
+        MaskTrack(plan.frame_indices, [r.get(t, base[i].rles[t] if base else empty) for t in range(plan.num_frames)])
+        for i, r in enumerate(rles)
+    ]
+    return tracks, np.stack([track.masks(plan.sampled_positions) for track in tracks])
 
 
 def seg_tracks(model, seg_hidden: torch.Tensor, sampled: SAM2Video, frames: np.ndarray, plan: TrackPlan,
@@ -83,8 +88,23 @@ def mask_track(model, sampled: SAM2Video, frames: np.ndarray, frame: int, mask: 
             masks = model.sam2.track(sampled, {frame: prompt}, (FORWARD, BACKWARD), progress)[0].numpy()
         masks[frame] = mask
         return None, masks
-    cond = plan.sampled_positions[frame]
     video = source_video(model, sampled, frames, plan)
-    tracks, masks = track_objects(model, video, plan, {cond: prompt}, (FORWARD, BACKWARD), progress)
-    tracks[0].rles[cond], masks[0, frame] = rle_encode(mask), mask
+    tracks, masks = track_objects(model, video, plan, {plan.sampled_positions[frame]: prompt}, (FORWARD, BACKWARD),
+                                  progress)  # fmt: skip
+    return tracks[0], masks[0]
+
+
+def retrack(model, sampled: SAM2Video, frames: np.ndarray, plan: TrackPlan, track: MaskTrack, frame: int,
+            coords: torch.Tensor, labels: torch.Tensor, keep=(), directions=(FORWARD, BACKWARD),
+            progress=None) -> tuple[MaskTrack, np.ndarray]:  # fmt: skip
+    """`PixelSAM2VideoPredictor.retrack` through the plan's frames: one object's `track` re-run from
+    clicks on sampled frame `frame`, the sampled frames of `keep` holding their masks, from the
+    clicked frame's tracked position both ways (`directions`). Only the conditioning frames'
+    masks are decoded. Returns the new track and its masks on the sampled frames [T, H, W]."""
+    at = plan.sampled_positions
+    prompts = model.sam2.refine_prompts(lambda t: torch.from_numpy(track.mask(t)), at[frame], coords, labels,
+                                        [at[k] for k in keep])  # fmt: skip
+    video = source_video(model, sampled, frames, plan)
+    tracks, masks = track_objects(model, video, plan, prompts, directions, progress, start=at[frame],
+                                  one_memory=True, base=[track])  # fmt: skip
     return tracks[0], masks[0]

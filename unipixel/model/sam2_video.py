@@ -3,7 +3,8 @@
 UniPixel spec §4 (`<|seg|>` path): the seg tokens are extra sparse prompt tokens for frame 0 of a
 fresh video state; SAM 2 then propagates forward with its memory. `track` is the general form:
 any frames conditioned by seg tokens, clicks or a mask, tracked forward and/or backward, through the
-sampled frames or every source frame. We extend the `sam2` package's predictor by subclassing, so
+sampled frames or every source frame, on one propagation loop (`iter_track`) that `retrack`, the
+correction of a track, also runs on. We extend the `sam2` package's predictor by subclassing, so
 the module names (and so the checkpoint keys) stay the package's.
 """
 from __future__ import annotations
@@ -115,11 +116,18 @@ class TrackPrompt:
     """What conditions one frame of a track, for the n objects tracked together (any of the three,
     combined): `tokens` [n, k, s] `<|seg|>` prompt tokens; `points` (coords [P, 2] in [0, 1] of
     the frame, labels [P]) SAM 2 clicks, for n = 1; `mask` [n, H, W] bool at video resolution
-    (SAM 2's `add_new_mask`: the mask is the frame's output and seeds the memory)."""
+    (SAM 2's `add_new_mask`: the mask is the frame's output and seeds the memory).
+
+    With points, `prior` [n, H, W] bool is the frame's mask so far, fed to SAM 2 as mask logits
+    with the clicks (as the package feeds a frame's previous logits with new clicks), and
+    `correction` conditions the frame after the others, reading their memory (a click on an
+    already tracked frame) rather than as an initial conditioning frame."""
 
     tokens: torch.Tensor | None = None
     points: tuple[torch.Tensor, torch.Tensor] | None = None
     mask: torch.Tensor | None = None
+    prior: torch.Tensor | None = None
+    correction: bool = False
 
     @property
     def num_objects(self) -> int:
@@ -190,16 +198,14 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             inference_state["cached_features"] = {frame_idx: cache[key]}
         return super()._get_image_feature(inference_state, frame_idx, batch_size)
 
-    def _condition(self, state: dict, output_dict: dict, frame: int, prompt: TrackPrompt, *, prior=None,
-                   is_init: bool = True) -> dict:
+    def _condition(self, state: dict, output_dict: dict, frame: int, prompt: TrackPrompt) -> dict:
         """Prompted output of a conditioning frame, with its memory encoded.
 
         Same steps as the package's `add_new_points_or_box` / `add_new_mask` followed by
-        `propagate_in_video_preflight`. `prior`: mask logits fed with the points, as the package
-        feeds a frame's previous logits with new clicks; `is_init=False` reads the memory of the
-        conditioning frames already in `output_dict` (a correction of a tracked frame).
+        `propagate_in_video_preflight`; a `correction` reads the memory of the conditioning frames
+        already in `output_dict`.
         """
-        points = masks = None
+        points = masks = prior = None
         if prompt.points is not None:
             coords, labels = prompt.points
             points = {
@@ -210,17 +216,25 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             masks = F.interpolate(prompt.mask.to(self.device, torch.float32)[:, None], size=(self.image_size,) * 2,
                                   mode="bilinear", align_corners=False, antialias=True)  # fmt: skip
             masks = (masks >= 0.5).float()
+        if prompt.prior is not None:
+            low = self.image_size // 4  # the size of SAM 2's mask logits (its prompt encoder's mask input)
+            prior = F.interpolate(prompt.prior.float().to(self.device)[:, None], size=(low, low), mode="bilinear",
+                                  align_corners=False, antialias=True) * 20.0 - 10.0  # ±10: the package's scores
         context = self._seg_prompt(prompt.tokens) if prompt.tokens is not None else contextlib.nullcontext()
+        # A correction before every other conditioning frame is conditioned as the package's tracker
+        # reaches it, backward from them, so it reads their object pointers (under float32 weights
+        # SAM 2 needs one: its bfloat16 mask memories alone do not mix with the weights).
+        reverse = prompt.correction and frame < min(output_dict["cond_frame_outputs"], default=frame)
         with context:
             out, _ = self._run_single_frame_inference(
                 inference_state=state,
                 output_dict=output_dict,
                 frame_idx=frame,
                 batch_size=prompt.num_objects,
-                is_init_cond_frame=is_init,
+                is_init_cond_frame=not prompt.correction,
                 point_inputs=points,
                 mask_inputs=masks,
-                reverse=False,
+                reverse=reverse,
                 run_mem_encoder=False,
                 prev_sam_mask_logits=prior,
             )
@@ -237,16 +251,19 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
         return max(self.num_maskmem * self.memory_temporal_stride_for_eval + 2, self.max_obj_ptrs_in_encoder)
 
     def iter_track(self, video: SAM2Video, prompts: dict[int, TrackPrompt], directions=(FORWARD, BACKWARD),
-                   progress=None):  # fmt: skip
+                   progress=None, *, start: int | None = None, one_memory: bool = False):  # fmt: skip
         """Track n objects through `video`: yields (frame, masks [n, H, W] bool on the CPU) frame by frame.
 
-        `prompts` maps each conditioning frame to its `TrackPrompt` (each an initial conditioning
-        frame, as a first SAM 2 prompt on a frame is). FORWARD runs from the first conditioning
-        frame to the end, BACKWARD from there (from the last one without FORWARD) to frame 0, each
-        with its own memory of the frames it tracked (the conditioning frames are shared), so masks
-        after a conditioning frame do not depend on whether the track also went backward. Only the
-        memories a frame can still read are kept, so a long video costs no more memory than a short
-        one; the frames' images come one at a time from `video.images`.
+        `prompts` maps each conditioning frame to its `TrackPrompt`; they are conditioned in frame
+        order, corrections last. FORWARD runs from `start` (default: the first conditioning frame)
+        to the end, BACKWARD from there (from `start`, default the last conditioning frame, without
+        FORWARD) to frame 0. Each direction has its own memory of the frames it tracked (the
+        conditioning frames are shared), so masks after a conditioning frame do not depend on
+        whether the track also went backward; `one_memory` lets the backward pass also read the
+        frames the forward pass tracked after `start`, as the package's `propagate_in_video` run
+        both ways on one state does (a correction). Only the memories a frame can still read are
+        kept, so a long video costs no more memory than a short one; the frames' images come one at
+        a time from `video.images`.
         """
         sizes = {p.num_objects for p in prompts.values()}
         if len(sizes) != 1 or not prompts:
@@ -255,17 +272,21 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
         state = self.init_video_state(video)
         output_dict = state["output_dict_per_obj"][self._obj_id_to_idx(state, 0)]
         cond = output_dict["cond_frame_outputs"]
-        for frame in sorted(prompts):
+        for frame in sorted(prompts, key=lambda f: (prompts[f].correction, f)):
             cond[frame] = self._condition(state, output_dict, frame, prompts[frame])
         forward = FORWARD in directions
+        if start is None:
+            start = min(cond) if forward else max(cond)
         orders = []
         if forward:
-            orders.append((range(min(cond), video.num_frames), False))
+            orders.append((range(start, video.num_frames), False))
         if BACKWARD in directions:
-            orders.append((range(min(cond) - 1 if forward else max(cond), -1, -1), True))
+            orders.append((range(start - 1 if forward else start, -1, -1), True))
         total, done, window = sum(len(o) for o, _ in orders), 0, self._memory_window()
+        memory = output_dict["non_cond_frame_outputs"] = {}
         for order, reverse in orders:
-            memory = output_dict["non_cond_frame_outputs"] = {}
+            if not one_memory:
+                memory = output_dict["non_cond_frame_outputs"] = {}
             for f in order:
                 if f in cond:
                     logits = cond[f]["pred_masks"]
@@ -275,7 +296,9 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
                         mask_inputs=None, reverse=reverse, run_mem_encoder=True,
                     )  # fmt: skip
                     memory[f] = out
-                    memory.pop(f + window if reverse else f - window, None)  # out of every later frame's reach
+                    gone = f + window if reverse else f - window  # out of every later frame's reach,
+                    if reverse or not one_memory or gone > start + window:  # the backward pass's included
+                        memory.pop(gone, None)
                 yield f, self._video_masks(state, logits)
                 done += 1
                 if progress is not None:
@@ -295,32 +318,6 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
         _, video_res = self._get_orig_video_res_output(state, logits.to(self.device))
         return (video_res[:, 0] > 0).cpu()
 
-    def propagate(self, state: dict, output_dict: dict, start: int, batch: int, *, reverse: bool = False,
-                  progress=None) -> dict[int, torch.Tensor]:
-        """Track from frame `start` to the last frame (`reverse`: to frame 0), start excluded.
-
-        As the package's `propagate_in_video` from `start`: each visited frame that is a conditioning
-        frame keeps its output; any other is predicted from SAM 2's memory (every conditioning frame,
-        plus the latest frames on the side it comes from, `reverse` picking that side) and stored as
-        a non-conditioning output, replacing one an earlier pass left there. Returns the mask logits
-        [batch, 1, h, w] of each visited frame, in visiting order; `progress(i, n)` after each.
-        """
-        cond = output_dict["cond_frame_outputs"]
-        frames = range(start - 1, -1, -1) if reverse else range(start + 1, state["num_frames"])
-        logits = {}
-        for i, f in enumerate(frames):
-            if f in cond:
-                logits[f] = cond[f]["pred_masks"]
-            else:
-                out, logits[f] = self._run_single_frame_inference(
-                    state, output_dict, f, batch, is_init_cond_frame=False, point_inputs=None,
-                    mask_inputs=None, reverse=reverse, run_mem_encoder=True,
-                )  # fmt: skip
-                output_dict["non_cond_frame_outputs"][f] = out
-            if progress is not None:
-                progress(i + 1, len(frames))
-        return logits
-
     @staticmethod
     def seg_prompts(tokens: torch.Tensor, clicks=None) -> dict[int, TrackPrompt]:
         """The conditioning of a `<|seg|>` track (spec §4): the seg tokens [n, k, s] prompt frame 0;
@@ -333,47 +330,31 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
             return {0: TrackPrompt(tokens=tokens, points=(coords, labels))}
         return {0: TrackPrompt(tokens=tokens), frame: TrackPrompt(points=(coords, labels))}
 
+    @staticmethod
+    def refine_prompts(mask_at, frame: int, coords: torch.Tensor, labels: torch.Tensor, keep=()) -> dict[int, TrackPrompt]:
+        """The conditioning of a corrected track, SAM 2's way of correcting one: each frame of `keep`
+        holds the object's mask there (`mask_at(f)`: [H, W] bool), so the object's earlier prompts
+        keep holding it; `frame` is conditioned on the clicks (coords [P, 2] in [0, 1] of the frame;
+        labels [P]: 1 positive, 0 negative, 2 and 3 a box's corners) with the object's mask there as
+        the prior, reading the `keep` frames' memory when there are any."""
+        prompts = {f: TrackPrompt(mask=mask_at(f)[None]) for f in sorted(set(keep) - {frame})}
+        prompts[frame] = TrackPrompt(points=(coords, labels), prior=mask_at(frame)[None], correction=bool(prompts))
+        return prompts
+
     @torch.inference_mode()
     def retrack(self, video: SAM2Video, masks: torch.Tensor, frame: int, coords: torch.Tensor, labels: torch.Tensor,
                 *, keep=(), forward: bool = True, backward: bool = True, progress=None) -> torch.Tensor:
-        """One object's track [T, H, W] bool re-run from clicks on `frame`, SAM 2's way of correcting a track.
-
-        `masks` [T, H, W] bool is the object's track so far; in a fresh SAM 2 state:
-        1. each frame of `keep` becomes a conditioning frame given the object's mask there (the
-           package's `add_new_mask`), so the object's earlier prompts keep holding it;
-        2. `frame` is conditioned on the clicks (coords [P, 2] in [0, 1] of the frame; labels [P]:
-           1 positive, 0 negative, 2 and 3 a box's corners) with the object's mask on `frame` as
-           the mask prior, as the package's `add_new_points_or_box` feeds a frame's previous mask
-           logits with new clicks; with `keep` frames it also reads their memory (a correction);
-        3. SAM 2 propagates from `frame` to the last frame (`forward`), then to the first (`backward`).
-        Frames of `keep`, and frames not visited, keep `masks` exactly.
-        """
-        state = self.init_video_state(video)
-        output_dict = state["output_dict_per_obj"][self._obj_id_to_idx(state, 0)]
-        cond = output_dict["cond_frame_outputs"]
-        keep = sorted(set(keep) - {frame})
-        for f in keep:
-            cond[f] = self._condition(state, output_dict, f, TrackPrompt(mask=masks[f][None]))
-        low = self.image_size // 4  # the size of SAM 2's mask logits (its prompt encoder's mask input)
-        prior = F.interpolate(masks[frame][None, None].float().to(self.device), size=(low, low), mode="bilinear",
-                              align_corners=False, antialias=True) * 20.0 - 10.0  # ±10: the package's mask scores
-        cond[frame] = self._condition(state, output_dict, frame, TrackPrompt(points=(coords, labels)), prior=prior,
-                                      is_init=not keep)  # fmt: skip
-        passes = [p for p, on in ((False, forward), (True, backward)) if on]
-        todo = sum(video.num_frames - 1 - frame if not p else frame for p in passes) or 1
-        done = 0
-
-        def report(i, total):
-            if progress is not None:
-                progress((done + i) / todo, "propagating the refined mask")
-
+        """One object's track [T, H, W] bool re-run from clicks on `frame` (see `refine_prompts`):
+        SAM 2 propagates from `frame` to the last frame (`forward`), then to the first (`backward`),
+        on one memory. `masks` [T, H, W] bool is the track so far; frames of `keep`, and frames not
+        visited, keep it exactly."""
+        prompts = self.refine_prompts(lambda f: masks[f], frame, coords, labels, keep)
+        directions = [d for d, on in ((FORWARD, forward), (BACKWARD, backward)) if on]
+        report = None if progress is None else (lambda f, _: progress(f, "propagating the refined mask"))
         out = masks.clone().cpu()
-        out[frame] = self._video_masks(state, cond[frame]["pred_masks"])[0]
-        for reverse in passes:
-            for f, logits in self.propagate(state, output_dict, frame, 1, reverse=reverse, progress=report).items():
-                if f not in cond:
-                    out[f] = self._video_masks(state, logits)[0]
-            done += frame if reverse else video.num_frames - 1 - frame
+        for f, frame_masks in self.iter_track(video, prompts, directions, report, start=frame, one_memory=True):
+            if f not in prompts or prompts[f].mask is None:
+                out[f] = frame_masks[0]
         return out
 
     @torch.inference_mode()
