@@ -436,11 +436,13 @@ class Playground:
         except UniPixelError:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        media = session.media
-        _adopt(st, session, _file_key(media.path, num_frames) if media.path else None, workdir)
+        media, tracked = session.media, session.track_plan is not None
+        key = _file_key(media.path, num_frames) + (_TRACKED if tracked else "") if media.path else None
+        _adopt(st, session, key, workdir)
         st.chat, st.colors, st.frame = chat, colors, frame
         views = self._media_views(st)
-        views.update(num_frames=num_frames, max_new_tokens=session.max_new_tokens, media_file=None)
+        views.update(num_frames=num_frames, max_new_tokens=session.max_new_tokens, track_source=tracked,
+                     media_file=None)
         return views
 
     @user_errors

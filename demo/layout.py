@@ -241,7 +241,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
             "add_button": add_btn, "refine_button": refine_btn, "undo_refine_button": undo_refine_btn,
             "dl_overlay": dl_overlay, "dl_masks": dl_masks, "dl_rle": dl_rle, "dl_bank": dl_bank,
             "dl_session": dl_session, "media_file": media_file, "num_frames": num_frames,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": max_new_tokens, "track_source": track_source,
         }
         canvas_views = ["state", "canvas", "draft", "viewer"]
         bank_views = ["state", "chips", "objects", "name", "toggle", "canvas", "viewer", "timeline", "video",
@@ -289,7 +289,8 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         # ---- events, in the same order
         replace_media = confirm_first("Open this media? The objects and the chat of the open one will be lost "
                                       "(save the session first to keep them).", f"{HAS_WORK} && {OTHER_MEDIA}")
-        on(media_file.upload, app.load_media, [state, media_file, num_frames, max_new_tokens, track_source, confirmed],
+        on(media_file.upload, app.load_media, [state, media_file, num_frames, max_new_tokens, track_source,
+                                               confirmed],
            [*all_views, "media_file"], "load_media", show_progress_on=[canvas, media_info], js=replace_media,
            **media_work, **raw)
         example_views = [*all_views, "question", "tool", "media_file"]
@@ -346,7 +347,8 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
            "prepare_downloads", show_progress_on=[video, prepare_btn], **media_work)
         on(save_btn.click, app.save_session, [state], ["state", "dl_session"], "save_session", **media_work)
         on(open_btn.upload, app.open_session, [state, open_btn, confirmed],
-           [*all_views, "num_frames", "max_new_tokens", "media_file"], "open_session", show_progress_on=[canvas, media_info],
+           [*all_views, "num_frames", "max_new_tokens", "track_source", "media_file"],
+           "open_session", show_progress_on=[canvas, media_info],
            js=confirm_first("Open this saved session? The objects and the chat of the open one will be lost."),
            **media_work, **raw)
 

@@ -96,3 +96,14 @@ def test_clear_chat_forgets_the_conversation_and_keeps_the_objects(tiny_model, v
     session.clear_chat()
     assert session.turns == [] and session._messages == [] and session._mem_cells == [] and session.bank.ids == [1]
     assert session.ask("What is [1]?").raw_answer == first, "the model sees a new conversation"
+
+
+@pytest.mark.parametrize("tracked", [True, False])
+def test_the_tracking_setting_comes_back_with_the_session(tiny_model, tracked):
+    media = load_media(ASSETS / "moving_shapes.mp4", num_frames=4)
+    session = Session(*tiny_model, media, track_source_frames=tracked)
+    restored = Session.from_state(*tiny_model, media, json.loads(json.dumps(session.state())))
+    if tracked:
+        assert restored.track_plan.frame_indices == session.track_plan.frame_indices == list(range(media.num_source_frames))
+    else:
+        assert restored.track_plan is None
