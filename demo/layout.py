@@ -170,7 +170,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                                        elem_id="timeline")
                     with gr.Row():
                         play_btn = gr.Button("▶ Play", size="sm", elem_id="play")
-                        stop_btn = gr.Button("■ Stop", size="sm", elem_id="stop")
+                        play_stop_btn = gr.Button("■ Stop", size="sm", elem_id="play-stop")
                 draft = gr.Markdown("Load media to start.", label="Prompt", elem_id="draft")
                 with gr.Row():
                     undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
@@ -310,7 +310,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         timeline.goto(adapt(app.goto_frame, ["frame"]), [state], [frame], api_name="goto_frame",
                       api_visibility="undocumented")  # clients use set_frame
         playing = on(play_btn.click, app.play, [state], ["frame"], "play", api_visibility="undocumented")
-        stop_btn.click(None, cancels=[playing])
+        play_stop_btn.click(None, cancels=[playing])
         on(tool.change, app.set_tool, [tool], ["canvas", "editor", "polarity"], "set_tool")
         on(canvas.select, app.click_canvas, [state, tool, polarity], canvas_views, "click_canvas",
            trigger_mode="multiple", api_visibility="undocumented")  # clients use add_point / set_box

@@ -123,7 +123,7 @@ def test_timeline_goto_play_and_stop(browser, url, tmp_path):
 
         page.locator("#play").click()  # at the end, play starts over; Stop halts it
         page.wait_for_function("Number(document.querySelector('#timeline .up-tl-frame.up-tl-now')?.innerText) < 5")
-        page.locator("#stop").click()
+        page.locator("#play-stop").click()
         idle(page)
         stopped = timeline_now(page)
         page.wait_for_timeout(1500)
