@@ -60,6 +60,7 @@ def click_canvas(page, fx: float, fy: float) -> None:
     """Click the canvas image at a fraction of its width and height."""
     image = page.locator("#canvas img").first
     image.wait_for()
+    image.scroll_into_view_if_needed()  # mouse clicks land only inside the viewport
     box = image.bounding_box()
     page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
 
@@ -117,6 +118,7 @@ def test_point_object_question_chip_and_overlay(browser, url, tmp_path):
         page.locator("#tool label:has-text('Brush')").click()  # a brush stroke becomes object [2]
         stroke = page.locator("#editor canvas").first
         stroke.wait_for(state="visible")
+        stroke.scroll_into_view_if_needed()
         box = stroke.bounding_box()
         x, y = box["x"] + 0.5 * box["width"], box["y"] + 0.5 * box["height"]
         page.mouse.move(x, y)

@@ -29,7 +29,8 @@ def url(tiny_model, free_port):
     def steered(call, progress=None, **stream):
         """A request to segment gets the slow three-object answer; any other question a short one."""
         if call.__class__.__name__ == "AskCall":
-            asked = call.messages[-1]["content"][-1]["text"]
+            chat = processor.tokenizer.decode(call.inputs["input_ids"][0])
+            asked = chat.rsplit("<|im_start|>user", 1)[-1]  # the new question
             forced = forcing(processor, ANSWER if "segment" in asked else "Still three shapes.")
             call.generate_kwargs = {"logits_processor": LogitsProcessorList([Paced(SECONDS_PER_TOKEN), *forced])}
         return run(call, progress, **stream)
