@@ -77,6 +77,7 @@ def one_user(url: str, k: int) -> dict:
         ("load_media", (handle_file(VIDEO), 4, 8, False)),
         ("add_point", (90 + k, 200, True)),
         ("add_object", ("Point", None, name)),
+        ("prepare_downloads", ()),  # the session's own folder, which expiry must remove
         ("ask", ("What is [1] doing?", 8)),
         ("ask", ("Is [1] moving?", 8)),
     ]
