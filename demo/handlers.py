@@ -283,11 +283,12 @@ class Playground:
         views = {
             "chips": chips_html(bank, media.frames),
             "objects": gr.update(choices=object_choices(bank), value=choice),
-            "timeline": timeline_html(bank, media.num_frames, st.frame),
             **self._object_controls(st, choice),
         }
         if viewer:
             views.update(canvas=self._canvas_views(st, editor=False)["canvas"], **self._frame_views(st))
+        else:
+            views["timeline"] = timeline_html(bank, media.num_frames, st.frame)
         # Files are made when asked for (prepare_downloads, save_session): a rename, hide or solo
         # encodes nothing; the bank changed, so the files made before are gone from the buttons.
         views.update({f"dl_{key}": None for key in (*DOWNLOADS, "session")}, video=None)

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
 from test_browser import (  # noqa: F401  (the browser and url fixtures)
-    CHROMIUM, add_object, browser, click_canvas, idle, load_example, open_page, url,
+    add_object, browser, click_canvas, idle, load_example, open_page, pytestmark, url,
 )
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: apt-get install chromium"),
-]
 
 
 def picture(page, selector: str) -> np.ndarray:

@@ -8,13 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_browser import CHROMIUM, browser, idle  # noqa: F401  (the browser fixture)
+from test_browser import browser, idle, pytestmark  # noqa: F401  (the browser fixture, the marks)
 from test_reopen import FOLLOW_UP, make_run
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: apt-get install chromium"),
-]
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 

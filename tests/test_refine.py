@@ -11,7 +11,7 @@ from unipixel.session import Session, VisualPrompt
 
 from shapes_support import SHIPPED, needs_shipped
 from test_session import PROMPTS, brush, cancel_on, image, session_for, video  # noqa: F401 - fixtures
-from test_zerogpu import ForkedGPU
+from test_zerogpu import in_a_worker
 
 NEGATIVE = VisualPrompt("point", frame=3, points=[(55, 45, False), (70, 40, True)])
 
@@ -146,9 +146,7 @@ def test_refine_across_the_zerogpu_boundary_gives_the_same_masks(tiny_model, vid
 
     gpu.bind(*tiny_model)
     here = run()
-    forked = ForkedGPU()
-    monkeypatch.setattr(gpu, "ZERO_GPU", True)
-    monkeypatch.setattr(gpu, "remote", forked)
+    forked = in_a_worker(monkeypatch)
     there = run()
     assert len(forked.sizes) == 2  # the point, the refinement (undo needs no model)
     assert all(np.array_equal(a, b) for a, b in zip(here, there))

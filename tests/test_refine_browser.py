@@ -1,24 +1,18 @@
 """Refining an object in a real browser (Debian chromium through Playwright), on the tiny offline model."""
 from __future__ import annotations
 
-import pytest
 
 from test_browser import (  # noqa: F401 - `browser` and `url` are fixtures
-    CHROMIUM,
     add_object,
     browser,
     click_canvas,
     idle,
     load_example,
     open_page,
+    pytestmark,
     url,
     viewer_src,
 )
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not __import__("pathlib").Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing"),
-]
 
 
 def set_frame(page, frame: int) -> None:

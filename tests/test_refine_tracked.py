@@ -13,7 +13,7 @@ from shapes_support import needs_shipped
 from test_refine import _iou, _shapes_session, changed
 from test_session import PROMPTS, session_for, video  # noqa: F401 - fixtures
 from test_tracking import clip, media, tracked_session  # noqa: F401 - fixtures
-from test_zerogpu import ForkedGPU
+from test_zerogpu import in_a_worker
 
 POINT = VisualPrompt("point", frame=1, points=[(40, 30, True)])
 CLICKS = VisualPrompt("point", frame=2, points=[(45, 32, False), (70, 30, True)])
@@ -112,9 +112,7 @@ def test_a_tracked_refinement_across_the_zerogpu_boundary_gives_the_same_track(t
 
     gpu.bind(*tiny_model)
     here = run()
-    forked = ForkedGPU()
-    monkeypatch.setattr(gpu, "ZERO_GPU", True)
-    monkeypatch.setattr(gpu, "remote", forked)
+    forked = in_a_worker(monkeypatch)
     there = run()
     assert len(forked.sizes) == 2  # the point, the refinement (undo needs no model)
     for (masks_here, rles_here), (masks_there, rles_there) in zip(here, there):

@@ -18,7 +18,7 @@ from unipixel.errors import CallCancelled
 from unipixel.session import SEG_PENDING, streamed_answer
 from test_app_client import call, server  # noqa: F401 - a fixture
 from test_session import brush, forcing, session_for, steered_answers, video  # noqa: F401 - a fixture
-from test_zerogpu import ForkedGPU
+from test_zerogpu import in_a_worker
 
 SEGS = "It is [1] <|seg|> and <|seg|> and <|seg|> and more words after them."
 
@@ -136,8 +136,7 @@ def test_cancel_after_stop_still_records_nothing(tiny_model, video):
 @pytest.fixture
 def forked(tiny_model, monkeypatch):
     """Model calls across an emulated ZeroGPU boundary (tests/test_zerogpu.py)."""
-    monkeypatch.setattr(gpu, "ZERO_GPU", True)
-    monkeypatch.setattr(gpu, "remote", ForkedGPU())
+    in_a_worker(monkeypatch)
     gpu.bind(*tiny_model)
     return gpu.runner
 

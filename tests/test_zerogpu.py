@@ -71,6 +71,14 @@ class ForkedGPU:
             worker.join()
 
 
+def in_a_worker(monkeypatch) -> ForkedGPU:
+    """From now on every GPU call of the playground's runner goes through a `ForkedGPU`, returned."""
+    forked = ForkedGPU()
+    monkeypatch.setattr(gpu, "ZERO_GPU", True)
+    monkeypatch.setattr(gpu, "remote", forked)
+    return forked
+
+
 def downloads(views: dict) -> dict:
     files = {k: Path(views[f"dl_{k}"]) for k in ("masks", "rle", "bank")}
     with zipfile.ZipFile(files["masks"]) as z:
@@ -116,9 +124,7 @@ def test_model_calls_cross_a_forked_process_boundary(tiny_model, monkeypatch):
     model, processor = tiny_model
     here = playground_run(tiny_model, processor)
 
-    forked = ForkedGPU()
-    monkeypatch.setattr(gpu, "ZERO_GPU", True)
-    monkeypatch.setattr(gpu, "remote", forked)
+    forked = in_a_worker(monkeypatch)
     there = playground_run(tiny_model, processor)
 
     assert len(forked.sizes) == 4  # point, box, two questions (a brush object needs no model)
@@ -144,9 +150,7 @@ def test_tracking_source_frames_crosses_the_boundary_too(tiny_model, short_video
     model, processor = tiny_model
     here = playground_run(tiny_model, processor, short_video, track=True)
 
-    forked = ForkedGPU()
-    monkeypatch.setattr(gpu, "ZERO_GPU", True)
-    monkeypatch.setattr(gpu, "remote", forked)
+    forked = in_a_worker(monkeypatch)
     there = playground_run(tiny_model, processor, short_video, track=True)
 
     assert len(forked.sizes) == 5  # point, box, brush (tracked from its mask), two questions
@@ -162,8 +166,7 @@ def test_a_user_error_in_the_worker_comes_back_as_itself(tiny_model, monkeypatch
     from unipixel.errors import PromptError
     from unipixel.model import RefPrompt
 
-    monkeypatch.setattr(gpu, "ZERO_GPU", True)
-    monkeypatch.setattr(gpu, "remote", ForkedGPU())
+    in_a_worker(monkeypatch)
     gpu.bind(*tiny_model)
     frames = np.zeros((2, 64, 64, 3), np.uint8)
     bad = ObjectCall(frames, "[1]", RefPrompt.from_pixels(9, 64, 64, 128, point=(3, 3)), None)  # frame 9 of 2

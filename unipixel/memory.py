@@ -45,21 +45,23 @@ def color_for(object_id: int) -> tuple[int, int, int]:
 
 def rle_encode(mask2d: np.ndarray) -> dict:
     """COCO RLE of one [H,W] mask, with counts as str so it is JSON-ready."""
-    return _encode_stack(np.asarray(mask2d)[None])[0]
+    return rle_encode_stack(np.asarray(mask2d)[None])[0]
 
 
 def rle_decode(rle: dict) -> np.ndarray:
     """[H,W] bool mask from a COCO RLE (counts as str or bytes)."""
-    return _decode_stack([rle])[0]
+    return rle_decode_stack([rle])[0]
 
 
-def _encode_stack(masks: np.ndarray) -> list[dict]:
+def rle_encode_stack(masks: np.ndarray) -> list[dict]:
+    """COCO RLE of each [H,W] plane of [N,H,W] masks, JSON-ready."""
     # pycocotools wants a Fortran-ordered uint8 [H,W,N] array; one call encodes every frame.
     rles = mask_utils.encode(np.asfortranarray(masks.astype(np.uint8).transpose(1, 2, 0)))
     return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
-def _decode_stack(rles: list[dict]) -> np.ndarray:
+def rle_decode_stack(rles: list[dict]) -> np.ndarray:
+    """[N,H,W] bool masks from N COCO RLEs."""
     coco = [{"size": list(r["size"]), "counts": _as_bytes(r["counts"])} for r in rles]
     return mask_utils.decode(coco).transpose(2, 0, 1).astype(bool)
 
@@ -78,7 +80,7 @@ class MaskTrack:
 
     @classmethod
     def from_masks(cls, frame_indices: list[int], masks: np.ndarray) -> MaskTrack:
-        return cls(list(frame_indices), _encode_stack(np.asarray(masks)))
+        return cls(list(frame_indices), rle_encode_stack(np.asarray(masks)))
 
     def __len__(self) -> int:
         return len(self.frame_indices)
@@ -90,7 +92,7 @@ class MaskTrack:
     def masks(self, positions: list[int] | None = None) -> np.ndarray:
         """[k, H, W] bool masks of the tracked frames at `positions` (all by default)."""
         rles = self.rles if positions is None else [self.rles[t] for t in positions]
-        return _decode_stack(rles)
+        return rle_decode_stack(rles)
 
     def position(self, source_frame: int) -> int | None:
         """Where source frame `source_frame` is in the track, or None when it is not tracked."""
@@ -282,7 +284,7 @@ class ObjectMemoryBank:
                     "source_frame": obj.source_frame,
                     "turn": obj.turn,
                     "visible": obj.visible,
-                    "masks": _encode_stack(obj.masks),  # one RLE per frame
+                    "masks": rle_encode_stack(obj.masks),  # one RLE per frame
                     **({"track": obj.track.to_json()} if obj.track is not None else {}),
                 }
                 for obj in self
@@ -295,7 +297,7 @@ class ObjectMemoryBank:
         for item in data["objects"]:
             obj = MemoryObject(
                 id=item["id"],
-                masks=bank._validate_masks(_decode_stack(item["masks"])),
+                masks=bank._validate_masks(rle_decode_stack(item["masks"])),
                 source=item["source"],
                 name=item["name"],
                 color=tuple(item["color"]),

@@ -23,7 +23,7 @@ from .calls import (AskCall, CallResult, MaskCall, MediaCache, ObjectCall, Packe
                     TextCallback, report, run_call)
 from .errors import CallCancelled, PromptError, SessionBusyError, TooManyObjectsError
 from .media import DEFAULT_MAX_TRACKED_FRAMES, Media, TrackPlan, track_plan
-from .memory import MaskTrack, MemoryObject, ObjectMemoryBank, rle_decode, rle_encode
+from .memory import MaskTrack, MemoryObject, ObjectMemoryBank, rle_decode_stack, rle_encode_stack
 from .model import RefPrompt, cell_slots, mem_slot_cells
 from .model import processing as P
 
@@ -454,7 +454,7 @@ class Session:
                     for t in self.turns
                 ],
                 "messages": copy.deepcopy(self._messages),
-                "mem_cells": [_rle_stack(cells.numpy()) for cells in self._mem_cells],
+                "mem_cells": [rle_encode_stack(cells.numpy()) for cells in self._mem_cells],
             }
 
     @classmethod
@@ -463,7 +463,7 @@ class Session:
         [id]s name the same objects. `kwargs` as for `Session` (max_new_tokens defaults to the saved one)."""
         try:
             bank = ObjectMemoryBank.from_json(state["bank"])
-            mem_cells = [torch.from_numpy(_unrle_stack(c)) for c in state["mem_cells"]]
+            mem_cells = [torch.from_numpy(rle_decode_stack(c)) for c in state["mem_cells"]]
             saved = {"max_new_tokens": state["max_new_tokens"],
                      "track_source_frames": bool(state.get("track_source_frames", False))}
             session = cls(model, processor, media, **{**saved, **kwargs})
@@ -494,18 +494,6 @@ def streamed_answer(raw: str) -> str:
 def _first(result: CallResult):
     """The masks and track (None when not tracked) of a call's one object."""
     return result.masks[0], result.tracks[0] if result.tracks else None
-
-
-def _rle_stack(masks: np.ndarray) -> dict:
-    """Masks of any leading shape [..., H, W] as one RLE per [H, W] plane."""
-    planes = masks.reshape(-1, *masks.shape[-2:])
-    return {"shape": list(masks.shape), "rle": [rle_encode(plane) for plane in planes]}
-
-
-def _unrle_stack(data: dict) -> np.ndarray:
-    shape = tuple(data["shape"])
-    planes = [rle_decode(r) for r in data["rle"]]
-    return np.stack(planes).reshape(shape) if planes else np.zeros(shape, bool)
 
 
 def _cancelled() -> CallCancelled:
