@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from unipixel import CallCancelled, UniPixelError
-from unipixel.calls import CallResult, run_call
+from unipixel.calls import CallResult, PackedMasks, run_call
 
 try:  # the `spaces` package exists on Spaces; elsewhere it is optional and its decorator does nothing
     import spaces
@@ -44,9 +44,10 @@ def bind(model, processor) -> None:
     _bound = (model, processor)
 
 
-def in_worker(call, stop_file: str | None = None) -> Iterator[tuple]:
-    """The body of a GPU call, a generator: ("progress", fraction, text) and ("text", answer so far)
-    as they come, then ("result", CallResult or our error: ZeroGPU re-raises only gr.Error).
+def in_worker(call, stop_file: str | None = None, objects: bool = False) -> Iterator[tuple]:
+    """The body of a GPU call, a generator: ("progress", fraction, text), ("text", answer so far)
+    and, with `objects`, ("object", PackedMasks of a `<|seg|>` just decoded) as they come, then
+    ("result", CallResult or our error: ZeroGPU re-raises only gr.Error).
 
     The call runs in a thread of the worker so that its callbacks can feed this generator. The app
     reaches a running call in two ways: closing this generator (cancel: nothing comes back), and
@@ -65,9 +66,13 @@ def in_worker(call, stop_file: str | None = None) -> Iterator[tuple]:
         # parallel CPU op. One thread (set in the thread that computes) skips OpenMP; the heavy work
         # runs on the GPU.
         torch.set_num_threads(1)
+        def on_object(masks) -> None:
+            events.put(("object", PackedMasks.pack(masks)))
+
         try:
             result = run_call(*_bound, call, progress, on_text=lambda text: events.put(("text", text)),
-                              stop=None if stop_file is None else (lambda: os.path.exists(stop_file)))
+                              stop=None if stop_file is None else (lambda: os.path.exists(stop_file)),
+                              on_object=on_object if objects else None)
             result.cache = result.cache.portable()
             events.put(("result", result))
         except UniPixelError as err:
@@ -89,21 +94,24 @@ def in_worker(call, stop_file: str | None = None) -> Iterator[tuple]:
 remote = GPU(in_worker, duration=120)
 
 
-def runner(call, progress=None, *, on_text=None, stop: Callable[[], bool] | None = None) -> CallResult:
+def runner(call, progress=None, *, on_text=None, stop: Callable[[], bool] | None = None,
+           on_object: Callable | None = None) -> CallResult:
     """What the playground's sessions call: across the ZeroGPU boundary, or here with progress."""
     if not ZERO_GPU:
-        return run_call(*_bound, call, progress, on_text=on_text, stop=stop)
+        return run_call(*_bound, call, progress, on_text=on_text, stop=stop, on_object=on_object)
     if call.cache is not None:
         call.cache = call.cache.portable()
     folder = tempfile.mkdtemp(prefix="stop-") if stop is not None else None
     stop_file = None if folder is None else os.path.join(folder, "stop")
-    events, result = remote(call, stop_file), None
+    events, result = remote(call, stop_file, on_object is not None), None
     try:
         for kind, *value in events:  # to the end: the worker then returns the GPU as a finished call
             if kind == "progress" and progress is not None:
                 progress(*value)  # raises CallCancelled on a cancelled request: `finally` closes the call
             elif kind == "text" and on_text is not None:
                 on_text(*value)
+            elif kind == "object" and on_object is not None:
+                on_object(value[0].unpack())
             elif kind == "result":
                 (result,) = value
             if stop_file is not None and stop() and not os.path.exists(stop_file):

@@ -32,7 +32,7 @@ from unipixel import CallCancelled, MediaError, UniPixelError
 from unipixel.cache_budget import CacheBudget, default_cache_bytes
 from unipixel.export import export_masks_zip, export_overlay, export_rle_json
 from unipixel.media import Media, load_media
-from unipixel.memory import color_for
+from unipixel.memory import ObjectMemoryBank, color_for
 from unipixel.reopen import load_item_media, read_item, restore_item
 from unipixel.session import Session, TurnResult
 from unipixel.session_file import open_session, save_session
@@ -167,15 +167,18 @@ def _file_key(path: str, num_frames: int) -> str:
     return f"{digest.hexdigest()}:{num_frames}"
 
 
-def _latest(texts: queue.Queue, wait: float = 0.05) -> str | None:
-    """The newest text in `texts` (those before it are outdated), or None after `wait` seconds."""
+def _latest(events: queue.Queue, wait: float = 0.05) -> dict:
+    """The newest value of each kind of the (kind, value) `events` (older ones are outdated), or
+    nothing after `wait` seconds."""
     try:
-        text = texts.get(timeout=wait)
+        kind, value = events.get(timeout=wait)
     except queue.Empty:
-        return None
-    while not texts.empty():
-        text = texts.get_nowait()
-    return text
+        return {}
+    latest = {kind: value}
+    while not events.empty():
+        kind, value = events.get_nowait()
+        latest[kind] = value
+    return latest
 
 
 def _object_id(value: Any) -> int:
@@ -248,13 +251,15 @@ class Playground:
             raise NoMediaError("Load an image or a video first: upload one or pick an example.")
         return st.session
 
-    def _canvas_views(self, st: PlaygroundState, *, editor: bool = True) -> dict:
+    def _canvas_views(self, st: PlaygroundState, *, editor: bool = True, bank: ObjectMemoryBank | None = None) -> dict:
         """Canvas (masks on this frame + the prompt), brush editor and prompt description, at display size
-        (the painted mask is scaled back up to the media's size when it is added)."""
+        (the painted mask is scaled back up to the media's size when it is added). `bank`: objects to
+        show instead of the session's (a preview of an answer's objects)."""
         session = self._need_session(st)
         view = st.canvas_view(session.media)
+        bank = session.bank if bank is None else bank
         views = {
-            "canvas": view.canvas(session.bank, st.frame, st.draft, color_for(session.bank.next_id)),
+            "canvas": view.canvas(bank, st.frame, st.draft, color_for(bank.next_id)),
             "draft": st.draft.describe(),
         }
         if editor:  # a fresh paint canvas on this frame, painting in the color the next object will get
@@ -263,10 +268,10 @@ class Playground:
                                              brush=brush(color_for(session.bank.next_id)))
         return views
 
-    def _frame_views(self, st: PlaygroundState) -> dict:
+    def _frame_views(self, st: PlaygroundState, bank: ObjectMemoryBank | None = None) -> dict:
         """What else follows the current frame: the larger mask viewer and the timeline's marker."""
         session = self._need_session(st)
-        media, bank = session.media, session.bank
+        media, bank = session.media, session.bank if bank is None else bank
         return {
             "viewer": st.canvas_view(media).overlay(bank, st.frame),
             "timeline": timeline_html(bank, media.num_frames, st.frame),
@@ -293,6 +298,13 @@ class Playground:
         # encodes nothing; the bank changed, so the files made before are gone from the buttons.
         views.update({f"dl_{key}": None for key in (*DOWNLOADS, "session")}, video=None)
         return views
+
+    def _preview_views(self, st: PlaygroundState, bank: ObjectMemoryBank) -> dict:
+        """The objects of an answer still being written, drawn with the bank's: chips, canvas, viewer
+        and timeline (the id list waits for the recorded turn: only then can they be edited)."""
+        st.colors.update({obj.id: obj.color for obj in bank})
+        return {"chips": chips_html(bank, st.session.media.frames),
+                "canvas": self._canvas_views(st, editor=False, bank=bank)["canvas"], **self._frame_views(st, bank)}
 
     @staticmethod
     def _object_controls(st: PlaygroundState, object_id: int | None) -> dict:
@@ -660,7 +672,8 @@ class Playground:
         """Ask about the media; [id] mentions refer to objects, segmented targets become new objects.
 
         Yields the chat with the answer so far as it is written (a pending object shows as […]),
-        then the chat, bank and views of the recorded turn. The Stop button (`stop_answer`) ends
+        each `<|seg|>`'s object on the canvas and chips as soon as its mask is ready, then the
+        chat, bank and views of the recorded turn. The Stop button (`stop_answer`) ends
         the answer early and keeps it, marked "(stopped)"; `cancel` (set when the request is
         cancelled or its client went away) stops the model call and records nothing."""
         st = self._state(state)
@@ -669,22 +682,30 @@ class Playground:
         cancel = cancel or threading.Event()
         # A request refused as busy must leave Stop to the answer being written: it hands it back.
         previous, st.stop = st.stop, (stop := threading.Event())
-        texts: queue.Queue[str] = queue.Queue()
+        events: queue.Queue[tuple[str, object]] = queue.Queue()
         with ThreadPoolExecutor(1) as pool:
             # In this request's context: gr.Progress finds its event there.
             asked = pool.submit(contextvars.copy_context().run, self._model_call, st, cancel, lambda call: session.ask(
-                question, progress=_progress(progress), cancel=call, on_text=texts.put, stop=stop))
+                question, progress=_progress(progress), cancel=call, stop=stop,
+                on_text=lambda text: events.put(("text", text)),
+                on_objects=lambda bank: events.put(("objects", bank))))
             try:
-                shown = False
-                while not (asked.done() and texts.empty()):
-                    text = _latest(texts)
-                    if text is not None:
+                shown, bank = False, session.bank
+                while not (asked.done() and events.empty()):
+                    latest = _latest(events)
+                    update = {}
+                    if "objects" in latest:
+                        bank = latest["objects"]
+                        update.update(self._preview_views(st, bank))
+                    if "text" in latest:
+                        update["chat"] = self._chat_with(st, question, colorize(latest["text"], bank, colors=st.colors))
+                    if update:
                         shown = True
-                        yield {"chat": self._chat_with(st, question, colorize(text, session.bank, colors=st.colors))}
+                        yield update
                 result = asked.result()
             except UniPixelError:
-                if shown:  # the answer so far was shown: take it back with the turn
-                    yield {"chat": list(st.chat)}
+                if shown:  # the answer so far and its objects were shown: take them back with the turn
+                    yield {"chat": list(st.chat), **self._bank_views(st)}
                 raise
             finally:
                 if not asked.done():  # closed early: the request went away

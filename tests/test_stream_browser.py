@@ -1,7 +1,8 @@
 """A streamed answer and its Stop button in a real browser (Debian chromium through Playwright).
 
 The tiny model runs for real; its answer is steered (tests/test_session.py `forcing`) to hold three
-`<|seg|>`s and slowed to a pace a person could read, so the page can be watched while it streams.
+`<|seg|>`s and slowed to a pace a person could read, so the page can be watched while it streams:
+each object appears as its `<|seg|>` is written.
 """
 from __future__ import annotations
 
@@ -58,26 +59,28 @@ def test_answer_streams_objects_appear_and_stop_keeps_a_consistent_turn(browser,
         assert not page.locator("#stop").is_visible(), "Stop shows only while an answer is written"
         page.locator("#send").click()
 
-        # The text arrives piece by piece, each `<|seg|>` as […] until its object exists.
+        # The text arrives piece by piece.
         page.wait_for_function("document.querySelector('#chat [data-testid=bot]')?.innerText.includes('The red')")
         assert page.locator("#stop").is_visible()
         first = answer_text(page)
-        page.wait_for_function("document.querySelector('#chat [data-testid=bot]')?.innerText.includes('[…]')")
-        later = answer_text(page)
-        assert later.startswith(first.rstrip()) and len(later) > len(first)
-        assert page.locator("#chips .up-chip").count() == 0, "no object before its mask exists"
-        page.screenshot(path=tmp_path / "1_streaming.png", full_page=True)
+        assert page.locator("#chips .up-chip").count() == 0, "no object before its `<|seg|>` is written"
 
-        # Stop after the second object's `<|seg|>`: the answer so far is kept with its two objects.
-        page.wait_for_function(
-            "(document.querySelector('#chat [data-testid=bot]')?.innerText.match(/\\[…\\]/g) || []).length >= 2")
+        # Each object appears (chip, canvas) as soon as its `<|seg|>` is written, while the answer goes on.
+        chips = page.locator("#chips .up-chip")
+        page.wait_for_function("document.querySelectorAll('#chips .up-chip').length >= 1")
+        later = answer_text(page)
+        assert page.locator("#stop").is_visible() and "all three" not in later
+        assert later.startswith(first.rstrip()) and "The red circle is [1]" in later and "[…]" not in later
+        page.screenshot(path=tmp_path / "1_first_object.png", full_page=True)
+
+        # Stop once the second object is there: the answer so far is kept with its two objects.
+        page.wait_for_function("document.querySelectorAll('#chips .up-chip').length >= 2")
         page.locator("#stop").click()
         page.wait_for_function("document.querySelector('#chat [data-testid=bot]')?.innerText.includes('(stopped)')")
         idle(page)
         stopped = answer_text(page)
         assert "[…]" not in stopped and "all three are shapes" not in stopped
         assert "The red circle is [1]" in stopped and "segmented: [1], [2]" in stopped, stopped
-        chips = page.locator("#chips .up-chip")
         assert chips.count() == 2 and page.locator("#chips .up-chip[data-object-id='2']").count() == 1
         assert not page.locator("#stop").is_visible()
         page.screenshot(path=tmp_path / "2_stopped.png", full_page=True)

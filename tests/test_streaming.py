@@ -3,6 +3,7 @@
 A stopped turn is kept as written so far (`TurnResult.stopped`), with the objects of the `<|seg|>`s
 it holds, in the bank, the turns and the model's history alike; a cancelled one records nothing.
 """
+import re
 import threading
 import time
 
@@ -38,6 +39,10 @@ def streamed(session, question: str, **kwargs):
     texts = []
     result = session.ask(question, on_text=texts.append, **kwargs)
     return result, texts
+
+
+def chip_count(chips_html: str) -> int:
+    return len(re.findall(r'class="up-chip[^"]*" data-object-id=', chips_html))
 
 
 def history(session) -> list[str]:
@@ -133,6 +138,72 @@ def test_cancel_after_stop_still_records_nothing(tiny_model, video):
     assert len(session.bank) == 0 and session.turns == [] and session._messages == []
 
 
+def watched(session, question: str, stop_after: int | None = None, **kwargs):
+    """Ask with the text and the objects streamed: returns the result and the (kind, value) events
+    in their order, an object event as (ids of the preview, ids of the session's bank then)."""
+    events, stop = [], threading.Event()
+
+    def on_objects(bank) -> None:
+        events.append(("objects", (bank.ids, session.bank.ids)))
+        if stop_after is not None and len(bank) - len(session.bank) >= stop_after:
+            stop.set()
+
+    result = session.ask(question, on_text=lambda text: events.append(("text", text)), on_objects=on_objects,
+                         stop=stop, **kwargs)
+    return result, events
+
+
+def test_each_object_appears_as_its_seg_is_written_with_the_masks_of_one_batch(tiny_model, video):
+    _, processor = tiny_model
+    batched = session_for(tiny_model, video, max_new_tokens=64)
+    streamed_session = session_for(tiny_model, video, max_new_tokens=64)
+    for session in (batched, streamed_session):
+        session.add_object(brush(0))
+    with steered_answers(batched, processor, SEGS):
+        expected = batched.ask("Please segment [1] and the rest.")
+    with steered_answers(streamed_session, processor, SEGS):
+        result, events = watched(streamed_session, "Please segment [1] and the rest.")
+    assert result.answer == expected.answer == "It is [1] [2] and [3] and [4] and more words after them."
+    objects = [(i, value) for i, (kind, value) in enumerate(events) if kind == "objects"]
+    # One preview per `<|seg|>`, each with one more object; the bank itself waits for the turn's end.
+    assert [ids for _, (ids, _) in objects] == [[1, 2], [1, 2, 3], [1, 2, 3, 4]]
+    assert all(bank_then == [1] for _, (_, bank_then) in objects)
+    texts = [value for kind, value in events if kind == "text"]
+    # Each object shows while the answer is still being written: text came after every preview.
+    assert all(any(kind == "text" for kind, _ in events[i + 1 :]) for i, _ in objects)
+    first_text_after = next(value for kind, value in events[objects[0][0] :] if kind == "text")
+    assert first_text_after == "It is [1] [2]" and SEG_PENDING not in "".join(texts)
+    assert texts[-1] == result.answer
+    # The same masks as the one batched SAM 2 pass at the end of the answer (objects are tracked
+    # independently; only the floating-point order of a batch may differ, so compare with a margin).
+    assert [a.id for a in batched.bank] == [b.id for b in streamed_session.bank]
+    assert all(a.masks.any() and same_masks(a.masks, b.masks) for a, b in zip(batched.bank, streamed_session.bank))
+
+
+def same_masks(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal but for pixels a float rounding can flip at an edge: IoU over 0.99."""
+    return np.logical_and(a, b).sum() > 0.99 * np.logical_or(a, b).sum()
+
+
+def test_stop_right_after_an_object_keeps_that_object(tiny_model, video):
+    _, processor = tiny_model
+    session = session_for(tiny_model, video, max_new_tokens=64)
+    with steered_answers(session, processor, SEGS):
+        result, events = watched(session, "Please segment it.", stop_after=1)
+    assert result.stopped and result.raw_answer == "It is [1]<|seg|>" and result.answer == "It is [1]"
+    shown = [value for kind, value in events if kind == "objects"]
+    assert [ids for ids, _ in shown] == [[1]] and session.bank.ids == [1] and session.turns == [result]
+
+
+def test_cancel_after_an_object_was_shown_records_nothing(tiny_model, video):
+    _, processor = tiny_model
+    session = session_for(tiny_model, video, max_new_tokens=64)
+    cancel = threading.Event()
+    with steered_answers(session, processor, SEGS), pytest.raises(CallCancelled, match="nothing was recorded"):
+        session.ask("Please segment it.", on_text=lambda text: None, on_objects=lambda bank: cancel.set(), cancel=cancel)
+    assert len(session.bank) == 0 and session.bank.next_id == 1 and session.turns == [] and session._messages == []
+
+
 @pytest.fixture
 def forked(tiny_model, monkeypatch):
     """Model calls across an emulated ZeroGPU boundary (tests/test_zerogpu.py)."""
@@ -162,6 +233,20 @@ def test_zerogpu_streams_and_stops_like_in_process(tiny_model, video, forked):
     assert all(np.array_equal(a, b) for a, b in zip(masks, masks_there))
 
 
+def test_zerogpu_sends_each_object_as_it_is_segmented(tiny_model, video, forked):
+    _, processor = tiny_model
+    session = session_for(tiny_model, video, max_new_tokens=64, runner=forked)
+    with steered_answers(session, processor, SEGS):
+        result, events = watched(session, "Please segment it.")
+    shown = [value for kind, value in events if kind == "objects"]
+    assert [ids for ids, _ in shown] == [[1], [1, 2], [1, 2, 3]] and all(then == [] for _, then in shown)
+    assert session.bank.ids == [1, 2, 3] and [o.id for o in result.new_objects] == [1, 2, 3]
+    here = session_for(tiny_model, video, max_new_tokens=64)
+    with steered_answers(here, processor, SEGS):
+        here.ask("Please segment it.")
+    assert all(same_masks(a.masks, b.masks) for a, b in zip(here.bank, session.bank))
+
+
 def test_zerogpu_cancel_closes_the_worker_and_records_nothing(tiny_model, video, forked):
     _, processor = tiny_model
     session = session_for(tiny_model, video, max_new_tokens=64, runner=forked)
@@ -178,18 +263,24 @@ def test_playground_streams_the_chat_and_its_stop_keeps_the_answer(tiny_model):
     st = app.load_media(None, str(ASSETS / "shapes.png"), 16, 64)["state"]
     try:
         st.session.generate_kwargs = {"logits_processor": LogitsProcessorList([Paced(0.02), *forcing(processor, SEGS)])}
-        answers = []
+        answers, chips = [], []
         for update in app.ask_stream(st, "Please segment them.", 64):
             if "question" in update:  # the recorded turn
                 break
-            assert st.chat == [] and update["chat"][0]["content"] == "Please segment them."
-            if not answers:  # a second question meanwhile is refused, and leaves Stop to this answer
-                with pytest.raises(gr.Error, match="still working"):
-                    app.ask(st, "And this?", 8)
-            answers.append(update["chat"][-1]["content"])
-            if answers[-1].count(SEG_PENDING) >= 2:
-                app.stop_answer(st)
-        assert len(answers) >= 2 and all(b.startswith(a) for a, b in zip(answers, answers[1:]))
+            assert st.chat == [] and len(st.session.bank) == 0, "nothing is recorded before the turn ends"
+            if "chips" in update:  # an object as soon as its `<|seg|>` is written, drawn on the canvas too
+                chips.append(chip_count(update["chips"]))
+                assert {"canvas", "viewer", "timeline"} <= update.keys()
+                if chips[-1] >= 2:
+                    app.stop_answer(st)
+            if "chat" in update:
+                assert update["chat"][0]["content"] == "Please segment them."
+                if not answers:  # a second question meanwhile is refused, and leaves Stop to this answer
+                    with pytest.raises(gr.Error, match="still working"):
+                        app.ask(st, "And this?", 8)
+                answers.append(update["chat"][-1]["content"])
+        assert chips[:2] == [1, 2] and len(answers) >= 2
+        assert SEG_PENDING not in "".join(answers), "each object is shown with its label as it is written"
         (turn,) = st.session.turns
         assert turn.stopped and "more words" not in turn.raw_answer
         assert st.session.bank.ids == [o.id for o in turn.new_objects] and len(turn.new_objects) >= 2
@@ -213,8 +304,10 @@ def test_playground_takes_back_a_streamed_answer_that_records_nothing(tiny_model
         with pytest.raises(gr.Error, match="room for 2 more"):
             for update in app.ask_stream(st, "Please segment them.", 64):
                 updates.append(update)
-        assert any(SEG_PENDING in u.get("chat", [{}])[-1].get("content", "") for u in updates[:-1])
-        assert updates[-1] == {"chat": []}, "the shown answer is taken back before the error"
+        assert any("[2]" in u.get("chat", [{}])[-1].get("content", "") for u in updates[:-1])
+        assert max(chip_count(u.get("chips", "")) for u in updates) == 2, "the objects there is room for"
+        # The shown answer and its objects are taken back before the error.
+        assert updates[-1]["chat"] == [] and chip_count(updates[-1]["chips"]) == 0
         assert st.chat == [] and st.session.turns == [] and len(st.session.bank) == 0
     finally:
         delete_state(st)

@@ -216,6 +216,13 @@ class ObjectMemoryBank:
         self._next_id += 1
         return obj
 
+    def preview(self) -> ObjectMemoryBank:
+        """A copy to add objects to for display before they join this bank (an answer still being
+        written): it holds the same objects, so edit them through this bank only."""
+        bank = ObjectMemoryBank(self.max_objects)
+        bank._objects, bank._next_id = dict(self._objects), self._next_id
+        return bank
+
     def get(self, object_id: int) -> MemoryObject:
         try:
             return self._objects[object_id]

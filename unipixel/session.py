@@ -74,7 +74,7 @@ class Session:
 
     Model work goes through `runner(call, progress) -> CallResult` (`unipixel.calls`): in this
     process by default, in a GPU worker on ZeroGPU Spaces. A streamed question also passes the
-    runner `on_text` and/or `stop` (`run_call`'s keywords). The session sends plain data and applies
+    runner `on_text`, `stop` and/or `on_object` (`run_call`'s keywords). The session sends plain data and applies
     what comes back, so the bank, chat and history only change here. `budget` (a `CacheBudget`)
     bounds the features all sessions keep; a session whose cache it dropped recomputes it.
 
@@ -139,7 +139,8 @@ class Session:
 
     def _run(self, call, progress: Progress | None, cancel: threading.Event | None, **stream) -> CallResult:
         """Run `call`; a set `cancel` stops it at its next progress report (token or frame).
-        `stream`: the runner's `on_text` and `stop`, passed only when given (a plain runner has neither)."""
+        `stream`: the runner's `on_text`, `stop` and `on_object`, passed only when given (a plain
+        runner has none)."""
         call.cache = self.cache
         stream = {k: v for k, v in stream.items() if v is not None}
         result = self.runner(call, _cancellable(progress, cancel), **stream)
@@ -294,14 +295,18 @@ class Session:
 
     # ---- questions -----------------------------------------------------------------------------
     def ask(self, text: str, *, progress: Progress | None = None, cancel: threading.Event | None = None,
-            on_text: TextCallback | None = None, stop: threading.Event | None = None) -> TurnResult:
+            on_text: TextCallback | None = None, stop: threading.Event | None = None,
+            on_objects: Callable[[ObjectMemoryBank], None] | None = None) -> TurnResult:
         """Answer a question; `[id]` mentions inject those objects, each `<|seg|>` becomes an object.
 
         `on_text` receives the answer so far as it is generated (`streamed_answer`: a `<|seg|>` shows
-        as `SEG_PENDING` until the answer ends and its object exists). A set `stop` ends generation
-        at the next token: the turn is recorded as `stopped` with the answer so far, and the objects
-        of the `<|seg|>`s it holds (their masks are decoded before the call returns), in the bank,
-        the turns and the model's history alike.
+        as `SEG_PENDING` until its object exists). With `on_objects`, each `<|seg|>` is segmented as
+        soon as it is generated and `on_objects` receives a preview of the bank with the answer's
+        objects so far (`ObjectMemoryBank.preview`: the bank itself changes only when the turn is
+        recorded); the text then shows their labels. A set `stop` ends generation at the next token:
+        the turn is recorded as `stopped` with the answer so far, and the objects of the `<|seg|>`s
+        it holds (their masks are decoded before the call returns), in the bank, the turns and the
+        model's history alike.
 
         The turn is recorded whole or not at all: a set `cancel` (`CallCancelled`, e.g. the client
         went away) or an answer segmenting more objects than the bank has room for
@@ -317,8 +322,20 @@ class Session:
             self._check_length(inputs["input_ids"].shape[1], text, grid)
             call = AskCall(self.media.frames, inputs, mem_cells, self.max_new_tokens, self.generate_kwargs,
                            track=self.track_plan)  # fmt: skip
-            streamed = None if on_text is None else (lambda raw: on_text(streamed_answer(raw)))
-            out = self._run(call, progress, cancel, on_text=streamed, stop=None if stop is None else stop.is_set)
+            shown = self.bank.preview()  # the answer's objects so far, for display
+            known = set(self.bank.ids)
+
+            def object_ready(masks: np.ndarray) -> None:
+                if len(shown) < shown.max_objects:  # an answer with more is refused whole when it ends
+                    shown.add(masks, "answer", turn=len(self.turns) + 1)
+                    on_objects(shown.preview())  # a copy: `shown` grows while the caller draws it
+
+            def streamed(raw: str) -> None:
+                on_text(streamed_answer(raw, [i for i in shown.ids if i not in known], known))
+
+            out = self._run(call, progress, cancel, on_text=None if on_text is None else streamed,
+                            stop=None if stop is None else stop.is_set,
+                            on_object=None if on_objects is None else object_ready)  # fmt: skip
             result = self._record_turn(text, out.answer, out.masks, start, out.tracks, stopped=out.stopped)
             self._commit_turn(user, result.raw_answer, mem_cells)
             return result
@@ -408,7 +425,7 @@ class Session:
         turn = len(self.turns) + 1
         answer, targets, new_objects, last = "", [], [], 0
         for k, match in enumerate(matches):
-            named = match.group(1) if match.group(2) and int(match.group(2)) in self.bank else ""
+            named = _seg_name(match, self.bank)
             obj = self.bank.add(masks[k], "answer", turn=turn, track=tracks[k] if tracks else None)
             answer += text[last : match.start()] + named
             targets.append(Target(obj.id, len(answer), len(answer) + len(obj.label)))
@@ -486,9 +503,22 @@ class Session:
         return session
 
 
-def streamed_answer(raw: str) -> str:
-    """An answer still being written, for display: each `<|seg|>` as `SEG_PENDING`."""
-    return raw.replace(P.SEG, SEG_PENDING)
+def streamed_answer(raw: str, new_ids: list[int] = (), known=()) -> str:
+    """An answer still being written, for display as the recorded turn will show it: its first
+    `<|seg|>`s as the labels of their objects (`new_ids`, in order; `known`: the ids remembered
+    before the answer), the others as `SEG_PENDING`."""
+    answer, last, known = "", 0, set(known)
+    for object_id, match in zip(new_ids, _SEG_TARGET.finditer(raw)):
+        answer += raw[last : match.start()] + _seg_name(match, known) + f"[{object_id}]"
+        known.add(object_id)
+        last = match.end()
+    return answer + raw[last:].replace(P.SEG, SEG_PENDING)
+
+
+def _seg_name(match: re.Match, known) -> str:
+    """The "[k] " before a `<|seg|>` when k names a remembered object, else nothing: a k that names
+    no object would read as one that does not exist."""
+    return match.group(1) if match.group(2) and int(match.group(2)) in known else ""
 
 
 def _first(result: CallResult):

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from sam2.modeling.sam.prompt_encoder import PromptEncoder
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
@@ -343,6 +344,7 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         sam2_video: SAM2Video | None = None,
         decode_input_segs: bool = True,
         progress=None,
+        on_seg: Callable[[torch.Tensor], None] | None = None,
         **kwargs,
     ):
         """Greedy-by-default `generate` that also decodes every `<|seg|>` into a mask.
@@ -350,6 +352,8 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         Returns a `PixelGenerateOutput`: `sequences`, and `masks` [n, T, H, W] for the `<|seg|>`
         tokens of the input (teacher-forced; skipped with `decode_input_segs=False`, e.g. for a
         conversation history already decoded) then of the answer, in order of appearance.
+        `on_seg` receives the hidden state [1, d] of each generated `<|seg|>` as soon as it is
+        generated, before the next token (e.g. to segment its object while the answer goes on).
         """
         kwargs.setdefault("do_sample", False)
         kwargs["return_dict_in_generate"] = True
@@ -369,9 +373,12 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         if kwargs.get("pixel_values_videos") is not None and kwargs.get("video_features") is None:
             # Encode here, not in `generate`, so the `<|mem|>` path gets the merger inputs too.
             kwargs["video_features"] = self.encode_video(kwargs.pop("pixel_values_videos"), kwargs["video_grid_thw"])
-        with self._record_prenorm() as states:
-            out = super().generate(input_ids=input_ids, **kwargs)
         seg = self.config.seg_token_id
+        with self._record_prenorm() as states:
+            if on_seg is not None:
+                watcher = _SegWatcher(seg, states, on_seg)
+                kwargs["stopping_criteria"] = StoppingCriteriaList([watcher, *(kwargs.get("stopping_criteria") or [])])
+            out = super().generate(input_ids=input_ids, **kwargs)
         hidden = [states[0][0, :-1][input_ids[0, 1:] == seg]] if decode_input_segs else []
         # Forward call j produced generated token j, so its last position is the state before it.
         new_tokens = out.sequences[0, input_ids.shape[1] :]
@@ -382,3 +389,15 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         if sam2_video is not None and hidden is not None:
             masks = self.decode_seg_masks(hidden, sam2_video, progress=progress)
         return PixelGenerateOutput(sequences=out.sequences, masks=masks, seg_hidden=hidden)
+
+
+class _SegWatcher(StoppingCriteria):
+    """Hands each generated `<|seg|>`'s hidden state to `on_seg` as it is generated; never stops."""
+
+    def __init__(self, seg_token_id: int, states: list[torch.Tensor], on_seg: Callable[[torch.Tensor], None]):
+        self.seg, self.states, self.on_seg = seg_token_id, states, on_seg
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if int(input_ids[0, -1]) == self.seg:
+            self.on_seg(self.states[-1][0, -1:])  # the forward that produced the token: its last position
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
