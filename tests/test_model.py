@@ -260,6 +260,28 @@ def test_mem_features_use_window_order(tiny_model, rng):
     torch.testing.assert_close(got[0], want)
 
 
+def test_mem_embeddings_of_all_slots_at_once_equal_one_slot_at_a_time(tiny_model, rng):
+    """`encode_mem_cells` projects every present slot's mean in one call: the same embeddings, in
+    the same order (objects, then their slots), as projecting each slot's mean on its own."""
+    model, processor = tiny_model
+    frames = rng.integers(0, 255, (6, 120, 160, 3), dtype=np.uint8)
+    vision = P.encode_frames(processor, frames)
+    features = model.encode_video(vision["pixel_values_videos"], vision["video_grid_thw"])
+    grid_t, grid_h, grid_w = (int(v) for v in vision["video_grid_thw"][0])
+    objects = [torch.from_numpy(rng.random((grid_t, grid_h // 2, grid_w // 2)) < p) for p in (0.5, 0.2, 1.0)]
+    objects[1][1] = False  # an absent slot has no embedding
+    objects[1][0, 0, 0] = True
+    per_slot = (grid_h // 2) * (grid_w // 2)
+    with torch.no_grad():
+        got = model.encode_mem_cells(objects, features)
+        want = torch.stack([
+            model.msk_proj(features.merger_inputs[t * per_slot : (t + 1) * per_slot][cells[t].flatten()].mean(0))
+            for cells in objects for t in range(grid_t) if cells[t].any()
+        ])  # fmt: skip
+    assert got.shape == (sum(int(c.flatten(1).any(1).sum()) for c in objects), model.config.text_config.hidden_size)
+    torch.testing.assert_close(got, want)
+
+
 def _cells_by_definition(mask: torch.Tensor, grid_thw) -> torch.Tensor:
     """Spec §4 as the reference computes it: pair frames by max, resize to the LLM frame, pool by 28."""
     t, h, w = (int(v) for v in grid_thw)

@@ -179,18 +179,18 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         weights were trained that way, so we do the same.
         """
         grid_t, grid_h, grid_w = (int(v) for v in features.grid_thw[0])
-        out = []
+        means = []
         for cells in cells_per_object:
             if tuple(cells.shape) != (grid_t, grid_h // 2, grid_w // 2):
                 raise PromptError(f"<|mem|> cells {tuple(cells.shape)} do not match the media's "
                                   f"{(grid_t, grid_h // 2, grid_w // 2)} merged-token grid")  # fmt: skip
-            cells = cells.to(self.device)
-            per_slot = cells[0].numel()
-            for t in range(cells.shape[0]):
-                if cells[t].any():
-                    rows = features.merger_inputs[t * per_slot : (t + 1) * per_slot]
-                    out.append(self.msk_proj(rows[cells[t].flatten()].mean(dim=0)))
-        return torch.stack(out)
+            cells = cells.to(self.device).flatten(1)
+            per_slot = cells.shape[1]
+            for t in cells.any(dim=1).nonzero()[:, 0].tolist():  # the present slots, one host sync
+                rows = features.merger_inputs[t * per_slot : (t + 1) * per_slot]
+                means.append(rows[cells[t]].mean(dim=0))
+        # One projection of every slot's mean: a call per slot cost more than the projection itself.
+        return self.msk_proj(torch.stack(means))
 
     def decode_seg_masks(self, seg_hidden: torch.Tensor, video: SAM2Video, clicks=None, progress=None) -> torch.Tensor:
         """`<|seg|>` hidden states [n, d] -> masks [n, T, H, W] bool, sharing one propagation.
