@@ -391,6 +391,26 @@ def test_clicks_refine_a_seg_mask(tiny_model, rng):
     assert not torch.equal(refined[1], plain[1])  # frame 2 is now conditioned by the clicks
 
 
+def test_segment_gives_each_group_its_own_track(tiny_model, rng):
+    """`segment` returns one propagation's masks as they are when it held every object, and puts
+    each group's masks at its objects' places otherwise: the same masks either way."""
+    model, _ = tiny_model
+    sam2 = model.sam2
+    frames = rng.integers(0, 255, (4, 90, 120, 3), dtype=np.uint8)
+    hidden = torch.randn(3, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(3))
+    video = model.prepare_sam2_video(frames)
+    click = (1, torch.tensor([[0.4, 0.6]]), torch.tensor([1]))
+    with torch.no_grad(), model.sam2_autocast():
+        tokens = model.seg_tokens(hidden)
+        track = lambda prompts: sam2.track(video, prompts, ("forward",))  # noqa: E731
+        together = sam2.segment(video, tokens)
+        assert torch.equal(together, track(sam2.seg_prompts(tokens)))
+        mixed = sam2.segment(video, tokens, clicks=[None, click, None])
+        assert torch.equal(mixed[[0, 2]], track(sam2.seg_prompts(tokens[[0, 2]])))
+        assert torch.equal(mixed[1:2], track(sam2.seg_prompts(tokens[1:2], click)))
+    assert together.shape == mixed.shape == (3, 4, 90, 120) and together.dtype == mixed.dtype == torch.bool
+
+
 def test_importing_unipixel_registers_the_auto_classes():
     import subprocess
     import sys
