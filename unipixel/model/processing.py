@@ -80,8 +80,8 @@ def tokenize_chat(processor, messages: list[dict], grid_thw: torch.Tensor, add_g
     video_id = processor.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
     if video_id in ids:
         k = ids.index(video_id)
-        video = torch.full((num_video_tokens(grid_thw),), video_id, dtype=torch.long)
-        ids = torch.cat([torch.tensor(ids[:k], dtype=torch.long), video, torch.tensor(ids[k + 1 :], dtype=torch.long)])[None]
+        before, after = torch.tensor(ids[:k], dtype=torch.long), torch.tensor(ids[k + 1 :], dtype=torch.long)
+        ids = torch.cat([before, torch.full((num_video_tokens(grid_thw),), video_id), after])[None]
     else:
         ids = torch.tensor([ids], dtype=torch.long)
     return {
