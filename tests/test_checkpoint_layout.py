@@ -212,6 +212,43 @@ def test_typed_text_without_special_tokens_tokenizes_as_before(tiny_model):
     assert marked["input_ids"][0].tolist() == whole
 
 
+def test_chat_ids_equal_the_whole_chat_tokenized_afresh(tiny_model):
+    """`tokenize_chat` remembers the pieces of earlier turns: every chat of a growing conversation
+    (a video first turn, `<|mem|>` prefixes, answers with `<|seg|>`, typed special tokens) still has
+    exactly the ids of its whole text tokenized afresh, its pieces remembered or new."""
+    _, processor = tiny_model
+    tokenizer, grid = processor.tokenizer, torch.tensor([[4, 6, 8]])
+    video_pad = tokenizer.convert_tokens_to_ids(P.VIDEO_PAD)
+
+    def afresh(messages, generation_prompt=True):
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        ids = []
+        for k, piece in enumerate(P._TYPED.split(text.replace(P.VIDEO_PAD, P.VIDEO_PAD * P.num_video_tokens(grid)))):
+            ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=k % 2 == 1)["input_ids"]
+        return ids
+
+    turns = [
+        ("Please describe the video.", "It is a video of two squares."),
+        (P.mem_prefix([(1, [0, 1])], 8) + P.typed("What is [1] doing? <|seg|>"), "[1] is following <|seg|>."),
+        (P.mem_prefix([(1, [1]), (2, [0, 2, 3])], 8) + P.typed("Compare [1] and [2]\n\n please."), " \nThey <|seg|> race."),
+        (P.typed("And now?"), "[3] <|seg|> [4] <|seg|>"),
+    ]
+    for first_text in ("Please describe the video.", P.typed("Please <|ref|> describe the video.")):
+        messages = []
+        for k, (question, answer) in enumerate(turns):
+            messages.append(P.user_message(first_text if k == 0 else question, with_video=k == 0))
+            for _ in range(2):  # the second time every piece is a remembered one
+                ids = P.tokenize_chat(processor, messages, grid)
+                assert ids["input_ids"][0].tolist() == afresh(messages)
+                assert ids["input_ids"].dtype == torch.long
+                assert ids["mm_token_type_ids"][0].tolist() == [2 * (i == video_pad) for i in afresh(messages)]
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            closed = P.tokenize_chat(processor, messages, grid, add_generation_prompt=False)["input_ids"][0].tolist()
+            assert closed == afresh(messages, generation_prompt=False)
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "Hello."}]}]  # no video: no placeholder
+    assert P.tokenize_chat(processor, text_only, grid)["input_ids"][0].tolist() == afresh(text_only)
+
+
 @pytest.mark.parametrize("frames, budget", [(1, 16), (8, 2), (16, 1), (17, 1), (64, 1)])
 def test_frame_pixel_budget_never_reaches_zero(frames, budget):
     """Spec §3: int(S / n) with n <= S; with a fixed 16, 17 or more frames gave 0 (a crash)."""

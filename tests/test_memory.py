@@ -119,6 +119,29 @@ def test_lookup_and_editing():
     assert bank.delete(1).id == 1 and bank.ids == [3]
 
 
+def test_derived_values_follow_the_masks():
+    """What is computed from an object's masks (its `<|mem|>` cells) is kept until the masks change."""
+    import copy
+
+    bank = ObjectMemoryBank()
+    obj = bank.add(_box_masks(2, 9, 3, 11), "mask")
+    calls = []
+
+    def area(masks):
+        calls.append(1)
+        return int(masks.sum())
+
+    assert obj.derived("area", area) == obj.derived("area", area) == 7 * 8 * T and len(calls) == 1
+    twin = copy.deepcopy(bank).get(obj.id)  # a copied bank keeps what was computed, for its own masks
+    assert twin.derived("area", area) == 7 * 8 * T and len(calls) == 1
+    bank.replace_masks(obj.id, _box_masks(0, 2, 0, 3))  # a refinement, or an undo
+    assert obj.derived("area", area) == 2 * 3 * T and len(calls) == 2
+    obj.masks = _box_masks(0, 1, 0, 1)  # any new masks array, however it came
+    assert obj.derived("area", area) == T and len(calls) == 3
+    assert twin.derived("area", area) == 7 * 8 * T and len(calls) == 3
+    assert "_derived" not in repr(obj)
+
+
 def test_object_properties():
     bank = ObjectMemoryBank()
     obj = bank.add(_box_masks(5, 10, 20, 30, frames=[1, 2]), "box", source_frame=1)

@@ -260,6 +260,28 @@ def test_mem_features_use_window_order(tiny_model, rng):
     torch.testing.assert_close(got[0], want)
 
 
+def test_mem_embeddings_of_all_slots_at_once_equal_one_slot_at_a_time(tiny_model, rng):
+    """`encode_mem_cells` projects every present slot's mean in one call: the same embeddings, in
+    the same order (objects, then their slots), as projecting each slot's mean on its own."""
+    model, processor = tiny_model
+    frames = rng.integers(0, 255, (6, 120, 160, 3), dtype=np.uint8)
+    vision = P.encode_frames(processor, frames)
+    features = model.encode_video(vision["pixel_values_videos"], vision["video_grid_thw"])
+    grid_t, grid_h, grid_w = (int(v) for v in vision["video_grid_thw"][0])
+    objects = [torch.from_numpy(rng.random((grid_t, grid_h // 2, grid_w // 2)) < p) for p in (0.5, 0.2, 1.0)]
+    objects[1][1] = False  # an absent slot has no embedding
+    objects[1][0, 0, 0] = True
+    per_slot = (grid_h // 2) * (grid_w // 2)
+    with torch.no_grad():
+        got = model.encode_mem_cells(objects, features)
+        want = torch.stack([
+            model.msk_proj(features.merger_inputs[t * per_slot : (t + 1) * per_slot][cells[t].flatten()].mean(0))
+            for cells in objects for t in range(grid_t) if cells[t].any()
+        ])  # fmt: skip
+    assert got.shape == (sum(int(c.flatten(1).any(1).sum()) for c in objects), model.config.text_config.hidden_size)
+    torch.testing.assert_close(got, want)
+
+
 def _cells_by_definition(mask: torch.Tensor, grid_thw) -> torch.Tensor:
     """Spec §4 as the reference computes it: pair frames by max, resize to the LLM frame, pool by 28."""
     t, h, w = (int(v) for v in grid_thw)
@@ -367,6 +389,26 @@ def test_clicks_refine_a_seg_mask(tiny_model, rng):
         refined = model.decode_seg_masks(hidden, video, clicks=[None, click])
     assert torch.equal(refined[0], plain[0])  # the object without clicks is untouched
     assert not torch.equal(refined[1], plain[1])  # frame 2 is now conditioned by the clicks
+
+
+def test_segment_gives_each_group_its_own_track(tiny_model, rng):
+    """`segment` returns one propagation's masks as they are when it held every object, and puts
+    each group's masks at its objects' places otherwise: the same masks either way."""
+    model, _ = tiny_model
+    sam2 = model.sam2
+    frames = rng.integers(0, 255, (4, 90, 120, 3), dtype=np.uint8)
+    hidden = torch.randn(3, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(3))
+    video = model.prepare_sam2_video(frames)
+    click = (1, torch.tensor([[0.4, 0.6]]), torch.tensor([1]))
+    with torch.no_grad(), model.sam2_autocast():
+        tokens = model.seg_tokens(hidden)
+        track = lambda prompts: sam2.track(video, prompts, ("forward",))  # noqa: E731
+        together = sam2.segment(video, tokens)
+        assert torch.equal(together, track(sam2.seg_prompts(tokens)))
+        mixed = sam2.segment(video, tokens, clicks=[None, click, None])
+        assert torch.equal(mixed[[0, 2]], track(sam2.seg_prompts(tokens[[0, 2]])))
+        assert torch.equal(mixed[1:2], track(sam2.seg_prompts(tokens[1:2], click)))
+    assert together.shape == mixed.shape == (3, 4, 90, 120) and together.dtype == mixed.dtype == torch.bool
 
 
 def test_importing_unipixel_registers_the_auto_classes():

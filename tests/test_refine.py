@@ -3,10 +3,12 @@ frame tracked back to the first (issue 32, points 2 and 3)."""
 import numpy as np
 import gradio as gr
 import pytest
+import torch
 
 from demo import gpu
 from unipixel import calls
 from unipixel.errors import CallCancelled, ObjectNotFoundError, PromptError
+from unipixel.model import mem_slot_cells
 from unipixel.session import Session, VisualPrompt
 
 from shapes_support import SHIPPED, needs_shipped
@@ -37,16 +39,28 @@ def test_refine_replaces_the_masks_of_the_same_object_both_ways(tiny_model, vide
     assert np.array_equal(other.masks, other_before)  # only the refined object changes
 
 
+def mentions_current_masks(session, obj) -> bool:
+    """A question mentioning the object sends the model the cells of its masks as they are now
+    (the session keeps them per masks: a refinement or an undo must not leave old ones)."""
+    sent = session._user_turn(f"What is {obj.label} doing?")[1][-1]
+    return torch.equal(sent, mem_slot_cells(torch.from_numpy(obj.masks), session.grid_thw[0]))
+
+
 def test_undo_restores_exactly_the_masks_before_each_refinement(tiny_model, video):
     session = session_for(tiny_model, video)
     obj = session.add_object(PROMPTS["point"](0))
     first = obj.masks.copy()
+    assert mentions_current_masks(session, obj)
     session.refine(obj.id, NEGATIVE)
     second = obj.masks.copy()
+    assert mentions_current_masks(session, obj)
     session.refine(obj.id, VisualPrompt("box", frame=5, box=(60, 25, 100, 65)))
+    assert mentions_current_masks(session, obj)
     assert session.can_undo_refine(obj.id)
     assert np.array_equal(session.undo_refine(obj.id).masks, second)
+    assert mentions_current_masks(session, obj)
     assert np.array_equal(session.undo_refine(obj.id).masks, first)
+    assert mentions_current_masks(session, obj)
     assert not session.can_undo_refine(obj.id)
     with pytest.raises(PromptError, match=r"\[1\] has no refinement to undo"):
         session.undo_refine(obj.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import colorsys
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +118,17 @@ class MemoryObject:
     turn: int | None = None
     visible: bool = True
     track: MaskTrack | None = None  # masks through the source frames, when the session tracks them
+    # key -> (the masks it was computed from, value): what `derived` computed from the masks
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def derived(self, key, compute):
+        """`compute(masks)`, kept under `key` until the masks change (any new masks array: a
+        refinement or an undo), e.g. the `<|mem|>` cells that every mention of the object reads."""
+        masks, value = self._derived.get(key, (None, None))
+        if masks is not self.masks:
+            value = compute(self.masks)
+            self._derived[key] = (self.masks, value)
+        return value
 
     @property
     def span(self) -> tuple[int, int] | None:
@@ -240,6 +251,7 @@ class ObjectMemoryBank:
         and color stay."""
         obj = self.get(object_id)
         obj.masks = self._validate_masks(masks)
+        obj._derived.clear()  # computed from the old masks (which it would keep alive)
         if track is not None:
             obj.track = track
         return obj

@@ -195,6 +195,7 @@ class Session:
             else:
                 raise PromptError(f"unknown prompt kind {prompt.kind!r}: use point, box or mask")
             obj = self.bank.add(masks, prompt.kind, name=name, source_frame=prompt.frame, track=track)
+            self._mem_cells_of(obj)  # a drawn object is there to be mentioned: its first question waits less
             report(progress, 1.0, f"added {obj.label}")
             return obj
 
@@ -345,14 +346,19 @@ class Session:
         the `<|mem|>` cells of the whole history once it is added.
 
         The cells decide the prompt's `<|mem|>` tokens and are what the model reads of each mask:
-        computed once here, they travel with the call instead of the masks."""
+        computed once per masks of an object (`_mem_cells_of`), they travel with the call instead
+        of the masks."""
         mentioned = self._mentions(text)
-        grid = self.grid_thw
-        cells = [mem_slot_cells(torch.from_numpy(self.bank.get(i).masks), grid[0]) for i in mentioned]
+        cells = [self._mem_cells_of(self.bank.get(i)) for i in mentioned]
         objects = [(i, cell_slots(c)) for i, c in zip(mentioned, cells)]
         prefix = P.mem_prefix(objects, self.media.num_frames) if mentioned else ""
         user = P.user_message(prefix + P.typed(text), with_video=not self._messages)
         return user, self._mem_cells + cells
+
+    def _mem_cells_of(self, obj: MemoryObject) -> torch.Tensor:
+        """The object's `mem_slot_cells`, computed once per masks (a mention re-reads them)."""
+        grid = self.grid_thw[0]
+        return obj.derived(("mem cells", *grid.tolist()), lambda masks: mem_slot_cells(torch.from_numpy(masks), grid))
 
     def _commit_turn(self, user: dict, raw_answer: str, mem_cells: list[torch.Tensor]) -> None:
         self._messages += [user, {"role": "assistant", "content": [{"type": "text", "text": raw_answer}]}]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,6 +48,23 @@ class PixelGenerateOutput(ModelOutput):
     seg_hidden: torch.Tensor | None = None  # [n, d] the states those masks are decoded from
 
 
+def _signed(fn):
+    """`fn` carrying its signature: `generate` asks for the model's about ten times a call, and
+    inspect would rebuild it each time (a cost in every turn's time to first token)."""
+    fn.__signature__ = inspect.signature(fn)
+    return fn
+
+
+def _runs(values: torch.Tensor) -> list[tuple[int, int]]:
+    """(value, length) of each run of equal values of a 1-D tensor, as `itertools.groupby` gives
+    them, found by the tensor ops (a chat is thousands of tokens in a handful of runs)."""
+    if not len(values):
+        return []
+    starts = [0, *((values[1:] != values[:-1]).nonzero()[:, 0] + 1).tolist()]
+    kinds = values[starts].tolist()
+    return [(kind, end - start) for kind, start, end in zip(kinds, starts, [*starts[1:], len(values)])]
+
+
 class PixelQwen2_5_VLModel(Qwen2_5_VLModel):
     """Qwen2.5-VL with the reference's 3-D positions (UniPixel spec §3)."""
 
@@ -79,9 +96,9 @@ class PixelQwen2_5_VLModel(Qwen2_5_VLModel):
         for b in range(input_ids.shape[0]):
             keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(input_ids[b], dtype=torch.bool)
             pieces, start = [], 0
-            for kind, group in itertools.groupby(mm_token_type_ids[b][keep].tolist()):
+            for kind, length in _runs(mm_token_type_ids[b][keep]):
                 if kind == 0:
-                    ids = torch.arange(len(list(group)), device=input_ids.device).expand(3, -1) + start
+                    ids = torch.arange(length, device=input_ids.device).expand(3, -1) + start
                 else:
                     interval = tokens_per_second * next(seconds, 1.0) if kind == 2 else 1
                     ids = self.get_vision_position_ids(start, next(grids[kind]), 1, merge, interval, input_ids.device)
@@ -180,18 +197,18 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         weights were trained that way, so we do the same.
         """
         grid_t, grid_h, grid_w = (int(v) for v in features.grid_thw[0])
-        out = []
+        means = []
         for cells in cells_per_object:
             if tuple(cells.shape) != (grid_t, grid_h // 2, grid_w // 2):
                 raise PromptError(f"<|mem|> cells {tuple(cells.shape)} do not match the media's "
                                   f"{(grid_t, grid_h // 2, grid_w // 2)} merged-token grid")  # fmt: skip
-            cells = cells.to(self.device)
-            per_slot = cells[0].numel()
-            for t in range(cells.shape[0]):
-                if cells[t].any():
-                    rows = features.merger_inputs[t * per_slot : (t + 1) * per_slot]
-                    out.append(self.msk_proj(rows[cells[t].flatten()].mean(dim=0)))
-        return torch.stack(out)
+            cells = cells.to(self.device).flatten(1)
+            per_slot = cells.shape[1]
+            for t in cells.any(dim=1).nonzero()[:, 0].tolist():  # the present slots, one host sync
+                rows = features.merger_inputs[t * per_slot : (t + 1) * per_slot]
+                means.append(rows[cells[t]].mean(dim=0))
+        # One projection of every slot's mean: a call per slot cost more than the projection itself.
+        return self.msk_proj(torch.stack(means))
 
     def decode_seg_masks(self, seg_hidden: torch.Tensor, video: SAM2Video, clicks=None, progress=None) -> torch.Tensor:
         """`<|seg|>` hidden states [n, d] -> masks [n, T, H, W] bool, sharing one propagation.
@@ -217,9 +234,10 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         with self._autocast(self.dtype == torch.bfloat16):  # as in `decode_seg_masks`
             return self.sam2.retrack(video, masks, frame, coords, labels, **kwargs)
 
-    def _on_device(self, x):
-        """The processor makes its tensors on the host; the model may be on a GPU."""
-        return x.to(self.device) if isinstance(x, torch.Tensor) else x
+    def _on_device(self, x, device=None):
+        """The processor makes its tensors on the host; the model may be on a GPU. `device`: the
+        model's, looked up once by a caller moving many values (each lookup walks the parameters)."""
+        return x.to(device or self.device) if isinstance(x, torch.Tensor) else x
 
     def _autocast(self, enabled: bool):
         """SAM 2 code mixes float32 inputs with the weights: autocast them to the weights' half dtype."""
@@ -269,6 +287,7 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
             hook.remove()
 
     # ---- transformers entry points -----------------------------------------------------------
+    @_signed
     def forward(
         self,
         input_ids=None,
@@ -294,8 +313,9 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         `mem_cells` (`mem_slot_cells` of each object) replaces `mem_masks` where they are computed.
         With `sam2_video`, every input position followed by `<|seg|>` is decoded into a mask.
         """
+        device = self.device
         input_ids, attention_mask, position_ids, video_grid_thw, second_per_grid_ts, mm_token_type_ids = (
-            self._on_device(x)
+            self._on_device(x, device)
             for x in (input_ids, attention_mask, position_ids, video_grid_thw, second_per_grid_ts, mm_token_type_ids)
         )
         if pixel_values_videos is not None and video_features is None:
@@ -330,6 +350,7 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
                 masks = self.decode_seg_masks(seg_hidden, sam2_video)
         return PixelCausalLMOutput(**out, seg_hidden=seg_hidden, masks=masks)
 
+    @_signed
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration:
@@ -357,8 +378,9 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         """
         kwargs.setdefault("do_sample", False)
         kwargs["return_dict_in_generate"] = True
-        input_ids = self._on_device(input_ids)
-        kwargs = {k: self._on_device(v) for k, v in kwargs.items()}
+        device = self.device
+        input_ids = self._on_device(input_ids, device)
+        kwargs = {k: self._on_device(v, device) for k, v in kwargs.items()}
         if kwargs.get("mm_token_type_ids") is None:
             kwargs["mm_token_type_ids"] = self.model.mm_token_types(input_ids)
         grid = kwargs.get("video_grid_thw")

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import re
+import threading
+import weakref
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ MEM = "<|mem|>"
 PIXELQA_SUFFIX = " Please localize the relevant objects with IDs."
 # Private-use marks around text a user typed: inside them special tokens are plain characters.
 _TYPED = re.compile("\ue000(.*?)\ue001", re.S)
+_PIECES_LOCK = threading.Lock()
 
 
 def max_pixels(num_frames: int, requested: int = 16) -> int:
@@ -69,19 +73,46 @@ def tokenize_chat(processor, messages: list[dict], grid_thw: torch.Tensor, add_g
     # Typed text sits between a newline or special token and `<|im_end|>`, so the cut changes no merge.
     ids: list[int] = []
     for k, piece in enumerate(_TYPED.split(text)):
-        ids += processor.tokenizer(piece, add_special_tokens=False, split_special_tokens=k % 2 == 1)["input_ids"]
+        ids += _piece_ids(processor.tokenizer, piece, typed=k % 2 == 1)
     # The placeholder becomes one token per merged vision token; expanding ids, not text, spares the
-    # tokenizer thousands of special-token matches every turn.
+    # tokenizer thousands of special-token matches every turn (and the expansion is made as a tensor:
+    # a Python list of thousands of ids costs more to convert than the rest of the call).
     video_id = processor.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
     if video_id in ids:
         k = ids.index(video_id)
-        ids[k : k + 1] = [video_id] * num_video_tokens(grid_thw)
-    ids = torch.tensor([ids])
+        before, after = torch.tensor(ids[:k], dtype=torch.long), torch.tensor(ids[k + 1 :], dtype=torch.long)
+        ids = torch.cat([before, torch.full((num_video_tokens(grid_thw),), video_id), after])[None]
+    else:
+        ids = torch.tensor([ids], dtype=torch.long)
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "mm_token_type_ids": (ids == video_id).long() * 2,  # 0 text, 1 image, 2 video
     }
+
+
+_PIECES: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
+_PIECES_KEPT = 64  # per tokenizer: a chat's earlier pieces (the system and video opening, typed questions)
+
+
+def _piece_ids(tokenizer, piece: str, typed: bool) -> list[int]:
+    """Token ids of one piece of a chat (typed: special tokens read as characters), remembered.
+
+    A chat is re-tokenized every turn, and all of it but the new turn's pieces was seen before;
+    tokenizing is a function of the piece alone, so a remembered piece has exactly its ids."""
+    key = (piece, typed, len(tokenizer))  # tokens added to the tokenizer later change its ids
+    with _PIECES_LOCK:
+        seen = _PIECES.setdefault(tokenizer, OrderedDict())
+        ids = seen.get(key)
+        if ids is not None:
+            seen.move_to_end(key)
+            return ids
+    ids = tokenizer(piece, add_special_tokens=False, split_special_tokens=typed)["input_ids"]
+    with _PIECES_LOCK:
+        seen[key] = ids
+        while len(seen) > _PIECES_KEPT:
+            seen.popitem(last=False)
+    return ids
 
 
 def typed(text: str) -> str:

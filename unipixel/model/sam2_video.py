@@ -365,8 +365,12 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
         `clicks[i]`, if given, is (frame, coords [P, 2] in [0, 1], labels [P]) refining object i,
         which is then tracked on its own (see `seg_prompts`).
         """
-        masks = torch.zeros(tokens.shape[0], video.num_frames, video.height, video.width, dtype=torch.bool)
+        masks = None
         for objects, group in self.segment_groups(video, tokens, clicks, progress):
+            if len(objects) == tokens.shape[0]:  # one propagation held every object, in order: no copy
+                return group
+            if masks is None:
+                masks = torch.zeros(tokens.shape[0], video.num_frames, video.height, video.width, dtype=torch.bool)
             masks[objects] = group
         return masks
 
