@@ -213,9 +213,10 @@ def test_typed_text_without_special_tokens_tokenizes_as_before(tiny_model):
 
 
 def test_chat_ids_equal_the_whole_chat_tokenized_afresh(tiny_model):
-    """`tokenize_chat` remembers the pieces of earlier turns: every chat of a growing conversation
-    (a video first turn, `<|mem|>` prefixes, answers with `<|seg|>`, typed special tokens) still has
-    exactly the ids of its whole text tokenized afresh, its pieces remembered or new."""
+    """`tokenize_chat` remembers the pieces of earlier turns in the conversation's memo: every chat of
+    a growing conversation (a video first turn, `<|mem|>` prefixes, answers with `<|seg|>`, typed
+    special tokens) still has exactly the ids of its whole text tokenized afresh, its pieces
+    remembered or new."""
     _, processor = tiny_model
     tokenizer, grid = processor.tokenizer, torch.tensor([[4, 6, 8]])
     video_pad = tokenizer.convert_tokens_to_ids(P.VIDEO_PAD)
@@ -234,17 +235,18 @@ def test_chat_ids_equal_the_whole_chat_tokenized_afresh(tiny_model):
         (P.typed("And now?"), "[3] <|seg|> [4] <|seg|>"),
     ]
     for first_text in ("Please describe the video.", P.typed("Please <|ref|> describe the video.")):
-        messages = []
+        messages, memo = [], {}
         for k, (question, answer) in enumerate(turns):
             messages.append(P.user_message(first_text if k == 0 else question, with_video=k == 0))
             for _ in range(2):  # the second time every piece is a remembered one
-                ids = P.tokenize_chat(processor, messages, grid)
+                ids = P.tokenize_chat(processor, messages, grid, memo=memo)
                 assert ids["input_ids"][0].tolist() == afresh(messages)
                 assert ids["input_ids"].dtype == torch.long
                 assert ids["mm_token_type_ids"][0].tolist() == [2 * (i == video_pad) for i in afresh(messages)]
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-            closed = P.tokenize_chat(processor, messages, grid, add_generation_prompt=False)["input_ids"][0].tolist()
-            assert closed == afresh(messages, generation_prompt=False)
+            closed = P.tokenize_chat(processor, messages, grid, add_generation_prompt=False, memo=memo)
+            assert closed["input_ids"][0].tolist() == afresh(messages, generation_prompt=False)
+        assert len(memo) >= 2 * len(turns), "the pieces were remembered"
     text_only = [{"role": "user", "content": [{"type": "text", "text": "Hello."}]}]  # no video: no placeholder
     assert P.tokenize_chat(processor, text_only, grid)["input_ids"][0].tolist() == afresh(text_only)
 

@@ -112,6 +112,7 @@ class Session:
         self._lock = threading.RLock()
         self._messages: list[dict] = []
         self._mem_cells: list[torch.Tensor] = []  # `mem_slot_cells` of every `<|mem|>` object of the history
+        self._pieces: dict = {}  # token ids of the chat's pieces (`tokenize_chat`'s memo)
         self._refined: dict[int, frozenset[int]] = {}  # object id -> the frames its refinements clicked on
         # object id -> its masks, track (None: untracked) and refined frames before each refinement
         self._undo: dict[int, list[tuple[PackedMasks, MaskTrack | None, frozenset[int]]]] = {}
@@ -319,7 +320,7 @@ class Session:
             start = time.perf_counter()
             user, mem_cells = self._user_turn(text)  # validates ids before any model work
             grid = self.grid_thw
-            inputs = P.tokenize_chat(self.processor, self._messages + [user], grid)
+            inputs = P.tokenize_chat(self.processor, self._messages + [user], grid, memo=self._pieces)
             self._check_length(inputs["input_ids"].shape[1], text, grid)
             call = AskCall(self.media.frames, inputs, mem_cells, self.max_new_tokens, self.generate_kwargs,
                            track=self.track_plan)  # fmt: skip
@@ -457,6 +458,7 @@ class Session:
         with self._lock:
             self.turns.clear()
             self._messages.clear()
+            self._pieces.clear()
             self._mem_cells = []
 
     # ---- save and resume -------------------------------------------------------------------------

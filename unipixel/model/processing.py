@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import re
-import threading
-import weakref
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -20,7 +17,6 @@ MEM = "<|mem|>"
 PIXELQA_SUFFIX = " Please localize the relevant objects with IDs."
 # Private-use marks around text a user typed: inside them special tokens are plain characters.
 _TYPED = re.compile("\ue000(.*?)\ue001", re.S)
-_PIECES_LOCK = threading.Lock()
 
 
 def max_pixels(num_frames: int, requested: int = 16) -> int:
@@ -66,14 +62,18 @@ def num_video_tokens(grid_thw: torch.Tensor, merge_size: int = 2) -> int:
     return int(grid_thw[0].prod()) // merge_size**2
 
 
-def tokenize_chat(processor, messages: list[dict], grid_thw: torch.Tensor, add_generation_prompt: bool = True) -> dict:
-    """Chat template -> input_ids with the video placeholder expanded (batch of one)."""
+def tokenize_chat(processor, messages: list[dict], grid_thw: torch.Tensor, add_generation_prompt: bool = True,
+                  memo: dict | None = None) -> dict:
+    """Chat template -> input_ids with the video placeholder expanded (batch of one).
+
+    `memo`: a conversation's own dict (a session's), where the ids of each piece of its chat are
+    kept: each turn re-tokenizes the chat, all of it but the new turn seen before."""
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     # Even pieces are ours (control tokens allowed), odd pieces were typed (spec §3: typed is text).
     # Typed text sits between a newline or special token and `<|im_end|>`, so the cut changes no merge.
     ids: list[int] = []
     for k, piece in enumerate(_TYPED.split(text)):
-        ids += _piece_ids(processor.tokenizer, piece, typed=k % 2 == 1)
+        ids += _piece_ids(processor.tokenizer, piece, k % 2 == 1, memo)
     # The placeholder becomes one token per merged vision token; expanding ids, not text, spares the
     # tokenizer thousands of special-token matches every turn (and the expansion is made as a tensor:
     # a Python list of thousands of ids costs more to convert than the rest of the call).
@@ -91,27 +91,14 @@ def tokenize_chat(processor, messages: list[dict], grid_thw: torch.Tensor, add_g
     }
 
 
-_PIECES: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
-_PIECES_KEPT = 64  # per tokenizer: a chat's earlier pieces (the system and video opening, typed questions)
-
-
-def _piece_ids(tokenizer, piece: str, typed: bool) -> list[int]:
-    """Token ids of one piece of a chat (typed: special tokens read as characters), remembered.
-
-    A chat is re-tokenized every turn, and all of it but the new turn's pieces was seen before;
-    tokenizing is a function of the piece alone, so a remembered piece has exactly its ids."""
-    key = (piece, typed, len(tokenizer))  # tokens added to the tokenizer later change its ids
-    with _PIECES_LOCK:
-        seen = _PIECES.setdefault(tokenizer, OrderedDict())
-        ids = seen.get(key)
-        if ids is not None:
-            seen.move_to_end(key)
-            return ids
-    ids = tokenizer(piece, add_special_tokens=False, split_special_tokens=typed)["input_ids"]
-    with _PIECES_LOCK:
-        seen[key] = ids
-        while len(seen) > _PIECES_KEPT:
-            seen.popitem(last=False)
+def _piece_ids(tokenizer, piece: str, typed: bool, memo: dict | None) -> list[int]:
+    """Token ids of one piece of a chat (typed: special tokens read as characters), from `memo` when
+    it holds them: tokenizing is a function of the piece alone, so they are exactly its ids."""
+    ids = None if memo is None else memo.get((piece, typed))
+    if ids is None:
+        ids = tokenizer(piece, add_special_tokens=False, split_special_tokens=typed)["input_ids"]
+        if memo is not None:
+            memo[(piece, typed)] = ids
     return ids
 
 
