@@ -5,7 +5,8 @@
     (processor encode + vision tower again) with uncached SAM 2 frame features.
 (b) Decoding a 3-object answer vs a 1-object answer in one teacher-forced prefill: the cached path
     (one shared SAM 2 propagation over cached frame features) against the reference style (a fresh
-    uncached SAM 2 video per `<|seg|>`, every frame re-encoded per token).
+    uncached SAM 2 video per `<|seg|>`, every frame re-encoded per token), and the playground's
+    streamed path (cached features, one propagation per object as each `<|seg|>` is written).
 
 Answers are forced token by token with a logits processor, so every path does the same work
 (random weights would otherwise answer with whatever tokens they like); all compute is real.
@@ -203,7 +204,9 @@ def reference_turns(model, processor, media, device, history) -> dict:
 
 # ---- (b) 1 vs 3 objects ------------------------------------------------------------------------
 def decode_answer(model, processor, session: Session, answer: str, mode: str, device) -> float:
-    """Teacher-forced prefill of `answer` and its masks; mode: warm / cold cache, or reference."""
+    """Teacher-forced prefill of `answer` and its masks; mode: warm / cold cache, streamed (warm, one
+    SAM 2 propagation per object, as the playground segments each `<|seg|>` when it is written), or
+    reference."""
     with torch.inference_mode():
         cache = media_cache(model, processor, session.media.frames, session.cache)
     vision, warm_video = cache.vision, cache.sam2
@@ -223,6 +226,9 @@ def decode_answer(model, processor, session: Session, answer: str, mode: str, de
                     for i in range(n)
                 ]
                 return torch.cat(masks)
+            if mode == "streamed":
+                out = model(**inputs, **vision, logits_to_keep=1)
+                return torch.cat([model.decode_seg_masks(out.seg_hidden[i : i + 1], warm_video) for i in range(n)])
             video = warm_video if mode == "warm" else model.prepare_sam2_video(session.media.frames)
             return model(**inputs, **vision, sam2_video=video, logits_to_keep=1).masks
 
@@ -247,7 +253,7 @@ def bench_model(name: str, model, processor, frames: np.ndarray, device: str, re
         session.ask("Please segment the squares.")  # warms the SAM 2 cache as a first turn would
         row = {}
         for objects, answer in ((1, ONE_OBJECT), (3, THREE_OBJECTS)):
-            for mode in ("warm", "cold", "reference"):
+            for mode in ("warm", "cold", "reference", "streamed"):
                 row[(objects, mode)] = decode_answer(model, processor, session, answer, mode, device)
         if r:
             turns.append(ours), refs.append(theirs), decode.append(row)
@@ -264,11 +270,12 @@ def print_report(name: str, device: str, result: dict, repeats: int) -> bool:
         print(f"    {key:<22} {turns[key]:>11.3f}  {refs[key]:>13.3f}  {refs[key] / turns[key]:>16.2f}x")
     for key in ("turn 2, first token", "turn 2, first token, whole prefill"):
         print(f"    {key:<36} {turns[key]:>8.3f}  (prefills {turns[key + ' [tokens]']:.0f} tokens)")
-    print("(b) teacher-forced answer  cached, warm [s]  cached, cold [s]  reference [s]")
+    modes = ("warm", "cold", "reference", "streamed")
+    print("(b) teacher-forced answer  cached, warm [s]  cached, cold [s]  reference [s]  streamed [s]")
     for objects in (1, 3):
-        print(f"    {objects} object(s){'':<13}{dec[(objects, 'warm')]:>16.3f}  {dec[(objects, 'cold')]:>16.3f}  {dec[(objects, 'reference')]:>13.3f}")
-    ratio = {mode: dec[(3, mode)] / dec[(1, mode)] for mode in ("warm", "cold", "reference")}
-    print(f"    3 / 1 objects{'':<10}{ratio['warm']:>15.2f}x  {ratio['cold']:>15.2f}x  {ratio['reference']:>12.2f}x")
+        print(f"    {objects} object(s){'':<13}" + "".join(f"{dec[(objects, m)]:>{w}.3f}" for m, w in zip(modes, (16, 18, 15, 14))))
+    ratio = {mode: dec[(3, mode)] / dec[(1, mode)] for mode in modes}
+    print(f"    3 / 1 objects{'':<10}" + "".join(f"{ratio[m]:>{w}.2f}x" for m, w in zip(modes, (15, 17, 14, 13))))
     t2 = {k: refs[k] / turns[k] for k in ("turn 2, text answer", "turn 2, mask answer")}
     first = turns["turn 2, first token, whole prefill"] / turns["turn 2, first token"]
     targets = [

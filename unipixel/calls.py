@@ -337,34 +337,25 @@ def _track_mask(model, processor, call: MaskCall, progress) -> CallResult:
 
 
 class SegmentAsWritten:
-    """Segments each `<|seg|>` of an answer as soon as it is generated (`generate`'s `on_seg`), so
-    that its object can be shown while the answer goes on: one SAM 2 track per object instead of
-    one batch for all at the end (the same masks; tested)."""
+    """Segments each `<|seg|>` of an answer on the sampled frames as soon as it is generated
+    (`generate`'s `on_seg`), so that its object can be shown while the answer goes on: one SAM 2
+    propagation per object instead of one for all at the end (the same masks; tested). With source
+    frames to track, these masks are a preview: the tracks are made for all objects together once
+    the answer ends (a propagation through every source frame per object would cost n times more)."""
 
-    def __init__(self, model, call: AskCall, video: SAM2Video, on_object: ObjectCallback, progress, tokens):
-        self.model, self.call, self.video, self.on_object = model, call, video, on_object
-        self.progress, self.tokens = progress, tokens  # `tokens`: the TokenProgress, for the bar's position
+    def __init__(self, model, video: SAM2Video, on_object: ObjectCallback, progress, tokens: TokenProgress | None):
+        self.model, self.video, self.on_object = model, video, on_object
+        self.progress, self.tokens = progress, tokens  # `tokens`: where the bar stands
         self.masks: list[np.ndarray] = []
-        self.tracks: list[MaskTrack] = []
 
     def __call__(self, hidden: torch.Tensor) -> None:
-        k = len(self.masks) + 1
-        at = 0.2 if self.tokens is None else self.tokens.fraction
+        k, at = len(self.masks) + 1, 0.2 if self.tokens is None else self.tokens.fraction
 
         def frames(fraction: float, _text: str) -> None:
             report(self.progress, at, f"segmenting object {k} of the answer ({fraction:.0%})")
 
-        if self.call.track is not None:
-            tracks, masks = seg_tracks(self.model, hidden, self.video, self.call.frames, self.call.track, None, frames)
-            self.tracks.append(tracks[0])
-        else:
-            masks = self.model.decode_seg_masks(hidden, self.video, progress=frames).numpy()
-        self.masks.append(masks[0])
-        self.on_object(masks[0])
-
-    def result(self) -> tuple[np.ndarray | None, list[MaskTrack] | None]:
-        masks = np.stack(self.masks) if self.masks else None
-        return masks, (self.tracks or None) if self.call.track is not None else None
+        self.masks.append(self.model.decode_seg_masks(hidden, self.video, progress=frames)[0].numpy())
+        self.on_object(self.masks[-1])
 
 
 def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | None = None,
@@ -383,7 +374,7 @@ def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | N
     prompt_length = inputs["input_ids"].shape[1]
     stopper = None if stop is None else StopWhen(stop)
     tokens = None if progress is None else TokenProgress(progress, prompt_length, call.max_new_tokens)
-    segment = None if on_object is None else SegmentAsWritten(model, call, cache.sam2, on_object, progress, tokens)
+    segment = None if on_object is None else SegmentAsWritten(model, cache.sam2, on_object, progress, tokens)
     watchers = [
         *([] if tokens is None else [tokens]),
         *([] if on_text is None else [TextStream(on_text, processor.tokenizer, prompt_length)]),
@@ -406,8 +397,8 @@ def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | N
     text = answer_text(processor.tokenizer, out.sequences[0, prompt_length:])
     cache.kv = ConversationKV(out.sequences[:, : past.get_seq_length()], past, len(call.mem_cells))
     masks, tracks = None if out.masks is None else out.masks.numpy(), None
-    if segment is not None:
-        masks, tracks = segment.result()
+    if call.track is None and segment is not None:
+        masks = np.stack(segment.masks) if segment.masks else None
     elif call.track is not None and out.seg_hidden is not None:
         tracks, masks = seg_tracks(model, out.seg_hidden, cache.sam2, call.frames, call.track, None,
                                    lambda f, t: report(progress, 0.6 + 0.4 * f, t))  # fmt: skip

@@ -305,7 +305,8 @@ class Session:
         as `SEG_PENDING` until its object exists). With `on_objects`, each `<|seg|>` is segmented as
         soon as it is generated and `on_objects` receives a preview of the bank with the answer's
         objects so far (`ObjectMemoryBank.preview`: the bank itself changes only when the turn is
-        recorded); the text then shows their labels. A set `stop` ends generation at the next token:
+        recorded); the text then shows their labels. With source frames tracked, a preview has the
+        masks of the sampled frames alone; the tracks are made for all objects when the answer ends. A set `stop` ends generation at the next token:
         the turn is recorded as `stopped` with the answer so far, and the objects of the `<|seg|>`s
         it holds (their masks are decoded before the call returns), in the bank, the turns and the
         model's history alike.
