@@ -107,13 +107,21 @@ def _picked(ids: list[str], evt: gr.SelectData):
     return ids[evt.index] if isinstance(evt.index, int) and evt.index < len(ids) else gr.skip()
 
 
+def _picked_row(evt: gr.SelectData):
+    """The id of the item whose row of the comparison table was clicked (its first cell)."""
+    return evt.row_value[0] if evt.row_value else gr.skip()
+
+
 @dataclass
 class EvaluateTab:
-    """What the playground wires to its own handlers: the run and item to open in the playground."""
+    """What the playground wires to its own handlers: the run and item to open in the playground
+    (`open`), or the compared run's item (`open_other`)."""
 
     run: gr.Dropdown
     item: gr.Textbox
     open: gr.Button
+    other: gr.Dropdown
+    open_other: gr.Button
 
 
 def build_evaluate(results_dir: str | Path) -> EvaluateTab:
@@ -149,13 +157,15 @@ def build_evaluate(results_dir: str | Path) -> EvaluateTab:
             difference = gr.Radio(list(DIFFERENCE_ORDERS), value=DIFFERENCE_ORDERS[0], label="Order",
                                   elem_id="eval-diff-order")
             report = gr.File(label="Report (HTML)", elem_id="eval-report")
+            open_other = gr.Button("Open the item from this run", elem_id="eval-open-other", scale=0)
         table = gr.Dataframe(headers=["item", "score A", "score B", "B − A"], interactive=False, elem_id="eval-table")
         side = gr.HTML(css_template=TABLE_CSS, elem_id="eval-side")
 
     show = _warn(lambda *a: gallery(results_dir, *a), 3)
     gr.on([run.change, order.change, min_score.release], show, [run, order, min_score], [items, summary, shown])
     items.select(_picked, [shown], [item], api_visibility="private")
+    table.select(_picked_row, None, [item], api_visibility="private")
     compare = _warn(lambda a, b, o: comparison(results_dir, a, b, o) if a and b else (gr.skip(),) * 3, 3)
     gr.on([run.change, other.change, difference.change], compare, [run, other, difference], [table, report, side])
     gr.on([tab.select, refresh.click], runs_update, None, [run, other])  # runs made while the app is up
-    return EvaluateTab(run, item, open_btn)
+    return EvaluateTab(run, item, open_btn, other, open_other)

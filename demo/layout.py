@@ -357,9 +357,13 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
 
             evaluate = build_evaluate(results_dir)
             # The item's media, objects and chat replace the playground's; then the page shows the playground.
-            on(evaluate.open.click, app.open_result, [state, evaluate.run, evaluate.item, max_new_tokens], all_views,
-               "open_result", show_progress_on=[evaluate.open], **media_work, **raw
-               ).success(None, js="() => document.getElementById('chat')?.scrollIntoView({block: 'center'})")
+            # The API's open_result names the run: the compared run's button is the same call, kept off the API.
+            for button, run, api in ((evaluate.open, evaluate.run, {}),
+                                     (evaluate.open_other, evaluate.other, {"api_visibility": "private"})):
+                on(button.click, app.open_result, [state, run, evaluate.item, max_new_tokens], all_views,
+                   "open_result" if not api else "open_compared_result", show_progress_on=[button], **media_work,
+                   **raw, **api,
+                   ).success(None, js="() => document.getElementById('chat')?.scrollIntoView({block: 'center'})")
     return demo
 
 

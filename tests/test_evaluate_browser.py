@@ -94,6 +94,15 @@ def test_evaluate_tab_gallery_and_comparison(browser, url, tmp_path):  # noqa: F
     page.wait_for_function("document.querySelectorAll('#eval-side tr')[3]?.innerText.startsWith('item-1')")
     assert page.locator("#eval-table").inner_text().rstrip().endswith("0.5")  # the table follows the order
     page.screenshot(path=tmp_path / "comparison.png", full_page=True)
+
+    # A row of the table picks its item; the compared run's item opens in the playground.
+    page.locator("#eval-table").get_by_text("item-1", exact=True).first.click()
+    page.wait_for_function("document.querySelector('#eval-item textarea, #eval-item input')?.value === 'item-1'")
+    page.locator("#eval-open-other").click()
+    page.wait_for_function("document.querySelector(\"#chat [data-testid='user']\")?.innerText.includes('shape 1')")
+    idle(page)
+    assert "shapes.png" in page.locator("#media-info").inner_text()
+    page.screenshot(path=tmp_path / "opened_from_run_b.png", full_page=True)
     context.close()
 
 
