@@ -267,15 +267,20 @@ def test_full_bank_refuses_another_object(tiny_model, video):
     assert session.bank.ids == [1, 2]
 
 
-def test_answer_overflowing_the_bank_records_nothing(tiny_model, video):
-    _, processor = tiny_model
-    session = session_for(tiny_model, video, max_objects=3)
+def test_answer_overflowing_the_bank_records_nothing(tiny_model, video, monkeypatch):
+    """The answer ends at the `<|seg|>` the bank has no room for, and no mask is computed."""
+    model, processor = tiny_model
+    session = session_for(tiny_model, video, max_objects=3, max_new_tokens=48)
     session.add_object(brush(0))
     session.add_object(brush(1))
-    with steered_answers(session, processor, "<|seg|> and <|seg|>"), pytest.raises(
-        TooManyObjectsError, match="segmented 2 objects but the memory bank has room for 1 more .*not recorded"
+    monkeypatch.setattr(model, "decode_seg_masks", lambda *a, **k: pytest.fail("no mask for a refused answer"))
+    texts = []
+    with steered_answers(session, processor, "<|seg|> and <|seg|> and many more words"), pytest.raises(
+        TooManyObjectsError, match="more than 1 objects but the memory bank has room for 1 more: .*not recorded"
     ):
-        session.ask("Please segment both squares.")
+        session.ask("Please segment both squares.", on_text=texts.append)
+    assert texts[-1] == "[…] and […]", "generation ended at the second `<|seg|>`"
+    monkeypatch.undo()
     assert session.bank.ids == [1, 2] and session.bank.next_id == 3
     assert session.turns == [] and session._messages == [] and session._mem_cells == []
     with steered_answers(session, processor, "<|seg|>"):

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from . import tracking
+from .errors import TooManyObjectsError
 from .media import TrackPlan
 from .memory import MaskTrack
 from .model import RefPrompt
@@ -178,6 +179,7 @@ class AskCall:
     generate_kwargs: dict = field(default_factory=dict)
     cache: MediaCache | None = None
     track: TrackPlan | None = None  # track the answer's masks through these source frames
+    room: int | None = None  # the objects the bank can still take: an answer with more is refused
 
 
 @dataclass
@@ -241,6 +243,20 @@ class StopWhen(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         self.fired = self.fired or bool(self.stop())
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+
+class SegLimit(StoppingCriteria):
+    """Ends generation at the answer's `<|seg|>` number `room + 1`: the bank cannot take that many
+    objects, so the turn will be refused, and neither more tokens nor any mask is worth computing
+    (a question asking for hundreds of objects must not hold the shared model for as long)."""
+
+    def __init__(self, seg_token_id: int, prompt_length: int, room: int):
+        self.seg, self.prompt_length, self.room, self.fired = seg_token_id, prompt_length, room, False
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if not self.fired and int(input_ids[0, -1]) == self.seg:
+            self.fired = int((input_ids[0, self.prompt_length :] == self.seg).sum()) > self.room
         return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
@@ -343,12 +359,15 @@ class SegmentAsWritten:
     frames to track, these masks are a preview: the tracks are made for all objects together once
     the answer ends (a propagation through every source frame per object would cost n times more)."""
 
-    def __init__(self, model, video: SAM2Video, on_object: ObjectCallback, progress, tokens: TokenProgress | None):
-        self.model, self.video, self.on_object = model, video, on_object
+    def __init__(self, model, video: SAM2Video, on_object: ObjectCallback, progress, tokens: TokenProgress | None,
+                 room: int | None):  # fmt: skip
+        self.model, self.video, self.on_object, self.room = model, video, on_object, room
         self.progress, self.tokens = progress, tokens  # `tokens`: where the bar stands
         self.masks: list[np.ndarray] = []
 
     def __call__(self, hidden: torch.Tensor) -> None:
+        if self.room is not None and len(self.masks) >= self.room:
+            return  # one object too many: `SegLimit` ends the answer, which is refused
         k, at = len(self.masks) + 1, 0.2 if self.tokens is None else self.tokens.fraction
 
         def frames(fraction: float, _text: str) -> None:
@@ -374,8 +393,10 @@ def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | N
     prompt_length = inputs["input_ids"].shape[1]
     stopper = None if stop is None else StopWhen(stop)
     tokens = None if progress is None else TokenProgress(progress, prompt_length, call.max_new_tokens)
-    segment = None if on_object is None else SegmentAsWritten(model, cache.sam2, on_object, progress, tokens)
+    segment = None if on_object is None else SegmentAsWritten(model, cache.sam2, on_object, progress, tokens, call.room)
+    limit = None if call.room is None else SegLimit(model.config.seg_token_id, prompt_length, call.room)
     watchers = [
+        *([] if limit is None else [limit]),
         *([] if tokens is None else [tokens]),
         *([] if on_text is None else [TextStream(on_text, processor.tokenizer, prompt_length)]),
         *([] if stopper is None else [stopper]),
@@ -387,21 +408,27 @@ def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | N
         **cache.vision,
         past_key_values=past,
         mem_cells=call.mem_cells[covered:] or None,
-        sam2_video=None if call.track is not None or segment is not None else cache.sam2,
         decode_input_segs=False,
         max_new_tokens=call.max_new_tokens,
-        progress=lambda f, t: report(progress, 0.6 + 0.4 * f, t),
         on_seg=segment,
         **kwargs,
     )
     text = answer_text(processor.tokenizer, out.sequences[0, prompt_length:])
     cache.kv = ConversationKV(out.sequences[:, : past.get_seq_length()], past, len(call.mem_cells))
-    masks, tracks = None if out.masks is None else out.masks.numpy(), None
+    if limit is not None and limit.fired:
+        raise TooManyObjectsError(f"the answer segments more than {call.room} objects but the memory bank has room for "
+                                  f"{call.room} more: delete some objects and ask again; this turn was not recorded")
+    masks = tracks = None
+
+    def segmenting(fraction: float, text: str) -> None:
+        report(progress, 0.6 + 0.4 * fraction, text)
+
     if call.track is None and segment is not None:
         masks = np.stack(segment.masks) if segment.masks else None
     elif call.track is not None and out.seg_hidden is not None:
-        tracks, masks = seg_tracks(model, out.seg_hidden, cache.sam2, call.frames, call.track, None,
-                                   lambda f, t: report(progress, 0.6 + 0.4 * f, t))  # fmt: skip
+        tracks, masks = seg_tracks(model, out.seg_hidden, cache.sam2, call.frames, call.track, None, segmenting)
+    elif out.seg_hidden is not None:  # the answer's objects in one propagation
+        masks = model.decode_seg_masks(out.seg_hidden, cache.sam2, progress=segmenting).numpy()
     return CallResult(masks, cache, text, stopped=stopper is not None and stopper.fired, tracks=tracks)
 
 

@@ -324,14 +324,13 @@ class Session:
             inputs = P.tokenize_chat(self.processor, self._messages + [user], grid, memo=self._pieces)
             self._check_length(inputs["input_ids"].shape[1], text, grid)
             call = AskCall(self.media.frames, inputs, mem_cells, self.max_new_tokens, self.generate_kwargs,
-                           track=self.track_plan)  # fmt: skip
+                           track=self.track_plan, room=self.bank.max_objects - len(self.bank))  # fmt: skip
             shown = self.bank.preview()  # the answer's objects so far, for display
             known = set(self.bank.ids)
 
             def object_ready(masks: np.ndarray) -> None:
-                if len(shown) < shown.max_objects:  # an answer with more is refused whole when it ends
-                    shown.add(masks, "answer", turn=len(self.turns) + 1)
-                    on_objects(shown.preview())  # a copy: `shown` grows while the caller draws it
+                shown.add(masks, "answer", turn=len(self.turns) + 1)
+                on_objects(shown.preview())  # a copy: `shown` grows while the caller draws it
 
             def streamed(raw: str) -> None:
                 on_text(streamed_answer(raw, [i for i in shown.ids if i not in known], known))
