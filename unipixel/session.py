@@ -321,26 +321,39 @@ class Session:
             start = time.perf_counter()
             user, mem_cells = self._user_turn(text)  # validates ids before any model work
             grid = self.grid_thw
-            inputs = P.tokenize_chat(self.processor, self._messages + [user], grid, memo=self._pieces)
-            self._check_length(inputs["input_ids"].shape[1], text, grid)
-            call = AskCall(self.media.frames, inputs, mem_cells, self.max_new_tokens, self.generate_kwargs,
-                           track=self.track_plan, room=self.bank.max_objects - len(self.bank))  # fmt: skip
-            shown = self.bank.preview()  # the answer's objects so far, for display
-            known = set(self.bank.ids)
+            with self._pieces_kept_if_recorded():
+                inputs = P.tokenize_chat(self.processor, self._messages + [user], grid, memo=self._pieces)
+                self._check_length(inputs["input_ids"].shape[1], text, grid)
+                call = AskCall(self.media.frames, inputs, mem_cells, self.max_new_tokens, self.generate_kwargs,
+                               track=self.track_plan, room=self.bank.max_objects - len(self.bank))  # fmt: skip
+                shown = self.bank.preview()  # the answer's objects so far, for display
+                known = set(self.bank.ids)
 
-            def object_ready(masks: np.ndarray) -> None:
-                shown.add(masks, "answer", turn=len(self.turns) + 1)
-                on_objects(shown.preview())  # a copy: `shown` grows while the caller draws it
+                def object_ready(masks: np.ndarray) -> None:
+                    shown.add(masks, "answer", turn=len(self.turns) + 1)
+                    on_objects(shown.preview())  # a copy: `shown` grows while the caller draws it
 
-            def streamed(raw: str) -> None:
-                on_text(streamed_answer(raw, [i for i in shown.ids if i not in known], known))
+                def streamed(raw: str) -> None:
+                    on_text(streamed_answer(raw, [i for i in shown.ids if i not in known], known))
 
-            out = self._run(call, progress, cancel, on_text=None if on_text is None else streamed,
-                            stop=None if stop is None else stop.is_set,
-                            on_object=None if on_objects is None else object_ready)  # fmt: skip
-            result = self._record_turn(text, out.answer, out.masks, start, out.tracks, stopped=out.stopped)
-            self._commit_turn(user, result.raw_answer, mem_cells)
-            return result
+                out = self._run(call, progress, cancel, on_text=None if on_text is None else streamed,
+                                stop=None if stop is None else stop.is_set,
+                                on_object=None if on_objects is None else object_ready)  # fmt: skip
+                result = self._record_turn(text, out.answer, out.masks, start, out.tracks, stopped=out.stopped)
+                self._commit_turn(user, result.raw_answer, mem_cells)
+                return result
+
+    @contextlib.contextmanager
+    def _pieces_kept_if_recorded(self):
+        """The chat pieces a turn adds to the tokenizing memo stay only if the turn is recorded: a
+        refused question (too long, say) must not stay in the session's memory."""
+        known = len(self._pieces)
+        try:
+            yield
+        except BaseException:
+            for key in list(self._pieces)[known:]:  # a dict keeps its insertion order
+                del self._pieces[key]
+            raise
 
     def _user_turn(self, text: str) -> tuple[dict, list[torch.Tensor]]:
         """The user message of a question (its `[id]` mentions introduced with their masks) and
