@@ -301,7 +301,8 @@ def test_seg_spelled_in_plain_characters_stays_text(tiny_model, video):
 def test_question_longer_than_the_model_positions_is_refused_before_any_work(tiny_model, video, monkeypatch):
     model, _ = tiny_model
     session = session_for(tiny_model, video)
-    runner, session.runner = session.runner, lambda call, progress: pytest.fail("no model work for a question that cannot fit")
+    runner = session.runner
+    session.runner = lambda call, progress: pytest.fail("no model work for a question that cannot fit")
     media_tokens = P.num_video_tokens(session.grid_thw)
     monkeypatch.setattr(model.config.text_config, "max_position_embeddings", media_tokens + 100)
     with pytest.raises(PromptError, match=rf"question is too long: \d+ tokens, where the model reads "
