@@ -420,8 +420,8 @@ def _answer(model, processor, call: AskCall, progress, on_text: TextCallback | N
                                   f"{call.room} more: delete some objects and ask again; this turn was not recorded")
     masks = tracks = None
 
-    def segmenting(fraction: float, text: str) -> None:
-        report(progress, 0.6 + 0.4 * fraction, text)
+    def segmenting(fraction: float, said: str) -> None:
+        report(progress, 0.6 + 0.4 * fraction, said)
 
     if call.track is None and segment is not None:
         masks = np.stack(segment.masks) if segment.masks else None
