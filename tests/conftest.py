@@ -5,6 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import contextlib  # noqa: E402
 import socket  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -47,3 +48,34 @@ def free_port():
             return s.getsockname()[1]
 
     return pick
+
+
+@pytest.fixture(scope="session")
+def serve(free_port):
+    """`with serve(demo) as url:` the demo launched in this process on a free port, closed after."""
+    import app as app_module
+
+    @contextlib.contextmanager
+    def launched(demo):
+        port = free_port()
+        app_module.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            demo.close()
+
+    return launched
+
+
+@pytest.fixture(scope="session")
+def tiny_playground(tiny_model, serve):
+    """`with tiny_playground(**build_demo_kwargs) as url:` the playground on the tiny offline model."""
+    from demo import build_demo
+
+    model, processor = tiny_model
+
+    def playground(**kwargs):
+        return serve(build_demo(model, processor, model_name="offline tiny model", offline=True,
+                                device=model.device, dtype=model.dtype, **kwargs))
+
+    return playground

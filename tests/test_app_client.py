@@ -20,12 +20,10 @@ TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, free_port):
+def server(tiny_checkpoint, serve):
     demo = app_module.create_demo(str(tiny_checkpoint), device="cpu")
-    port = free_port()
-    app_module.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    yield demo, f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serve(demo) as address:
+        yield demo, address
 
 
 def call(client: Client, api_name: str, *args) -> dict:

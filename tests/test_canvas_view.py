@@ -14,21 +14,11 @@ from demo.canvas import (
     DISPLAY_LONG_SIDE, POINT, POSITIVE, CanvasDraft, CanvasView, display_size, mask_from_editor,
     to_display, to_source,
 )
-from demo.handlers import Playground, delete_state
-from demo.layout import ASSETS
+from demo.handlers import delete_state
 from demo.timeline import play_frames, timeline_html
 from unipixel.memory import ObjectMemoryBank, color_for
 from unipixel.render import fit_mask, overlay_frame
-
-IMAGE = str(ASSETS / "shapes.png")
-VIDEO = str(ASSETS / "moving_shapes.mp4")
-TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def app(tiny_model):
-    return Playground(*tiny_model)
-
+from test_demo_handlers import IMAGE, TOKENS, VIDEO, app  # noqa: F401 - a fixture
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):

@@ -12,19 +12,9 @@ import pytest
 from demo import handlers
 from demo.canvas import POINT
 from demo.chips import chip, coverage
-from demo.handlers import Playground, PlaygroundState, delete_state
-from demo.layout import ASSETS
+from demo.handlers import PlaygroundState, delete_state
 from unipixel.memory import ObjectMemoryBank
-
-IMAGE = str(ASSETS / "shapes.png")
-VIDEO = str(ASSETS / "moving_shapes.mp4")
-TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def app(tiny_model):
-    return Playground(*tiny_model)
-
+from test_demo_handlers import IMAGE, TOKENS, VIDEO, app  # noqa: F401 - a fixture
 
 @pytest.fixture
 def video_state(app):

@@ -40,17 +40,9 @@ def results(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(tiny_model, free_port, results):
-    import app as app_module
-    from demo import build_demo
-
-    model, processor = tiny_model
-    demo = build_demo(model, processor, model_name="offline tiny model", offline=True, device=model.device,
-                      dtype=model.dtype, max_new_tokens=16, results_dir=results)
-    port = free_port()
-    app_module.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+def url(tiny_playground, results):
+    with tiny_playground(max_new_tokens=16, results_dir=results) as address:
+        yield address
 
 
 def choose(page, elem_id: str, option: str) -> None:

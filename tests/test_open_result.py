@@ -69,17 +69,9 @@ def test_an_item_that_cannot_be_opened_is_an_error_and_the_session_stays(tiny_mo
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, free_port, results):
-    import app as app_module
-    from demo import build_demo
-
-    model, processor = tiny_model
-    demo = build_demo(model, processor, model_name="offline tiny model", offline=True, device=model.device,
-                      dtype=model.dtype, max_new_tokens=TOKENS, results_dir=results)
-    port = free_port()
-    app_module.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+def server(tiny_playground, results):
+    with tiny_playground(max_new_tokens=TOKENS, results_dir=results) as address:
+        yield address
 
 
 def test_api_client_opens_an_item_and_keeps_asking(server):

@@ -20,11 +20,8 @@ SECONDS_PER_TOKEN = 0.1  # a pace a person could read
 
 
 @pytest.fixture(scope="module")
-def url(tiny_model, free_port):
-    import app as app_module
-    from demo import build_demo
-
-    model, processor = tiny_model
+def url(tiny_model, tiny_playground):
+    _, processor = tiny_model
     run = gpu.runner
 
     def steered(call, progress=None, **stream):
@@ -38,12 +35,8 @@ def url(tiny_model, free_port):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gpu, "runner", steered)  # sessions opened from now on use it
-        demo = build_demo(model, processor, model_name="offline tiny model", offline=True, device=model.device,
-                          dtype=model.dtype, max_new_tokens=256)
-        port = free_port()
-        app_module.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-        yield f"http://127.0.0.1:{port}/"
-        demo.close()
+        with tiny_playground(max_new_tokens=256) as address:
+            yield address
 
 
 def answer_text(page) -> str:
