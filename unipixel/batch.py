@@ -28,7 +28,7 @@ import numpy as np
 from .errors import UniPixelError
 from .export import export_overlay, playback_fps
 from .media import DEFAULT_MAX_TRACKED_FRAMES, load_media
-from .memory import rle_encode
+from .memory import rle_encode_stack
 from .metrics import aggregate, score_masks
 from .promptset import BadItem, PromptItem, ground_truth_masks, read_prompt_set, source_ground_truth, visual_prompt
 from .session import Session
@@ -116,7 +116,7 @@ def _check_same_run(old: dict, new: dict) -> None:
 
 def _object_record(obj) -> dict:
     record = {"id": obj.id, "name": obj.name, "source": obj.source, "span": obj.span,
-              "masks": [rle_encode(m) for m in obj.masks]}  # fmt: skip
+              "masks": rle_encode_stack(obj.masks)}  # fmt: skip
     if obj.track is not None:
         record["track"] = obj.track.to_json()  # RLE per tracked source frame
     return record

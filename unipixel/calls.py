@@ -297,31 +297,32 @@ def _segment_object(model, processor, call: ObjectCall, progress) -> CallResult:
     return CallResult(masks.numpy(), cache)
 
 
-def _ref_clicks(model, call: ObjectCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """What conditions the prompted frame of a backward track: the drawn clicks, or the `<|ref|>` point or box."""
+def _backward(model, call: ObjectCall, progress) -> tuple[torch.Tensor, torch.Tensor, Progress]:
+    """What a backward track from the prompted frame needs: the clicks that condition it (the drawn
+    ones, or the `<|ref|>` point or box) and its progress (the last fifth of the call's)."""
+    report(progress, 0.8, "tracking back from the prompted frame")
     if call.clicks is not None:
-        return call.clicks[1:]
-    return call.ref.coords / model.config.sam2_image_size, call.ref.labels
+        coords, labels = call.clicks[1:]
+    else:
+        coords, labels = call.ref.coords / model.config.sam2_image_size, call.ref.labels
+    return coords, labels, lambda f, t: report(progress, 0.8 + 0.2 * f, t)
 
 
 def _track_back(model, video: SAM2Video, masks: torch.Tensor, call: ObjectCall, progress) -> torch.Tensor:
     """The playground's addition to the model's route (spec §4: the seg tokens condition frame 0, SAM 2
     tracks forward) for a prompt on frame f > 0: SAM 2 conditioned on f by the drawn clicks (or the
     `<|ref|>` point or box) with the model's mask on f as the mask prior, tracked backward to frame 0."""
-    coords, labels = _ref_clicks(model, call)
-    report(progress, 0.8, "tracking back from the prompted frame")
-    return model.retrack(video, masks, call.ref.frame, coords, labels, forward=False,
-                         progress=lambda f, t: report(progress, 0.8 + 0.2 * f, t))  # fmt: skip
+    coords, labels, tracking_back = _backward(model, call, progress)
+    return model.retrack(video, masks, call.ref.frame, coords, labels, forward=False, progress=tracking_back)
 
 
 def _track_back_source(model, video: SAM2Video, track: MaskTrack, call: ObjectCall, progress):
     """`_track_back` through the plan's frames: the track before the prompted frame's tracked
     position is SAM 2's backward track from it; the rest stays the model's route. Returns the
     track and its sampled masks [T, H, W]."""
-    coords, labels = _ref_clicks(model, call)
-    report(progress, 0.8, "tracking back from the prompted frame")
+    coords, labels, tracking_back = _backward(model, call, progress)
     back, _ = tracking.retrack(model, video, call.frames, call.track, track, call.ref.frame, coords, labels,
-                               directions=(BACKWARD,), progress=lambda f, t: report(progress, 0.8 + 0.2 * f, t))
+                               directions=(BACKWARD,), progress=tracking_back)
     cut = call.track.sampled_positions[call.ref.frame]
     track = MaskTrack(track.frame_indices, back.rles[:cut] + track.rles[cut:])
     return track, track.masks(call.track.sampled_positions)

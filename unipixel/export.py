@@ -15,7 +15,7 @@ from PIL import Image
 
 from .errors import MediaError
 from .media import Media, SourceFrameReader, media_from_frames, plan_for
-from .memory import MaskTrack, ObjectMemoryBank, rle_encode
+from .memory import MaskTrack, ObjectMemoryBank, rle_encode_stack
 from .render import overlay_masks, overlay_video
 
 
@@ -145,7 +145,7 @@ def export_rle_json(bank: ObjectMemoryBank, path: str | Path, frame_indices: Seq
                 "name": obj.name,
                 "color": list(obj.color),
                 "source": obj.source,
-                "segmentations": [rle_encode(mask) for mask in obj.masks] if tracked is None else obj.track.rles,
+                "segmentations": rle_encode_stack(obj.masks) if tracked is None else obj.track.rles,
             }
             for obj in bank
         ],

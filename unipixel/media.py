@@ -376,7 +376,6 @@ class TrackPlan:
     """
 
     path: str | None
-    kind: str
     frame_indices: list[int]
     sampled_positions: list[int]
     stride: int
@@ -404,8 +403,7 @@ def track_plan(media: Media, max_frames: int = DEFAULT_MAX_TRACKED_FRAMES) -> Tr
     stride = max(1, math.ceil(n / max_frames))
     indices = sorted(set(range(0, n, stride)) | set(media.frame_indices))
     where = {source: t for t, source in enumerate(indices)}
-    return TrackPlan(media.path, media.kind, indices, [where[i] for i in media.frame_indices], stride, n,
-                     max_frames)
+    return TrackPlan(media.path, indices, [where[i] for i in media.frame_indices], stride, n, max_frames)
 
 
 def plan_for(media: Media, frame_indices: list[int]) -> TrackPlan:
@@ -413,7 +411,7 @@ def plan_for(media: Media, frame_indices: list[int]) -> TrackPlan:
     where = {source: t for t, source in enumerate(frame_indices)}
     n = media.num_source_frames
     stride = max(1, round(n / len(frame_indices)))
-    return TrackPlan(media.path, media.kind, list(frame_indices), [where[i] for i in media.frame_indices], stride, n,
+    return TrackPlan(media.path, list(frame_indices), [where[i] for i in media.frame_indices], stride, n,
                      len(frame_indices))  # fmt: skip
 
 

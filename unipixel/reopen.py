@@ -13,7 +13,7 @@ import numpy as np
 from .batch import read_results
 from .errors import UniPixelError
 from .media import Media, load_media
-from .memory import rle_decode
+from .memory import rle_decode_stack
 from .session import Session
 
 
@@ -41,7 +41,7 @@ def load_item_media(record: dict) -> Media:
 
 
 def _masks(recorded: dict) -> np.ndarray:
-    return np.stack([rle_decode(rle) for rle in recorded["masks"]])
+    return rle_decode_stack(recorded["masks"])
 
 
 def restore_item(session: Session, record: dict) -> None:

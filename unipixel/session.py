@@ -477,7 +477,7 @@ class Session:
     # ---- save and resume -------------------------------------------------------------------------
     def state(self) -> dict:
         """Everything needed to go on with this conversation, JSON-ready (masks as COCO RLE): the bank,
-        the turns, and the model's own history (messages and the masks behind each `<|mem|>`).
+        the turns, and the model's own history (messages and the `mem_slot_cells` behind each `<|mem|>`).
         The media is not included; `from_state` takes it again."""
         with self._lock:
             return {

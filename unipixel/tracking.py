@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .media import SourceFrameReader, TrackPlan
-from .memory import MaskTrack, rle_encode
+from .memory import MaskTrack, rle_encode, rle_encode_stack
 from .model.sam2_video import BACKWARD, FORWARD, FrameSequence, SAM2Video, TrackPrompt
 
 
@@ -42,11 +42,8 @@ def track_objects(model, video: SAM2Video, plan: TrackPlan, prompts: dict[int, T
     rles: list[dict[int, dict]] = [{} for _ in range(n)]
     with model.sam2_autocast():
         for t, masks in model.sam2.iter_track(video, prompts, directions, progress, start=start, one_memory=one_memory):
-            if t in prompts and prompts[t].mask is not None:
-                masks = prompts[t].mask
-            masks = masks.numpy()
-            for i in range(n):
-                rles[i][t] = rle_encode(masks[i])
+            for i, rle in enumerate(rle_encode_stack(masks.numpy())):
+                rles[i][t] = rle
     empty = rle_encode(np.zeros((video.height, video.width), dtype=bool))
     tracks = [
         MaskTrack(plan.frame_indices, [r.get(t, base[i].rles[t] if base else empty) for t in range(plan.num_frames)])
@@ -85,9 +82,7 @@ def mask_track(model, sampled: SAM2Video, frames: np.ndarray, frame: int, mask: 
     prompt = TrackPrompt(mask=torch.from_numpy(np.asarray(mask, dtype=bool))[None])
     if plan is None:
         with model.sam2_autocast():
-            masks = model.sam2.track(sampled, {frame: prompt}, (FORWARD, BACKWARD), progress)[0].numpy()
-        masks[frame] = mask
-        return None, masks
+            return None, model.sam2.track(sampled, {frame: prompt}, (FORWARD, BACKWARD), progress)[0].numpy()
     video = source_video(model, sampled, frames, plan)
     tracks, masks = track_objects(model, video, plan, {plan.sampled_positions[frame]: prompt}, (FORWARD, BACKWARD),
                                   progress)  # fmt: skip

@@ -231,7 +231,7 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
     def retrack(self, video: SAM2Video, masks: torch.Tensor, frame: int, coords: torch.Tensor, labels: torch.Tensor,
                 **kwargs) -> torch.Tensor:
         """One object's track [T, H, W] re-run from SAM 2 clicks on `frame` (`PixelSAM2VideoPredictor.retrack`)."""
-        with self._autocast(self.dtype == torch.bfloat16):  # as in `decode_seg_masks`
+        with self.sam2_autocast():
             return self.sam2.retrack(video, masks, frame, coords, labels, **kwargs)
 
     def _on_device(self, x, device=None):
@@ -370,9 +370,10 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
     ):
         """Greedy-by-default `generate` that also decodes every `<|seg|>` into a mask.
 
-        Returns a `PixelGenerateOutput`: `sequences`, and `masks` [n, T, H, W] for the `<|seg|>`
+        Returns a `PixelGenerateOutput`: `sequences`, `seg_hidden` [n, d] the states of the `<|seg|>`
         tokens of the input (teacher-forced; skipped with `decode_input_segs=False`, e.g. for a
-        conversation history already decoded) then of the answer, in order of appearance.
+        conversation history already decoded) then of the answer, in order of appearance, and with
+        `sam2_video` their `masks` [n, T, H, W].
         `on_seg` receives the hidden state [1, d] of each generated `<|seg|>` as soon as it is
         generated, before the next token (e.g. to segment its object while the answer goes on).
         """
@@ -406,8 +407,7 @@ class PixelQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         new_tokens = out.sequences[0, input_ids.shape[1] :]
         hidden += [states[j][0, -1:] for j in (new_tokens == seg).nonzero()[:, 0].tolist()]
         masks = None
-        hidden = torch.cat(hidden) if hidden else None
-        hidden = hidden if hidden is not None and len(hidden) else None
+        hidden = torch.cat(hidden) if sum(len(h) for h in hidden) else None
         if sam2_video is not None and hidden is not None:
             masks = self.decode_seg_masks(hidden, sam2_video, progress=progress)
         return PixelGenerateOutput(sequences=out.sequences, masks=masks, seg_hidden=hidden)

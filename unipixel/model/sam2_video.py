@@ -252,7 +252,8 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
 
     def iter_track(self, video: SAM2Video, prompts: dict[int, TrackPrompt], directions=(FORWARD, BACKWARD),
                    progress=None, *, start: int | None = None, one_memory: bool = False):  # fmt: skip
-        """Track n objects through `video`: yields (frame, masks [n, H, W] bool on the CPU) frame by frame.
+        """Track n objects through `video`: yields (frame, masks [n, H, W] bool on the CPU) frame by frame
+        (a frame conditioned by a mask yields that mask).
 
         `prompts` maps each conditioning frame to its `TrackPrompt`; they are conditioned in frame
         order, corrections last. FORWARD runs from `start` (default: the first conditioning frame)
@@ -299,7 +300,8 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
                     gone = f + window if reverse else f - window  # out of every later frame's reach,
                     if reverse or not one_memory or gone > start + window:  # the backward pass's included
                         memory.pop(gone, None)
-                yield f, self._video_masks(state, logits)
+                given = prompts[f].mask if f in prompts else None  # a frame conditioned by a mask keeps it exactly
+                yield f, given.bool().cpu() if given is not None else self._video_masks(state, logits)
                 done += 1
                 if progress is not None:
                     progress(done / total, "propagating masks")
@@ -353,8 +355,7 @@ class PixelSAM2VideoPredictor(SAM2VideoPredictor):
         report = None if progress is None else (lambda f, _: progress(f, "propagating the refined mask"))
         out = masks.clone().cpu()
         for f, frame_masks in self.iter_track(video, prompts, directions, report, start=frame, one_memory=True):
-            if f not in prompts or prompts[f].mask is None:
-                out[f] = frame_masks[0]
+            out[f] = frame_masks[0]
         return out
 
     @torch.inference_mode()
