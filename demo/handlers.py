@@ -251,38 +251,49 @@ class Playground:
             raise NoMediaError("Load an image or a video first: upload one or pick an example.")
         return st.session
 
-    def _canvas_views(self, st: PlaygroundState, *, editor: bool = True, bank: ObjectMemoryBank | None = None) -> dict:
-        """Canvas (masks on this frame + the prompt), brush editor and prompt description, at display size
-        (the painted mask is scaled back up to the media's size when it is added). `bank`: objects to
-        show instead of the session's (a preview of an answer's objects)."""
+    def _drawn_views(self, st: PlaygroundState, bank: ObjectMemoryBank | None = None, *,
+                     viewer: bool = True) -> dict:
+        """The masks on the current frame, drawn once: the canvas (with the prompt on top) and, unless
+        `viewer` is False, the larger mask viewer. `bank`: objects to show instead of the session's."""
         session = self._need_session(st)
         view = st.canvas_view(session.media)
         bank = session.bank if bank is None else bank
-        views = {
-            "canvas": view.canvas(bank, st.frame, st.draft, color_for(bank.next_id)),
-            "draft": st.draft.describe(),
-        }
-        if editor:  # a fresh paint canvas on this frame, painting in the color the next object will get
-            image = view.frame(st.frame)
+        overlay = view.overlay(bank, st.frame)
+        views = {"canvas": view.canvas(bank, st.frame, st.draft, color_for(bank.next_id), overlay=overlay)}
+        if viewer:
+            views["viewer"] = overlay
+        return views
+
+    def _prompt_views(self, st: PlaygroundState, *, editor: bool = True) -> dict:
+        """The prompt's description and (with `editor`) a fresh paint canvas on this frame, painting in
+        the color the next object will get; at display size (the painted mask is scaled back up to the
+        media's size when it is added)."""
+        session = self._need_session(st)
+        views = {"draft": st.draft.describe()}
+        if editor:
+            image = st.canvas_view(session.media).frame(st.frame)
             views["editor"] = gr.ImageEditor(value={"background": image, "layers": [], "composite": image},
                                              brush=brush(color_for(session.bank.next_id)))
         return views
 
-    def _frame_views(self, st: PlaygroundState, bank: ObjectMemoryBank | None = None) -> dict:
-        """What else follows the current frame: the larger mask viewer and the timeline's marker."""
-        session = self._need_session(st)
-        media, bank = session.media, session.bank if bank is None else bank
-        return {
-            "viewer": st.canvas_view(media).overlay(bank, st.frame),
-            "timeline": timeline_html(bank, media.num_frames, st.frame),
-        }
+    def _canvas_views(self, st: PlaygroundState, *, editor: bool = True, viewer: bool = False) -> dict:
+        """Canvas (masks on this frame + the prompt), brush editor and prompt description; with `viewer`,
+        the mask viewer too, from the same drawing."""
+        return {**self._drawn_views(st, viewer=viewer), **self._prompt_views(st, editor=editor)}
 
-    def _bank_views(self, st: PlaygroundState, *, selected: int | None = None, viewer: bool = True) -> dict:
+    def _timeline(self, st: PlaygroundState, bank: ObjectMemoryBank | None = None) -> str:
+        """The timeline, its marker on the current frame."""
+        session = self._need_session(st)
+        return timeline_html(session.bank if bank is None else bank, session.media.num_frames, st.frame)
+
+    def _bank_views(self, st: PlaygroundState, *, selected: int | None = None, viewer: bool = True,
+                    editor: bool | None = None) -> dict:
         """Chips, the id dropdown, the timeline, the masks on the canvas and viewer (unless `viewer` is
-        False: a rename changes no mask and names are not drawn) and the cleared downloads."""
+        False: a rename changes no mask and names are not drawn) and the cleared downloads; with
+        `editor` True or False, the prompt's views too (`_prompt_views`)."""
         session = self._need_session(st)
         bank, media = session.bank, session.media
-        st.colors.update({obj.id: obj.color for obj in bank})
+        self._remember_colors(st, bank)
         ids = bank.ids
         choice = selected if selected in ids else (ids[-1] if ids else None)
         views = {
@@ -291,9 +302,10 @@ class Playground:
             **self._object_controls(st, choice),
         }
         if viewer:
-            views.update(canvas=self._canvas_views(st, editor=False)["canvas"], **self._frame_views(st))
-        else:
-            views["timeline"] = timeline_html(bank, media.num_frames, st.frame)
+            views.update(self._drawn_views(st))
+        if editor is not None:
+            views.update(self._prompt_views(st, editor=editor))
+        views["timeline"] = self._timeline(st)
         # Files are made when asked for (prepare_downloads, save_session): a rename, hide or solo
         # encodes nothing; the bank changed, so the files made before are gone from the buttons.
         views.update({f"dl_{key}": None for key in (*DOWNLOADS, "session")}, video=None)
@@ -302,9 +314,14 @@ class Playground:
     def _preview_views(self, st: PlaygroundState, bank: ObjectMemoryBank) -> dict:
         """The objects of an answer still being written, drawn with the bank's: chips, canvas, viewer
         and timeline (the id list waits for the recorded turn: only then can they be edited)."""
+        self._remember_colors(st, bank)
+        return {"chips": chips_html(bank, st.session.media.frames), **self._drawn_views(st, bank),
+                "timeline": self._timeline(st, bank)}
+
+    @staticmethod
+    def _remember_colors(st: PlaygroundState, bank: ObjectMemoryBank) -> None:
+        """Keep the colors of `bank`'s objects, for their [id]s in the chat after they are gone."""
         st.colors.update({obj.id: obj.color for obj in bank})
-        return {"chips": chips_html(bank, st.session.media.frames),
-                "canvas": self._canvas_views(st, editor=False, bank=bank)["canvas"], **self._frame_views(st, bank)}
 
     @staticmethod
     def _object_controls(st: PlaygroundState, object_id: int | None) -> dict:
@@ -338,7 +355,7 @@ class Playground:
         }
 
     def _all_views(self, st: PlaygroundState) -> dict:
-        return {**self._canvas_views(st), **self._bank_views(st), "state": st, "chat": list(st.chat)}
+        return {**self._bank_views(st, editor=True), "state": st, "chat": list(st.chat)}
 
     # ---- media ------------------------------------------------------------------------------------
     def load_media(self, state, file, num_frames=DEFAULT_NUM_FRAMES, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
@@ -490,7 +507,7 @@ class Playground:
         st = self._state(state)
         session = self._need_session(st)
         st.frame = int(np.clip(round(_number(frame or 0, "The frame")), 0, session.media.num_frames - 1))
-        return {**self._canvas_views(st), **self._frame_views(st), "state": st}
+        return {**self._canvas_views(st, viewer=True), "timeline": self._timeline(st), "state": st}
 
     @user_errors
     def goto_frame(self, state, evt: gr.EventData):
@@ -621,7 +638,7 @@ class Playground:
             prompt, name=(name or "").strip() or None, progress=_progress(progress), cancel=stop))
         st.draft = CanvasDraft(frame=st.frame)
         gr.Info(f"Added {obj.label} ({obj.source}).", duration=3)
-        return {**self._canvas_views(st), **self._bank_views(st, selected=obj.id), "state": st, "new_name": ""}
+        return {**self._bank_views(st, selected=obj.id, editor=True), "state": st, "new_name": ""}
 
     @staticmethod
     def set_edit_mode(mode):
@@ -647,7 +664,7 @@ class Playground:
             object_id, prompt, progress=_progress(progress), cancel=stop))
         st.draft = CanvasDraft(frame=st.frame)
         gr.Info(f"Refined {obj.label} from frame {prompt.frame}.", duration=3)
-        return {**self._canvas_views(st, editor=False), **self._bank_views(st, selected=obj.id), "state": st}
+        return {**self._bank_views(st, selected=obj.id, editor=False), "state": st}
 
     @user_errors
     def undo_refinement(self, state, object_id):
@@ -719,7 +736,7 @@ class Playground:
     def _chat_turn(st: PlaygroundState, result: TurnResult) -> list[dict]:
         """The chat messages of a turn: the question and the answer, [id]s in their objects' colors."""
         bank = st.session.bank
-        st.colors.update({obj.id: obj.color for obj in bank})
+        Playground._remember_colors(st, bank)
         answer = colorize(result.answer, bank, result.targets, st.colors)
         if not result.answer.strip():
             answer = "<em>(the model returned no text)</em>"
@@ -816,7 +833,7 @@ class Playground:
         if not confirmed:
             return {}
         bank.delete(object_id)
-        return {**self._canvas_views(st, editor=False), **self._bank_views(st), "state": st}
+        return {**self._bank_views(st, editor=False), "state": st}
 
 
 def _exchange(bank, colors: dict, question: str, answer: str) -> list[dict]:
