@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -33,7 +33,7 @@ from unipixel.cache_budget import CacheBudget, default_cache_bytes
 from unipixel.export import export_masks_zip, export_overlay, export_rle_json
 from unipixel.media import Media, load_media
 from unipixel.memory import ObjectMemoryBank, color_for
-from unipixel.reopen import load_item_media, read_item, restore_item
+from unipixel.reopen import open_item
 from unipixel.session import Session, TurnResult
 from unipixel.session_file import open_session, save_session
 
@@ -391,16 +391,20 @@ class Playground:
         except ValueError as err:  # a bad setting, e.g. frames to sample < 1
             raise gr.Error(str(err), print_exception=False) from err
 
-    def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens, track_source=False,
-              restore: Callable[[Session], None] | None = None) -> dict:
-        """Replace the session's media: a call still running for the old one commits nothing.
-        `restore` fills the new session (objects, chat) first; if it fails, the old session stays."""
-        session = Session(self.model, self.processor, media,
-                          max_new_tokens=_count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS),
-                          max_objects=self.max_objects, runner=gpu.runner, budget=self.budget,
-                          track_source_frames=bool(track_source))
-        if restore is not None:
-            restore(session)
+    def _session_settings(self, max_new_tokens, track_source=False) -> dict:
+        """The keyword arguments of a new session of this app (checked: a bad setting raises first)."""
+        return {"max_new_tokens": _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS),
+                "max_objects": self.max_objects, "runner": gpu.runner, "budget": self.budget,
+                "track_source_frames": bool(track_source)}
+
+    def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens, track_source=False) -> dict:
+        """Replace the session's media: a call still running for the old one commits nothing."""
+        session = Session(self.model, self.processor, media, **self._session_settings(max_new_tokens, track_source))
+        return self._show(st, session, key)
+
+    def _show(self, st: PlaygroundState, session: Session, key: str | None) -> dict:
+        """`session` (new, perhaps holding objects and turns already) replaces the open one; its turns
+        fill the chat."""
         _adopt(st, session, key)
         st.chat = [message for turn in session.turns for message in self._chat_turn(st, turn)]
         return self._media_views(st)
@@ -424,17 +428,17 @@ class Playground:
         its objects under their ids and its chat, to keep asking about it. A run or item that cannot be
         opened raises gr.Error (API clients see why) and leaves the open media as it was."""
         st = self._state(state)
+        item = str(item or "").strip()
         try:
             if self.results_dir is None:
                 raise UniPixelError("This app has no results directory: start it with --results-dir to open runs.")
-            record = read_item(resolve_run(self.results_dir, run), str(item or "").strip())
+            settings = self._session_settings(max_new_tokens)
             progress(0.1, desc="reading the media")
-            media = load_item_media(record)
-            views = self._open(st, media, _file_key(record["media"], media.num_frames), max_new_tokens,
-                               restore=lambda session: restore_item(session, record))
+            session = open_item(resolve_run(self.results_dir, run), item, self.model, self.processor, **settings)
+            views = self._show(st, session, _file_key(session.media.path, session.media.num_frames))
         except UniPixelError as err:
             raise gr.Error(str(err), title="Cannot open this item") from err
-        gr.Info(f"Opened {record['id']} of {run}: {len(st.session.bank)} objects, {len(st.session.turns)} questions.",
+        gr.Info(f"Opened {item} of {run}: {len(st.session.bank)} objects, {len(st.session.turns)} questions.",
                 duration=4)
         return views
 
