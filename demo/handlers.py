@@ -358,6 +358,7 @@ class Playground:
         return {**self._bank_views(st, editor=True), "state": st, "chat": list(st.chat)}
 
     # ---- media ------------------------------------------------------------------------------------
+    @user_errors
     def load_media(self, state, file, num_frames=DEFAULT_NUM_FRAMES, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
                    track_source=False, confirmed=True, progress=gr.Progress()):
         """Open a session on an uploaded image or video (sampled to `num_frames` frames); with
@@ -375,19 +376,14 @@ class Playground:
                     track_source=False) -> tuple[Media | None, str]:  # fmt: skip
         """The media in `file` and its key, changing nothing; None when it is the media already open."""
         path = _path(file)
-        try:
-            num_frames = _count(num_frames, "Frames to sample", DEFAULT_NUM_FRAMES)
-            _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
-        except UniPixelError as err:
-            raise user_error(err) from err
+        num_frames = _count(num_frames, "Frames to sample", DEFAULT_NUM_FRAMES)
+        _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
         key = _file_key(path, num_frames) + (_TRACKED if track_source else "")
         if st.session is not None and key == st.media_key:
             return None, key  # the same media again (e.g. its example picked twice): keep the session
         progress(0.1, desc="reading the media")
         try:
             return load_media(path, num_frames=num_frames), key
-        except MediaError as err:
-            raise user_error(err) from err
         except ValueError as err:  # a bad setting, e.g. frames to sample < 1
             raise gr.Error(str(err), print_exception=False) from err
 
