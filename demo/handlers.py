@@ -750,8 +750,7 @@ class Playground:
     @staticmethod
     def _chat_with(st: PlaygroundState, question: str, answer: str) -> list[dict]:
         """The chat so far, then this question and `answer` (HTML)."""
-        bank = None if st.session is None else st.session.bank
-        return [*st.chat, *_exchange(bank, st.colors, question.strip(), answer)]
+        return [*st.chat, *_exchange(st.session.bank, st.colors, question.strip(), answer)]
 
     def stop_answer(self, state):
         """The Stop button: the answer being written ends at its next token and is kept, marked stopped."""
