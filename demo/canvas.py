@@ -188,9 +188,11 @@ class CanvasView:
         return overlay_frame(self.frame(t), objects, t)
 
     def canvas(self, objects: Iterable[MemoryObject], t: int, draft: CanvasDraft,
-               color: tuple[int, int, int]) -> np.ndarray:
-        """What the canvas shows: the objects' masks on frame `t`, and the prompt being drawn on top."""
-        return draft.render(self.overlay(objects, t), t, color, self.source_size)
+               color: tuple[int, int, int], overlay: np.ndarray | None = None) -> np.ndarray:
+        """What the canvas shows: the objects' masks on frame `t`, and the prompt being drawn on top.
+        `overlay`: `self.overlay(objects, t)` when it is already drawn (for the viewer), not drawn again."""
+        overlay = self.overlay(objects, t) if overlay is None else overlay
+        return draft.render(overlay, t, color, self.source_size)
 
     def to_source(self, x: float, y: float) -> tuple[float, float]:
         return to_source(x, y, self.source_size, self.size)

@@ -64,7 +64,7 @@ def tag(object_id: int, color: Sequence[int]) -> str:
 
 def coverage(obj: MemoryObject) -> str:
     """How much of the media the mask covers: "k/T frames (first–last)" for a video; empty masks flagged."""
-    present = obj.masks.any(axis=(1, 2))
+    present = obj.present
     if not present.any():  # e.g. an answer's <|seg|> that found nothing: shown, so the user can delete it
         return '<span class="up-flag" title="this object has no mask on any frame">⚠ empty mask</span>'
     if present.size == 1:
@@ -74,11 +74,23 @@ def coverage(obj: MemoryObject) -> str:
     return f'<span class="up-coverage">{int(present.sum())}/{present.size} frames</span> ({where})'
 
 
+def thumbnail_uri(obj: MemoryObject, frames: np.ndarray) -> str:
+    """The chip's picture of `obj` on `frames` as a PNG data URI, kept with the object until its masks
+    change (chips are redrawn on every bank update). The cached value holds `frames`, so the id in
+    its key cannot name other frames while it is kept."""
+    def draw(masks: np.ndarray) -> tuple[np.ndarray, str]:
+        present = np.flatnonzero(obj.present)
+        t = int(present[0]) if present.size else 0  # the first frame where it appears, as `thumbnail` picks
+        return frames, png_data_uri(thumbnail(frames[t], masks[t], size=96, color=obj.color))
+
+    return obj.derived(("thumbnail", id(frames), obj.color), draw)[1]
+
+
 def chip(obj: MemoryObject, frames: np.ndarray) -> str:
     meta = " · ".join(filter(None, [html.escape(obj.source_text), coverage(obj)]))
-    classes = ("" if obj.visible else " up-hidden") + ("" if obj.span else " up-empty-mask")
+    classes = ("" if obj.visible else " up-hidden") + ("" if obj.present.any() else " up-empty-mask")
     state = "" if obj.visible else " · hidden"
-    thumb = png_data_uri(thumbnail(frames, obj.masks, size=96, color=obj.color))
+    thumb = thumbnail_uri(obj, frames)
     return (
         f'<div class="up-chip{classes}" data-object-id="{obj.id}" style="--chip-color: {rgb(obj.color)}">'
         f'<img src="{thumb}" alt="thumbnail of [{obj.id}]">'

@@ -7,8 +7,13 @@ name the browser sends back is resolved and checked again.
 """
 from __future__ import annotations
 
+import atexit
+import hashlib
 import html
+import os
+import shutil
 import tempfile
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +21,7 @@ from pathlib import Path
 import gradio as gr
 
 from unipixel.batch import read_results, summarize
-from unipixel.compare import TABLE_CSS, ItemPair, pair_runs, table_html, write_report
+from unipixel.compare import TABLE_CSS, ItemPair, pair_runs, render_html, table_html
 from unipixel.errors import UniPixelError
 
 ORDERS = ("score, lowest first", "score, highest first", "id")
@@ -79,14 +84,60 @@ def served(path: Path) -> str:
 def comparison(results_dir: Path, name_a: str | None, name_b: str | None,
                order: str = DIFFERENCE_ORDERS[0]) -> tuple[list[list], str, str]:
     """Rows (item, score A, score B, B − A) in `order` (the largest disagreement first by default),
-    the HTML report's path, and the side-by-side table (overlays and answers) in the same order."""
+    the HTML report's path, and the side-by-side table (overlays and answers) in the same order.
+    The report is written afresh, over the one of the same two runs (`report_path`)."""
     run_a, run_b = resolve_run(results_dir, name_a), resolve_run(results_dir, name_b)
-    pairs = order_pairs(pair_runs(run_a, run_b), order)
+    pairs = pair_runs(run_a, run_b)
+    report = _write(report_path(run_a, run_b), render_html(run_a, run_b, pairs))  # in the runs' order
+    rows, side = _side_by_side(name_a, name_b, run_a, run_b, pairs, order)
+    return rows, str(report), side
+
+
+def reordered(results_dir: Path, name_a: str | None, name_b: str | None,
+              order: str = DIFFERENCE_ORDERS[0]) -> tuple[list[list], str]:
+    """`comparison`'s rows and side-by-side table in another order; the report, which does not
+    depend on the order, is left as it is."""
+    run_a, run_b = resolve_run(results_dir, name_a), resolve_run(results_dir, name_b)
+    return _side_by_side(name_a, name_b, run_a, run_b, pair_runs(run_a, run_b), order)
+
+
+def _side_by_side(name_a: str, name_b: str, run_a: Path, run_b: Path, pairs: list[ItemPair],
+                  order: str) -> tuple[list[list], str]:
+    pairs = order_pairs(pairs, order)
     score = lambda r: None if r is None else r.get("score")  # noqa: E731
     rows = [[p.id, score(p.a), score(p.b), p.difference] for p in pairs]
-    report = Path(tempfile.mkdtemp(prefix="unipixel-compare-")) / "report.html"
     runs = f"<p>A: {html.escape(name_a)} · B: {html.escape(name_b)}</p>"
-    return rows, str(write_report(run_a, run_b, report)), runs + table_html(run_a, run_b, pairs, src=served)
+    return rows, runs + table_html(run_a, run_b, pairs, src=served)
+
+
+_reports: Path | None = None  # the reports' temp folder, made at the first report, removed at exit
+_reports_lock = threading.Lock()
+
+
+def report_path(run_a: Path, run_b: Path) -> Path:
+    """Where the report comparing `run_a` with `run_b` is written: one folder per pair of runs in one
+    temp folder of the app, so comparing them again overwrites it instead of leaving another."""
+    global _reports
+    with _reports_lock:
+        if _reports is None or not _reports.is_dir():
+            _reports = Path(tempfile.mkdtemp(prefix="unipixel-compare-"))
+            atexit.register(shutil.rmtree, _reports, True)
+    pair = hashlib.sha1(f"{run_a}\0{run_b}".encode()).hexdigest()[:16]
+    return _reports / pair / "report.html"
+
+
+def _write(path: Path, text: str) -> Path:
+    """`text` into `path` whole: a reader (the download of another session) never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _warn(fn, outputs: int):
@@ -166,6 +217,8 @@ def build_evaluate(results_dir: str | Path) -> EvaluateTab:
     items.select(_picked, [shown], [item], api_visibility="private")
     table.select(_picked_row, None, [item], api_visibility="private")
     compare = _warn(lambda a, b, o: comparison(results_dir, a, b, o) if a and b else (gr.skip(),) * 3, 3)
-    gr.on([run.change, other.change, difference.change], compare, [run, other, difference], [table, report, side])
+    gr.on([run.change, other.change], compare, [run, other, difference], [table, report, side])
+    reorder = _warn(lambda a, b, o: reordered(results_dir, a, b, o) if a and b else (gr.skip(),) * 2, 2)
+    difference.change(reorder, [run, other, difference], [table, side])  # the report has no order
     gr.on([tab.select, refresh.click], runs_update, None, [run, other])  # runs made while the app is up
     return EvaluateTab(run, item, open_btn, other, open_other)

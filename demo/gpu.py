@@ -104,6 +104,7 @@ def runner(call, progress=None, *, on_text=None, stop: Callable[[], bool] | None
     folder = tempfile.mkdtemp(prefix="stop-") if stop is not None else None
     stop_file = None if folder is None else os.path.join(folder, "stop")
     events, result = remote(call, stop_file, on_object is not None), None
+    stopped = False  # the stop file was made: the worker stops at its next check
     try:
         for kind, *value in events:  # to the end: the worker then returns the GPU as a finished call
             if kind == "progress" and progress is not None:
@@ -114,8 +115,9 @@ def runner(call, progress=None, *, on_text=None, stop: Callable[[], bool] | None
                 on_object(value[0].unpack())
             elif kind == "result":
                 (result,) = value
-            if stop_file is not None and stop() and not os.path.exists(stop_file):
+            if stop_file is not None and not stopped and stop():
                 open(stop_file, "w").close()
+                stopped = True
     finally:
         events.close()
         if folder is not None:

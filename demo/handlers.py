@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -33,7 +33,7 @@ from unipixel.cache_budget import CacheBudget, default_cache_bytes
 from unipixel.export import export_masks_zip, export_overlay, export_rle_json
 from unipixel.media import Media, load_media
 from unipixel.memory import ObjectMemoryBank, color_for
-from unipixel.reopen import load_item_media, read_item, restore_item
+from unipixel.reopen import open_item
 from unipixel.session import Session, TurnResult
 from unipixel.session_file import open_session, save_session
 
@@ -251,38 +251,49 @@ class Playground:
             raise NoMediaError("Load an image or a video first: upload one or pick an example.")
         return st.session
 
-    def _canvas_views(self, st: PlaygroundState, *, editor: bool = True, bank: ObjectMemoryBank | None = None) -> dict:
-        """Canvas (masks on this frame + the prompt), brush editor and prompt description, at display size
-        (the painted mask is scaled back up to the media's size when it is added). `bank`: objects to
-        show instead of the session's (a preview of an answer's objects)."""
+    def _drawn_views(self, st: PlaygroundState, bank: ObjectMemoryBank | None = None, *,
+                     viewer: bool = True) -> dict:
+        """The masks on the current frame, drawn once: the canvas (with the prompt on top) and, unless
+        `viewer` is False, the larger mask viewer. `bank`: objects to show instead of the session's."""
         session = self._need_session(st)
         view = st.canvas_view(session.media)
         bank = session.bank if bank is None else bank
-        views = {
-            "canvas": view.canvas(bank, st.frame, st.draft, color_for(bank.next_id)),
-            "draft": st.draft.describe(),
-        }
-        if editor:  # a fresh paint canvas on this frame, painting in the color the next object will get
-            image = view.frame(st.frame)
+        overlay = view.overlay(bank, st.frame)
+        views = {"canvas": view.canvas(bank, st.frame, st.draft, color_for(bank.next_id), overlay=overlay)}
+        if viewer:
+            views["viewer"] = overlay
+        return views
+
+    def _prompt_views(self, st: PlaygroundState, *, editor: bool = True) -> dict:
+        """The prompt's description and (with `editor`) a fresh paint canvas on this frame, painting in
+        the color the next object will get; at display size (the painted mask is scaled back up to the
+        media's size when it is added)."""
+        session = self._need_session(st)
+        views = {"draft": st.draft.describe()}
+        if editor:
+            image = st.canvas_view(session.media).frame(st.frame)
             views["editor"] = gr.ImageEditor(value={"background": image, "layers": [], "composite": image},
                                              brush=brush(color_for(session.bank.next_id)))
         return views
 
-    def _frame_views(self, st: PlaygroundState, bank: ObjectMemoryBank | None = None) -> dict:
-        """What else follows the current frame: the larger mask viewer and the timeline's marker."""
-        session = self._need_session(st)
-        media, bank = session.media, session.bank if bank is None else bank
-        return {
-            "viewer": st.canvas_view(media).overlay(bank, st.frame),
-            "timeline": timeline_html(bank, media.num_frames, st.frame),
-        }
+    def _canvas_views(self, st: PlaygroundState, *, editor: bool = True, viewer: bool = False) -> dict:
+        """Canvas (masks on this frame + the prompt), brush editor and prompt description; with `viewer`,
+        the mask viewer too, from the same drawing."""
+        return {**self._drawn_views(st, viewer=viewer), **self._prompt_views(st, editor=editor)}
 
-    def _bank_views(self, st: PlaygroundState, *, selected: int | None = None, viewer: bool = True) -> dict:
+    def _timeline(self, st: PlaygroundState, bank: ObjectMemoryBank | None = None) -> str:
+        """The timeline, its marker on the current frame."""
+        session = self._need_session(st)
+        return timeline_html(session.bank if bank is None else bank, session.media.num_frames, st.frame)
+
+    def _bank_views(self, st: PlaygroundState, *, selected: int | None = None, viewer: bool = True,
+                    editor: bool | None = None) -> dict:
         """Chips, the id dropdown, the timeline, the masks on the canvas and viewer (unless `viewer` is
-        False: a rename changes no mask and names are not drawn) and the cleared downloads."""
+        False: a rename changes no mask and names are not drawn) and the cleared downloads; with
+        `editor` True or False, the prompt's views too (`_prompt_views`)."""
         session = self._need_session(st)
         bank, media = session.bank, session.media
-        st.colors.update({obj.id: obj.color for obj in bank})
+        self._remember_colors(st, bank)
         ids = bank.ids
         choice = selected if selected in ids else (ids[-1] if ids else None)
         views = {
@@ -291,9 +302,10 @@ class Playground:
             **self._object_controls(st, choice),
         }
         if viewer:
-            views.update(canvas=self._canvas_views(st, editor=False)["canvas"], **self._frame_views(st))
-        else:
-            views["timeline"] = timeline_html(bank, media.num_frames, st.frame)
+            views.update(self._drawn_views(st))
+        if editor is not None:
+            views.update(self._prompt_views(st, editor=editor))
+        views["timeline"] = self._timeline(st)
         # Files are made when asked for (prepare_downloads, save_session): a rename, hide or solo
         # encodes nothing; the bank changed, so the files made before are gone from the buttons.
         views.update({f"dl_{key}": None for key in (*DOWNLOADS, "session")}, video=None)
@@ -302,9 +314,14 @@ class Playground:
     def _preview_views(self, st: PlaygroundState, bank: ObjectMemoryBank) -> dict:
         """The objects of an answer still being written, drawn with the bank's: chips, canvas, viewer
         and timeline (the id list waits for the recorded turn: only then can they be edited)."""
+        self._remember_colors(st, bank)
+        return {"chips": chips_html(bank, st.session.media.frames), **self._drawn_views(st, bank),
+                "timeline": self._timeline(st, bank)}
+
+    @staticmethod
+    def _remember_colors(st: PlaygroundState, bank: ObjectMemoryBank) -> None:
+        """Keep the colors of `bank`'s objects, for their [id]s in the chat after they are gone."""
         st.colors.update({obj.id: obj.color for obj in bank})
-        return {"chips": chips_html(bank, st.session.media.frames),
-                "canvas": self._canvas_views(st, editor=False, bank=bank)["canvas"], **self._frame_views(st, bank)}
 
     @staticmethod
     def _object_controls(st: PlaygroundState, object_id: int | None) -> dict:
@@ -338,9 +355,10 @@ class Playground:
         }
 
     def _all_views(self, st: PlaygroundState) -> dict:
-        return {**self._canvas_views(st), **self._bank_views(st), "state": st, "chat": list(st.chat)}
+        return {**self._bank_views(st, editor=True), "state": st, "chat": list(st.chat)}
 
     # ---- media ------------------------------------------------------------------------------------
+    @user_errors
     def load_media(self, state, file, num_frames=DEFAULT_NUM_FRAMES, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
                    track_source=False, confirmed=True, progress=gr.Progress()):
         """Open a session on an uploaded image or video (sampled to `num_frames` frames); with
@@ -358,32 +376,31 @@ class Playground:
                     track_source=False) -> tuple[Media | None, str]:  # fmt: skip
         """The media in `file` and its key, changing nothing; None when it is the media already open."""
         path = _path(file)
-        try:
-            num_frames = _count(num_frames, "Frames to sample", DEFAULT_NUM_FRAMES)
-            _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
-        except UniPixelError as err:
-            raise user_error(err) from err
+        num_frames = _count(num_frames, "Frames to sample", DEFAULT_NUM_FRAMES)
+        _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS)
         key = _file_key(path, num_frames) + (_TRACKED if track_source else "")
         if st.session is not None and key == st.media_key:
             return None, key  # the same media again (e.g. its example picked twice): keep the session
         progress(0.1, desc="reading the media")
         try:
             return load_media(path, num_frames=num_frames), key
-        except MediaError as err:
-            raise user_error(err) from err
         except ValueError as err:  # a bad setting, e.g. frames to sample < 1
             raise gr.Error(str(err), print_exception=False) from err
 
-    def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens, track_source=False,
-              restore: Callable[[Session], None] | None = None) -> dict:
-        """Replace the session's media: a call still running for the old one commits nothing.
-        `restore` fills the new session (objects, chat) first; if it fails, the old session stays."""
-        session = Session(self.model, self.processor, media,
-                          max_new_tokens=_count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS),
-                          max_objects=self.max_objects, runner=gpu.runner, budget=self.budget,
-                          track_source_frames=bool(track_source))
-        if restore is not None:
-            restore(session)
+    def _session_settings(self, max_new_tokens, track_source=False) -> dict:
+        """The keyword arguments of a new session of this app (checked: a bad setting raises first)."""
+        return {"max_new_tokens": _count(max_new_tokens, "Max new tokens", DEFAULT_MAX_NEW_TOKENS),
+                "max_objects": self.max_objects, "runner": gpu.runner, "budget": self.budget,
+                "track_source_frames": bool(track_source)}
+
+    def _open(self, st: PlaygroundState, media: Media, key: str, max_new_tokens, track_source=False) -> dict:
+        """Replace the session's media: a call still running for the old one commits nothing."""
+        session = Session(self.model, self.processor, media, **self._session_settings(max_new_tokens, track_source))
+        return self._show(st, session, key)
+
+    def _show(self, st: PlaygroundState, session: Session, key: str | None) -> dict:
+        """`session` (new, perhaps holding objects and turns already) replaces the open one; its turns
+        fill the chat."""
         _adopt(st, session, key)
         st.chat = [message for turn in session.turns for message in self._chat_turn(st, turn)]
         return self._media_views(st)
@@ -407,17 +424,17 @@ class Playground:
         its objects under their ids and its chat, to keep asking about it. A run or item that cannot be
         opened raises gr.Error (API clients see why) and leaves the open media as it was."""
         st = self._state(state)
+        item = str(item or "").strip()
         try:
             if self.results_dir is None:
                 raise UniPixelError("This app has no results directory: start it with --results-dir to open runs.")
-            record = read_item(resolve_run(self.results_dir, run), str(item or "").strip())
+            settings = self._session_settings(max_new_tokens)
             progress(0.1, desc="reading the media")
-            media = load_item_media(record)
-            views = self._open(st, media, _file_key(record["media"], media.num_frames), max_new_tokens,
-                               restore=lambda session: restore_item(session, record))
+            session = open_item(resolve_run(self.results_dir, run), item, self.model, self.processor, **settings)
+            views = self._show(st, session, _file_key(session.media.path, session.media.num_frames))
         except UniPixelError as err:
             raise gr.Error(str(err), title="Cannot open this item") from err
-        gr.Info(f"Opened {record['id']} of {run}: {len(st.session.bank)} objects, {len(st.session.turns)} questions.",
+        gr.Info(f"Opened {item} of {run}: {len(st.session.bank)} objects, {len(st.session.turns)} questions.",
                 duration=4)
         return views
 
@@ -490,7 +507,7 @@ class Playground:
         st = self._state(state)
         session = self._need_session(st)
         st.frame = int(np.clip(round(_number(frame or 0, "The frame")), 0, session.media.num_frames - 1))
-        return {**self._canvas_views(st), **self._frame_views(st), "state": st}
+        return {**self._canvas_views(st, viewer=True), "timeline": self._timeline(st), "state": st}
 
     @user_errors
     def goto_frame(self, state, evt: gr.EventData):
@@ -621,7 +638,7 @@ class Playground:
             prompt, name=(name or "").strip() or None, progress=_progress(progress), cancel=stop))
         st.draft = CanvasDraft(frame=st.frame)
         gr.Info(f"Added {obj.label} ({obj.source}).", duration=3)
-        return {**self._canvas_views(st), **self._bank_views(st, selected=obj.id), "state": st, "new_name": ""}
+        return {**self._bank_views(st, selected=obj.id, editor=True), "state": st, "new_name": ""}
 
     @staticmethod
     def set_edit_mode(mode):
@@ -647,7 +664,7 @@ class Playground:
             object_id, prompt, progress=_progress(progress), cancel=stop))
         st.draft = CanvasDraft(frame=st.frame)
         gr.Info(f"Refined {obj.label} from frame {prompt.frame}.", duration=3)
-        return {**self._canvas_views(st, editor=False), **self._bank_views(st, selected=obj.id), "state": st}
+        return {**self._bank_views(st, selected=obj.id, editor=False), "state": st}
 
     @user_errors
     def undo_refinement(self, state, object_id):
@@ -719,7 +736,7 @@ class Playground:
     def _chat_turn(st: PlaygroundState, result: TurnResult) -> list[dict]:
         """The chat messages of a turn: the question and the answer, [id]s in their objects' colors."""
         bank = st.session.bank
-        st.colors.update({obj.id: obj.color for obj in bank})
+        Playground._remember_colors(st, bank)
         answer = colorize(result.answer, bank, result.targets, st.colors)
         if not result.answer.strip():
             answer = "<em>(the model returned no text)</em>"
@@ -733,8 +750,7 @@ class Playground:
     @staticmethod
     def _chat_with(st: PlaygroundState, question: str, answer: str) -> list[dict]:
         """The chat so far, then this question and `answer` (HTML)."""
-        bank = None if st.session is None else st.session.bank
-        return [*st.chat, *_exchange(bank, st.colors, question.strip(), answer)]
+        return [*st.chat, *_exchange(st.session.bank, st.colors, question.strip(), answer)]
 
     def stop_answer(self, state):
         """The Stop button: the answer being written ends at its next token and is kept, marked stopped."""
@@ -816,7 +832,7 @@ class Playground:
         if not confirmed:
             return {}
         bank.delete(object_id)
-        return {**self._canvas_views(st, editor=False), **self._bank_views(st), "state": st}
+        return {**self._bank_views(st, editor=False), "state": st}
 
 
 def _exchange(bank, colors: dict, question: str, answer: str) -> list[dict]:

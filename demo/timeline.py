@@ -36,7 +36,7 @@ element.addEventListener('click', (event) => {
 
 def presence(obj: MemoryObject) -> list[bool]:
     """Per sampled frame, whether the object's mask is not empty there."""
-    return obj.masks.any(axis=(1, 2)).tolist()
+    return obj.present.tolist()
 
 
 def timeline_html(objects: Iterable[MemoryObject], num_frames: int, current: int) -> str:

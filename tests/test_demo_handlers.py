@@ -365,3 +365,33 @@ def test_ended_session_lets_its_media_go(app, monkeypatch):
     st.call = call = threading.Event()
     delete_state(st)
     assert st.session is None and call.is_set() and trimmed == [0]
+
+
+def test_each_update_draws_the_frame_overlay_once(app, monkeypatch):
+    """The canvas and the mask viewer show one drawing of the current frame's masks."""
+    from demo.canvas import CanvasView
+
+    drawn = []
+    overlay = CanvasView.overlay
+    monkeypatch.setattr(CanvasView, "overlay", lambda self, objects, t: drawn.append(t) or overlay(self, objects, t))
+    downloads = {f"dl_{key}" for key in (*DOWNLOADS, "session")}
+    bank_keys = {"chips", "objects", "name", "toggle", "timeline", "video", *downloads}
+
+    def once(views, keys):
+        assert set(views) == keys and len(drawn) == 1
+        drawn.clear()
+        return views
+
+    st = once(app.load_media(None, VIDEO, 4, TOKENS), {"canvas", "draft", "editor", "viewer", "state", "chat",
+                                                        "frame", "playback", "video", "media_info", *bank_keys})["state"]
+    try:
+        once(app.set_frame(st, 1), {"canvas", "draft", "editor", "viewer", "timeline", "state"})
+        once(app.add_point(st, 90, 120, True), {"canvas", "draft", "state"})
+        views = once(app.add_object(st, POINT, None, "ball"),
+                     {"canvas", "draft", "editor", "viewer", "state", "new_name", *bank_keys})
+        np.testing.assert_array_equal(views["canvas"], views["viewer"])  # the prompt went with the add
+        once(app.toggle_object(st, 1), {"canvas", "viewer", "state", *bank_keys})
+        assert set(app.rename_object(st, 1, "ball 2")) == {"state", *bank_keys} and not drawn  # draws nothing
+        once(app.delete_object(st, 1), {"canvas", "draft", "viewer", "state", *bank_keys})
+    finally:
+        delete_state(st)

@@ -11,7 +11,7 @@ import pytest
 
 from demo import handlers
 from demo.canvas import POINT
-from demo.chips import chip, coverage
+from demo.chips import chip, coverage, thumbnail_uri
 from demo.handlers import PlaygroundState, delete_state
 from unipixel.memory import ObjectMemoryBank
 from test_demo_handlers import IMAGE, TOKENS, VIDEO, app  # noqa: F401 - a fixture
@@ -111,3 +111,17 @@ def test_chips_show_coverage_and_flag_empty_masks():
     image = ObjectMemoryBank()
     image.add(np.ones((1, 8, 8), bool), "box", source_frame=0)
     assert coverage(image.get(1)) == "" and "box on frame 0</div>" in chip(image.get(1), frames[:1])
+
+
+def test_chip_thumbnail_is_kept_until_the_masks_change():
+    bank = ObjectMemoryBank()
+    masks = np.zeros((4, 8, 8), bool)
+    masks[2, 2:4, 2:4] = True
+    obj = bank.add(masks, "point", source_frame=2)
+    frames = np.zeros((4, 8, 8, 3), np.uint8)
+    frames[2] = 200
+    first = thumbnail_uri(obj, frames)
+    assert thumbnail_uri(obj, frames) is first and first in chip(obj, frames)
+    assert thumbnail_uri(obj, frames.copy()) == first  # other frames (same pixels): drawn again, the same
+    bank.replace_masks(obj.id, np.ones((4, 8, 8), bool))
+    assert thumbnail_uri(obj, frames) != first

@@ -2,12 +2,13 @@
 directory, the gallery ordered and filtered, two runs compared."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from urllib.parse import quote
 
-from demo.evaluate import DIFFERENCE_ORDERS, ORDERS, comparison, gallery, list_runs, resolve_run
+from demo.evaluate import DIFFERENCE_ORDERS, ORDERS, comparison, gallery, list_runs, reordered, resolve_run
 from unipixel.errors import UniPixelError
 
 
@@ -82,3 +83,16 @@ def test_side_by_side_escapes_what_the_runs_hold(results):
     fake_run(results / "d", {"<img src=x onerror=alert(1)>": 0.5})
     _, _, side = comparison(results, "a", "d")
     assert "<img src=x" not in side and "&lt;img src=x onerror=alert(1)&gt;" in side
+
+
+def test_a_pair_of_runs_has_one_report_and_reordering_leaves_it(results):
+    fake_run(results / "c", {"x": 0.5, "y": 0.5, "w": 0.1})
+    rows, report, side = comparison(results, "a", "c", DIFFERENCE_ORDERS[2])
+    assert comparison(results, "a", "c", "id")[1] == report  # overwritten, not a new folder
+    assert comparison(results, "c", "a")[1] != report and comparison(results, "a", "nested/b")[1] != report
+    assert sorted(p.name for p in Path(report).parent.iterdir()) == ["report.html"]
+    written = Path(report).stat().st_mtime_ns
+    assert reordered(results, "a", "c", DIFFERENCE_ORDERS[2]) == (rows, side)
+    assert Path(report).stat().st_mtime_ns == written
+    with pytest.raises(UniPixelError):
+        reordered(results, "a", "../outside")

@@ -142,6 +142,15 @@ def test_derived_values_follow_the_masks():
     assert "_derived" not in repr(obj)
 
 
+def test_presence_is_computed_once_per_masks():
+    bank = ObjectMemoryBank()
+    obj = bank.add(_box_masks(5, 10, 20, 30, frames=[1, 2]), "box", source_frame=1)
+    assert obj.present.tolist() == [False, True, True, False]
+    assert obj.present is obj.present and not obj.present.flags.writeable
+    bank.replace_masks(obj.id, _box_masks(5, 10, 20, 30, frames=[3]))  # a refinement: computed again
+    assert obj.present.tolist() == [False, False, False, True] and obj.span == (3, 3)
+
+
 def test_object_properties():
     bank = ObjectMemoryBank()
     obj = bank.add(_box_masks(5, 10, 20, 30, frames=[1, 2]), "box", source_frame=1)

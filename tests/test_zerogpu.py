@@ -4,6 +4,7 @@ the playground ends up exactly where it does with the calls in process."""
 from __future__ import annotations
 
 import json
+import os
 import multiprocessing
 import pickle
 import zipfile
@@ -172,3 +173,25 @@ def test_a_user_error_in_the_worker_comes_back_as_itself(tiny_model, monkeypatch
     bad = ObjectCall(frames, "[1]", RefPrompt.from_pixels(9, 64, 64, 128, point=(3, 3)), None)  # frame 9 of 2
     with pytest.raises(PromptError, match="outside"):
         gpu.runner(bad)
+
+
+def test_the_stop_file_is_made_once_when_stop_is_pressed(monkeypatch):
+    """The user's Stop reaches the worker as a file, made at the first event after the press; the
+    events after it ask neither `stop` nor the file system again."""
+    from types import SimpleNamespace
+
+    seen, asked = [], []
+
+    def remote(call, stop_file, objects):
+        for text in ("a", "ab", "abc", "abcd"):
+            seen.append(os.path.exists(stop_file))
+            yield "text", text
+        yield "result", "done"
+
+    monkeypatch.setattr(gpu, "ZERO_GPU", True)
+    monkeypatch.setattr(gpu, "remote", remote)
+    texts = []
+    result = gpu.runner(SimpleNamespace(cache=None), on_text=texts.append,
+                        stop=lambda: asked.append(len(texts)) or len(texts) >= 2)
+    assert result == "done" and texts == ["a", "ab", "abc", "abcd"]
+    assert seen == [False, False, True, True] and asked == [1, 2]

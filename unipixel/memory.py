@@ -131,9 +131,15 @@ class MemoryObject:
         return value
 
     @property
+    def present(self) -> np.ndarray:
+        """[T] bool, read-only: per sampled frame, whether the mask is not empty there (kept until the
+        masks change: chips, the timeline and `span` read it on every update)."""
+        return self.derived("present", _present)
+
+    @property
     def span(self) -> tuple[int, int] | None:
         """First and last sampled frame where the mask is not empty."""
-        present = np.flatnonzero(self.masks.any(axis=(1, 2)))
+        present = np.flatnonzero(self.present)
         return (int(present[0]), int(present[-1])) if present.size else None
 
     @property
@@ -337,6 +343,12 @@ class ObjectMemoryBank:
     @classmethod
     def load(cls, path: str | Path) -> ObjectMemoryBank:
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def _present(masks: np.ndarray) -> np.ndarray:
+    present = masks.any(axis=(1, 2))
+    present.setflags(write=False)  # shared by every reader of the cache
+    return present
 
 
 def _clean_name(name: str) -> str:
