@@ -27,6 +27,7 @@ from .handlers import (
     brush,
     delete_state,
 )
+from .served import ServedImage, ServedImageEditor
 from .timeline import TIMELINE_CSS, TIMELINE_JS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -152,9 +153,9 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                 # A prompt makes a new object, or corrects the object selected in the memory bank.
                 edit_mode = gr.Radio([NEW_OBJECT, REFINE], value=NEW_OBJECT, label="The prompt is for",
                                      elem_id="edit-mode")
-                canvas = gr.Image(label="Canvas: the objects on this frame; click to prompt", interactive=False,
+                canvas = ServedImage(label="Canvas: the objects on this frame; click to prompt", interactive=False,
                                   type="numpy", format=VIEW_FORMAT, elem_id="canvas", buttons=[])
-                editor = gr.ImageEditor(
+                editor = ServedImageEditor(
                     label="Brush: paint over the object",
                     visible=False,
                     type="numpy",
@@ -222,7 +223,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         # ---- masks
         gr.Markdown("### Masks")
         with gr.Row():
-            viewer = gr.Image(label="Masks on this frame", interactive=False, type="numpy", format=VIEW_FORMAT,
+            viewer = ServedImage(label="Masks on this frame", interactive=False, type="numpy", format=VIEW_FORMAT,
                               height=400, elem_id="viewer")
             video = gr.Video(label="Overlay video", interactive=False, visible=False, height=400, loop=True,
                              autoplay=True, elem_id="overlay-video")
