@@ -272,8 +272,8 @@ class Playground:
         views = {"draft": st.draft.describe()}
         if editor:
             image = st.canvas_view(session.media).frame(st.frame)
-            views["editor"] = gr.ImageEditor(value={"background": image, "layers": [], "composite": image},
-                                             brush=brush(color_for(session.bank.next_id)))
+            views["editor"] = gr.update(value={"background": image, "layers": [], "composite": image},
+                                        brush=brush(color_for(session.bank.next_id)))
         return views
 
     def _canvas_views(self, st: PlaygroundState, *, editor: bool = True, viewer: bool = False) -> dict:

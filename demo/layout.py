@@ -27,7 +27,7 @@ from .handlers import (
     brush,
     delete_state,
 )
-from .served import ServedImage, ServedImageEditor
+from .served import served
 from .timeline import TIMELINE_CSS, TIMELINE_JS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -153,9 +153,9 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
                 # A prompt makes a new object, or corrects the object selected in the memory bank.
                 edit_mode = gr.Radio([NEW_OBJECT, REFINE], value=NEW_OBJECT, label="The prompt is for",
                                      elem_id="edit-mode")
-                canvas = ServedImage(label="Canvas: the objects on this frame; click to prompt", interactive=False,
+                canvas = gr.Image(label="Canvas: the objects on this frame; click to prompt", interactive=False,
                                   type="numpy", format=VIEW_FORMAT, elem_id="canvas", buttons=[])
-                editor = ServedImageEditor(
+                editor = gr.ImageEditor(
                     label="Brush: paint over the object",
                     visible=False,
                     type="numpy",
@@ -223,7 +223,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
         # ---- masks
         gr.Markdown("### Masks")
         with gr.Row():
-            viewer = ServedImage(label="Masks on this frame", interactive=False, type="numpy", format=VIEW_FORMAT,
+            viewer = gr.Image(label="Masks on this frame", interactive=False, type="numpy", format=VIEW_FORMAT,
                               height=400, elem_id="viewer")
             video = gr.Video(label="Overlay video", interactive=False, visible=False, height=400, loop=True,
                              autoplay=True, elem_id="overlay-video")
@@ -261,7 +261,7 @@ def build_demo(model, processor, *, model_name: str, offline: bool, device, dtyp
             """`fn` returns a dict of view names; Gradio wants a tuple in output order (skip = unchanged)."""
 
             def outputs(result: dict):
-                values = tuple(result.get(n, gr.skip()) for n in names)
+                values = tuple(served(views[n], result.get(n, gr.skip())) for n in names)
                 return values[0] if len(values) == 1 else values  # Gradio takes one output's tuple as its value
 
             if inspect.isasyncgenfunction(fn):  # a streaming handler: every update is sent

@@ -3,8 +3,8 @@
 Gradio names a returned picture by the hash of its encoded bytes and writes it with a plain
 truncating write, even when that file exists and is being served. Two sessions that draw the
 same picture at the same moment (the first frame of an example, say) then race: one browser or
-API client is sent a file cut to 0 bytes. These components encode arrays themselves, write each
-picture once under a temporary name and rename it into place, and hand Gradio the cached path,
+API client is sent a file cut to 0 bytes. Here the playground encodes its pictures itself, writes
+each once under a temporary name and renames it into place, and hands Gradio the cached path,
 which it serves as is.
 """
 
@@ -47,24 +47,18 @@ def cached_picture(image: np.ndarray, cache_dir: str | Path, fmt: str) -> str:
     return str(path)
 
 
-class ServedImage(gr.Image):
-    """gr.Image whose array values are written by `cached_picture`."""
+def served(block: gr.components.Component, value):
+    """What `block` is sent for `value`: for an image or image editor, its array pictures as whole files
+    in Gradio's cache (by `cached_picture`), in a bare value or a gr.update; anything else as is."""
+    if not isinstance(block, (gr.Image, gr.ImageEditor)):
+        return value
 
-    def postprocess(self, value):
-        if isinstance(value, np.ndarray):
-            value = cached_picture(value, self.GRADIO_CACHE, self.format)
-        return super().postprocess(value)
+    def whole(picture):
+        return cached_picture(picture, block.GRADIO_CACHE, block.format) if isinstance(picture, np.ndarray) else picture
 
-
-class ServedImageEditor(gr.ImageEditor):
-    """gr.ImageEditor whose array background, layers and composite are written by `cached_picture`."""
-
-    def postprocess(self, value):
-        def served(image):
-            return cached_picture(image, self.GRADIO_CACHE, self.format) if isinstance(image, np.ndarray) else image
-
-        if isinstance(value, dict):
-            value = {**value, "background": served(value.get("background")),
-                     "layers": [served(layer) for layer in value.get("layers") or []],
-                     "composite": served(value.get("composite"))}
-        return super().postprocess(served(value))
+    if isinstance(value, dict) and value.get("__type__") == "update":
+        return {**value, "value": served(block, value["value"])} if "value" in value else value
+    if isinstance(value, dict):  # an editor's background, layers and composite
+        return {**value, "background": whole(value.get("background")), "composite": whole(value.get("composite")),
+                "layers": [whole(layer) for layer in value.get("layers") or []]}
+    return whole(value)

@@ -4,10 +4,11 @@ cut a download of it short (the race that Gradio's own truncating write has)."""
 import threading
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 from PIL import Image
 
-from demo.served import ServedImage, ServedImageEditor, cached_picture
+from demo.served import cached_picture, served
 
 
 def picture(seed: int = 0) -> np.ndarray:
@@ -39,17 +40,20 @@ def test_a_picture_drawn_again_while_it_downloads_is_read_whole(tmp_path):
     assert not list(tmp_path.rglob("*.part")), "no temporary file is left behind"
 
 
-def test_the_components_serve_arrays_from_their_cache(tmp_path, monkeypatch):
+def test_image_outputs_are_sent_as_whole_cached_files(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
-    image = ServedImage(format="png")
-    data = image.postprocess(picture())
-    assert Path(data.path).is_relative_to(Path(image.GRADIO_CACHE))
-    np.testing.assert_array_equal(np.asarray(Image.open(data.path)), picture())
-    jpeg = ServedImage(format="jpeg").postprocess(np.dstack([picture(), np.full((48, 64), 255, np.uint8)]))
-    assert Image.open(jpeg.path).format == "JPEG"  # RGBA goes out as RGB, as gr.Image does
+    image = gr.Image(format="png")
+    path = served(image, picture())
+    assert Path(path).is_relative_to(Path(image.GRADIO_CACHE))
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), picture())
+    assert served(image, gr.update(value=picture(), visible=True)) == gr.update(value=path, visible=True)
+    assert served(image, gr.skip()) == gr.skip()
+    rgba = np.dstack([picture(), np.full((48, 64), 255, np.uint8)])
+    assert Image.open(served(gr.Image(format="jpeg"), rgba)).format == "JPEG"  # as RGB, as gr.Image does
 
-    editor = ServedImageEditor(format="png").postprocess({"background": picture(), "layers": [picture(2)],
-                                                          "composite": picture()})
-    assert editor.background.path == editor.composite.path  # one file for one picture
-    np.testing.assert_array_equal(np.asarray(Image.open(editor.layers[0].path)), picture(2))
-    assert ServedImageEditor(format="png").postprocess(picture()).background.path == data.path
+    editor = gr.ImageEditor(format="png")
+    sent = served(editor, gr.update(value={"background": picture(), "layers": [picture(2)],
+                                           "composite": picture()}))["value"]
+    assert sent["background"] == sent["composite"] == path  # one file for one picture
+    np.testing.assert_array_equal(np.asarray(Image.open(sent["layers"][0])), picture(2))
+    assert isinstance(served(gr.Textbox(), picture()), np.ndarray)  # only pictures of image components
