@@ -2,8 +2,13 @@
 button, chip coverage), and a saved session opens in another browser session and keeps chatting."""
 from __future__ import annotations
 
+import time
+
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
 from demo.layout import ASSETS
 from test_browser import (  # noqa: F401 - `browser`, `url`: this module's own browser and app
+    TIMEOUT_MS,
     add_object,
     browser,
     click_canvas,
@@ -29,6 +34,20 @@ def ask(page, question: str, messages: int) -> None:
     page.locator("#send").click()
     page.wait_for_function(f"document.querySelectorAll('#chat .message-row').length === {messages}")
     idle(page)
+
+
+def download(page, selector: str):
+    """The file of a download button, clicked again until it has one: a button whose file is still
+    being made downloads nothing, and a download button shows no progress tracker to wait for."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while True:
+        try:
+            with page.expect_download(timeout=2000) as started:
+                page.locator(selector).click()
+            return started.value
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
 
 
 def upload(page, selector: str, path) -> None:
@@ -100,11 +119,8 @@ def test_saved_session_opens_in_another_browser_session(browser, url, tmp_path):
         add_object(page_a, 1)
         ask(page_a, "What does [1] do?", 2)
         page_a.locator("#save-session").click()
-        idle(page_a)
-        with page_a.expect_download() as download:
-            page_a.locator("#dl-session").click()
         saved = tmp_path / "session.zip"
-        download.value.save_as(saved)
+        download(page_a, "#dl-session").save_as(saved)
 
         load_example(page_b, "Image · segment the red circle")
         asked = answer_dialogs(page_b, accept=True)
