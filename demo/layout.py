@@ -5,6 +5,7 @@ import asyncio
 import functools
 import inspect
 import json
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from .handlers import (
 from .served import served
 from .timeline import TIMELINE_CSS, TIMELINE_JS
 
+log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "UniPixel playground"
 INTRO = (
@@ -407,7 +409,8 @@ async def _watched(work: Callable, cancel: threading.Event, connected: Callable[
     try:
         while not running.done():
             await asyncio.wait({running}, timeout=0.25)
-            if not connected():
+            if not connected() and not cancel.is_set():
+                log.warning("a model call stops: its client went away")
                 cancel.set()
         return running.result()
     except asyncio.CancelledError:

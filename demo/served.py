@@ -14,11 +14,17 @@ import hashlib
 import io
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 from PIL import Image
+
+
+# Gradio deletes every file an app made when the app stops. Names salted per process keep another
+# process sharing the cache folder (a second playground) from deleting a picture still in use here.
+_PROCESS = uuid.uuid4().bytes
 
 
 def cached_picture(image: np.ndarray, cache_dir: str | Path, fmt: str) -> str:
@@ -30,7 +36,7 @@ def cached_picture(image: np.ndarray, cache_dir: str | Path, fmt: str) -> str:
     with io.BytesIO() as out:
         picture.save(out, fmt)
         data = out.getvalue()
-    folder = Path(cache_dir) / f"view-{hashlib.sha256(data).hexdigest()}"
+    folder = Path(cache_dir) / f"view-{hashlib.sha256(_PROCESS + data).hexdigest()}"
     path = folder / f"image.{fmt.lower()}"
     if path.exists():
         os.utime(path)  # handed out again: Gradio's delete_cache ages files by their last touch

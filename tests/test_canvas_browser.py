@@ -31,6 +31,17 @@ def timeline_now(page) -> str:
     return page.locator("#timeline .up-tl-frame.up-tl-now").inner_text()
 
 
+def settled_frame(page) -> str:
+    """The timeline's current frame once two reads half a second apart agree."""
+    last = timeline_now(page)
+    for _ in range(40):
+        page.wait_for_timeout(500)
+        now, last = last, timeline_now(page)
+        if now == last:
+            return last
+    raise AssertionError(f"the timeline keeps moving (at frame {last})")
+
+
 def test_canvas_shows_the_masks_under_the_prompt(browser, url, tmp_path):
     context, page = open_page(browser, url)
     try:
@@ -118,7 +129,7 @@ def test_timeline_goto_play_and_stop(browser, url, tmp_path):
         page.wait_for_function("Number(document.querySelector('#timeline .up-tl-frame.up-tl-now')?.innerText) < 5")
         page.locator("#play-stop").click()
         idle(page)
-        stopped = timeline_now(page)
+        stopped = settled_frame(page)  # the last frame Play sent before Stop may still be drawn
         page.wait_for_timeout(1500)
         assert timeline_now(page) == stopped and int(stopped) < 15, "Stop ends the playing"
     finally:

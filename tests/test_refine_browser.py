@@ -19,6 +19,8 @@ def set_frame(page, frame: int) -> None:
     number = page.locator("#frame-slider input[type=number]")
     number.fill(str(frame))
     number.press("Enter")
+    # The server's answer redraws the timeline at that frame: clicks after it are on that frame.
+    page.wait_for_function(f"document.querySelector('#timeline .up-tl-frame.up-tl-now')?.innerText === '{frame}'")
     idle(page)
 
 
