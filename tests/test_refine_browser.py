@@ -1,6 +1,7 @@
 """Refining an object in a real browser (Debian chromium through Playwright), on the tiny offline model."""
 from __future__ import annotations
 
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from test_browser import (  # noqa: F401 - `browser` and `url` are fixtures
     add_object,
@@ -24,6 +25,15 @@ def set_frame(page, frame: int) -> None:
     idle(page)
 
 
+def toast(page, text: str) -> None:
+    """Wait for a toast saying `text`; if none comes, fail with the toasts that did."""
+    try:
+        page.get_by_text(text).wait_for()
+    except PlaywrightTimeout:
+        shown = page.locator("[data-testid=toast-body]").all_inner_texts()
+        raise AssertionError(f"no toast {text!r}; the toasts shown: {shown}") from None
+
+
 def test_refine_the_selected_object_on_a_later_frame_and_undo(browser, url, tmp_path):
     context, page = open_page(browser, url)
     try:
@@ -45,7 +55,7 @@ def test_refine_the_selected_object_on_a_later_frame_and_undo(browser, url, tmp_
         page.screenshot(path=tmp_path / "1_refine_clicks.png", full_page=True)
 
         page.locator("#refine-object").click()
-        page.get_by_text("Refined [1] from frame 5.").wait_for()
+        toast(page, "Refined [1] from frame 5.")
         idle(page)
         refined = viewer_src(page)
         assert refined != tracked
@@ -54,11 +64,11 @@ def test_refine_the_selected_object_on_a_later_frame_and_undo(browser, url, tmp_
         page.screenshot(path=tmp_path / "2_refined.png", full_page=True)
 
         page.locator("#undo-refine").click()
-        page.get_by_text("Undid the last refinement of [1].").wait_for()
+        toast(page, "Undid the last refinement of [1].")
         idle(page)
         assert viewer_src(page) != refined
         page.screenshot(path=tmp_path / "3_undone.png", full_page=True)
         page.locator("#undo-refine").click()
-        page.get_by_text("[1] has no refinement to undo").wait_for()
+        toast(page, "[1] has no refinement to undo")
     finally:
         context.close()
