@@ -415,7 +415,7 @@ class Session:
         limit = self.model.config.text_config.max_position_embeddings
         if total + self.max_new_tokens <= limit:
             return
-        asked = len(self.processor.tokenizer(question, add_special_tokens=False)["input_ids"])
+        asked = len(P.encode(self.processor.tokenizer, question, typed=True))
         media = P.num_video_tokens(grid)
         room = max(0, limit - self.max_new_tokens - (total - asked))
         raise PromptError(

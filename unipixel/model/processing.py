@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import torch
@@ -91,12 +92,24 @@ def tokenize_chat(processor, messages: list[dict], grid_thw: torch.Tensor, add_g
     }
 
 
+# A fast tokenizer's `split_special_tokens` is one switch on the shared Rust tokenizer, set before each
+# encode: sessions tokenizing at once on other threads would read each other's setting (a typed
+# "<|seg|>" read as the control token, or our "<|mem|>" split into characters).
+_ENCODING = threading.Lock()
+
+
+def encode(tokenizer, text: str, typed: bool) -> list[int]:
+    """Token ids of `text` without added BOS/EOS; `typed`: special tokens in it are read as characters."""
+    with _ENCODING:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=typed)["input_ids"]
+
+
 def _piece_ids(tokenizer, piece: str, typed: bool, memo: dict | None) -> list[int]:
     """Token ids of one piece of a chat (typed: special tokens read as characters), from `memo` when
     it holds them: tokenizing is a function of the piece alone, so they are exactly its ids."""
     ids = None if memo is None else memo.get((piece, typed))
     if ids is None:
-        ids = tokenizer(piece, add_special_tokens=False, split_special_tokens=typed)["input_ids"]
+        ids = encode(tokenizer, piece, typed)
         if memo is not None:
             memo[(piece, typed)] = ids
     return ids
