@@ -1,4 +1,4 @@
-"""Image components whose pictures reach Gradio's file cache whole.
+"""Pictures of the image outputs, handed to Gradio's file cache whole.
 
 Gradio names a returned picture by the hash of its encoded bytes and writes it with a plain
 truncating write, even when that file exists and is being served. Two sessions that draw the
@@ -64,7 +64,10 @@ def served(block: gr.components.Component, value):
 
     if isinstance(value, dict) and value.get("__type__") == "update":
         return {**value, "value": served(block, value["value"])} if "value" in value else value
-    if isinstance(value, dict):  # an editor's background, layers and composite
-        return {**value, "background": whole(value.get("background")), "composite": whole(value.get("composite")),
+    if isinstance(value, dict):  # an editor's background, layers and composite (often the background itself)
+        background, composite = value.get("background"), value.get("composite")
+        background_file = whole(background)
+        return {**value, "background": background_file,
+                "composite": background_file if composite is background else whole(composite),
                 "layers": [whole(layer) for layer in value.get("layers") or []]}
     return whole(value)
